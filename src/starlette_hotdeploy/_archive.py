@@ -1,0 +1,199 @@
+"""Safe unpacking of a package source (directory, .zip or wheel) into one directory per version."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import stat
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ._errors import ArchiveError
+from ._manifest import MANIFEST_NAME, Manifest, load_manifest
+
+_SKIPPED_DIRS = frozenset({"__pycache__", ".git", ".hg", ".svn", ".venv", ".mypy_cache", ".pytest_cache"})
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveLimits:
+    """Caps that keep a hostile or broken archive from exhausting the disk or memory."""
+
+    max_archive_bytes: int = 64 * 1024 * 1024
+    max_total_bytes: int = 256 * 1024 * 1024
+    max_files: int = 10_000
+    max_ratio: float = 200.0
+
+
+@dataclass(frozen=True, slots=True)
+class Unpacked:
+    """A package source laid out on disk, ready to import."""
+
+    root: Path  # the import root: the package's top-level modules live here
+    manifest: Manifest
+    sha256: str
+
+
+def unpack(
+    source: str | os.PathLike[str] | bytes, into: Path, limits: ArchiveLimits | None = None
+) -> Unpacked:
+    """Unpack `source` under `into/<name>/<version>-<sha12>/` and validate its manifest.
+
+    A directory is copied (so later edits of the source cannot change a loaded version); a
+    .zip or .whl file, or the bytes of one, is extracted with every entry checked first.
+    """
+    limits = limits or ArchiveLimits()
+    into.mkdir(parents=True, exist_ok=True)
+    staging = into / f".staging-{uuid.uuid4().hex}"
+    try:
+        if isinstance(source, bytes):
+            sha256 = _extract_zip(source, staging, limits)
+        else:
+            path = Path(source)
+            if path.is_dir():
+                sha256 = _copy_tree(path, staging, limits)
+            elif path.is_file():
+                size = path.stat().st_size
+                if size > limits.max_archive_bytes:
+                    raise ArchiveError(
+                        f"{path.name} is {size} bytes, over the {limits.max_archive_bytes}-byte limit",
+                        too_large=True,
+                    )
+                sha256 = _extract_zip(path.read_bytes(), staging, limits, label=path.name)
+            else:
+                raise ArchiveError(f"no such package directory or archive: {path}")
+        import_root, manifest_path = _find_manifest(staging)
+        manifest = load_manifest(manifest_path)
+        final = into / manifest.name / f"{manifest.version}-{sha256[:12]}"
+        if final.exists():
+            # The same bytes were unpacked before: keep the existing directory (it may be loaded).
+            shutil.rmtree(staging)
+        else:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(staging, final)
+            except OSError:
+                if not final.exists():
+                    raise
+                # A concurrent unpack of the same bytes won the rename: use its directory.
+        return Unpacked(root=final / import_root.relative_to(staging), manifest=manifest, sha256=sha256)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _find_manifest(root: Path) -> tuple[Path, Path]:
+    """Return (import root, manifest path): at the root, in a single top-level folder, or, for a
+    wheel, inside its top-level import package."""
+    if (root / MANIFEST_NAME).is_file():
+        return root, root / MANIFEST_NAME
+    children = [c for c in root.iterdir() if not c.name.endswith((".dist-info", ".data"))]
+    is_wheel = any(c.name.endswith(".dist-info") for c in root.iterdir())
+    nested = [c for c in children if c.is_dir() and (c / MANIFEST_NAME).is_file()]
+    if is_wheel and len(nested) == 1:
+        return root, nested[0] / MANIFEST_NAME
+    if not is_wheel and len(children) == 1 and nested:
+        return nested[0], nested[0] / MANIFEST_NAME
+    if len(nested) > 1:
+        names = ", ".join(sorted(c.name for c in nested))
+        raise ArchiveError(f"more than one {MANIFEST_NAME} found ({names}); a package has exactly one")
+    where = "inside the wheel's top-level package" if is_wheel else "at the archive root"
+    raise ArchiveError(f"no {MANIFEST_NAME} {where}: is this a starlette-hotdeploy package?")
+
+
+def _safe_member(name: str) -> PurePosixPath:
+    if "\\" in name or "\x00" in name:
+        raise ArchiveError(f"unsafe entry name {name!r}: backslash or NUL")
+    path = PurePosixPath(name)
+    if path.is_absolute() or (path.parts and ":" in path.parts[0]):
+        raise ArchiveError(f"unsafe entry {name!r}: absolute path")
+    if any(part == ".." for part in path.parts):
+        raise ArchiveError(f"unsafe entry {name!r}: '..' would escape the package directory")
+    return path
+
+
+def _extract_zip(data: bytes, dest: Path, limits: ArchiveLimits, label: str = "upload") -> str:
+    if len(data) > limits.max_archive_bytes:
+        raise ArchiveError(
+            f"{label} is {len(data)} bytes, over the {limits.max_archive_bytes}-byte limit", too_large=True
+        )
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise ArchiveError(f"{label} is not a zip or wheel archive: {exc}") from None
+    with archive:
+        infos = archive.infolist()
+        if len(infos) > limits.max_files:
+            raise ArchiveError(f"{label} has {len(infos)} entries, over the {limits.max_files}-file limit")
+        declared = 0
+        for info in infos:
+            _safe_member(info.filename)
+            mode = info.external_attr >> 16
+            if mode and (stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+                raise ArchiveError(f"unsafe entry {info.filename!r}: links and special files are refused")
+            declared += info.file_size
+        if declared > limits.max_total_bytes:
+            raise ArchiveError(
+                f"{label} unpacks to {declared} bytes, over the {limits.max_total_bytes}-byte limit",
+                too_large=True,
+            )
+        if declared > max(len(data), 1) * limits.max_ratio:
+            raise ArchiveError(
+                f"{label} compresses {declared / max(len(data), 1):.0f}:1, over the "
+                f"{limits.max_ratio:.0f}:1 limit (a zip bomb?)"
+            )
+        dest.mkdir(parents=True)
+        written = 0
+        for info in infos:
+            target = dest.joinpath(*_safe_member(info.filename).parts)
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with archive.open(info) as src, open(target, "xb") as out:
+                    # Count real bytes: sizes in the zip's headers may lie.
+                    while chunk := src.read(1 << 16):
+                        written += len(chunk)
+                        if written > limits.max_total_bytes:
+                            raise ArchiveError(
+                                f"{label} unpacks to more than {limits.max_total_bytes} bytes", too_large=True
+                            )
+                        out.write(chunk)
+            except FileExistsError:
+                raise ArchiveError(f"{label} holds {info.filename!r} twice") from None
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+                raise ArchiveError(f"{label}: cannot extract {info.filename!r}: {exc}") from None
+    return sha256
+
+
+def _copy_tree(source: Path, dest: Path, limits: ArchiveLimits) -> str:
+    """Copy a package directory, refusing links; the digest covers every path and byte."""
+    digest = hashlib.sha256()
+    files = 0
+    total = 0
+    dest.mkdir(parents=True)
+    for dirpath, dirnames, filenames in os.walk(source):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_DIRS)
+        here = Path(dirpath)
+        for name in dirnames:
+            if (here / name).is_symlink():
+                raise ArchiveError(f"{here / name}: links are refused in a package")
+            (dest / (here / name).relative_to(source)).mkdir()
+        for name in sorted(filenames):
+            src = here / name
+            if src.is_symlink() or not src.is_file():
+                raise ArchiveError(f"{src}: links and special files are refused in a package")
+            files += 1
+            total += src.stat().st_size
+            if files > limits.max_files or total > limits.max_total_bytes:
+                raise ArchiveError(f"{source} is over the package size limits", too_large=True)
+            relative = src.relative_to(source).as_posix()
+            content = src.read_bytes()
+            digest.update(relative.encode() + b"\0" + hashlib.sha256(content).digest())
+            (dest / relative).write_bytes(content)
+    return digest.hexdigest()

@@ -1,0 +1,166 @@
+"""HotDeployMiddleware: the versioned dispatch layer in front of the host app."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from starlette.datastructures import URL
+from starlette.responses import RedirectResponse
+from starlette.routing import Mount as StarletteMount
+from starlette.routing import NoMatchFound
+
+from ._types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from starlette.datastructures import URLPath
+
+    from ._deployer import Deployer
+    from ._version import PackageVersion
+
+
+def route_path(scope: Scope) -> str:
+    """The path that routes match on: `path` minus `root_path` (as Starlette computes it)."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if not root_path or not path.startswith(root_path):
+        return path
+    if path == root_path:
+        return ""
+    if path[len(root_path)] == "/":
+        return path[len(root_path) :]
+    return path
+
+
+class VersionRouter:
+    """What `scope["router"]` is for a package's requests: `request.url_for` builds URLs from
+    *this version's* routes under the mount (also while another version is active), then
+    falls back to the host app's routes, like the outermost router of a real `Mount`."""
+
+    __slots__ = ("outer", "route")
+
+    def __init__(self, route: StarletteMount, outer: Any) -> None:
+        self.route = route
+        self.outer = outer
+
+    def url_path_for(self, name: str, /, **path_params: Any) -> URLPath:
+        try:
+            return self.route.url_path_for(name, **path_params)
+        except NoMatchFound:
+            if self.outer is None:
+                raise
+            url: URLPath = self.outer.url_path_for(name, **path_params)
+            return url
+
+
+def attach_routing(version: PackageVersion, prefix: str) -> None:
+    """Give a loaded version its Starlette `Mount` (for url_for) and router."""
+    assert version.app is not None
+    version.route = StarletteMount(prefix, app=version.app)
+    version.router = VersionRouter(version.route, None)
+
+
+def mounted_scope(scope: Scope, prefix: str, version: PackageVersion) -> Scope:
+    """Turn the request's scope into what the sub-app sees under `Mount(prefix, app=...)`.
+
+    Like Starlette's Router, this updates the scope in place: `path` stays whole, the prefix is
+    appended to `root_path`, and `app_root_path` keeps the top-level root for `url_for`.
+    """
+    root_path = scope.get("root_path", "")
+    router: VersionRouter = version.router
+    outer = scope.get("router") or scope.get("app")
+    if outer is not router.outer:
+        router = version.router = VersionRouter(version.route, outer)
+    scope["path_params"] = dict(scope.get("path_params", {}))
+    scope["app_root_path"] = scope.get("app_root_path", root_path)
+    scope["root_path"] = root_path + prefix
+    scope["endpoint"] = version.app
+    scope["route"] = version.route
+    scope["router"] = router
+    if version.state_data:
+        # Each version sees its own lifespan state over the host's (uvicorn copies per request too).
+        scope["state"] = {**scope.get("state", {}), **version.state_data}
+    return scope
+
+
+class HotDeployMiddleware:
+    """Pure ASGI middleware: requests under a deployed package's mount go to its active version;
+    everything else reaches the wrapped app untouched.
+
+        deployer = Deployer(home=".hotdeploy", plugins=[...])
+        app = Starlette(routes=..., middleware=[Middleware(HotDeployMiddleware, deployer=deployer)])
+
+    Without `deployer=`, one is created from the keyword arguments (see `Deployer`). The
+    middleware also runs the deployer for the lifetime of the server's lifespan: packages start
+    after the host app started and are shut down before it shuts down.
+    """
+
+    def __init__(self, app: ASGIApp, deployer: Deployer | None = None, **options: Any) -> None:
+        from ._deployer import Deployer
+
+        if deployer is not None and options:
+            raise TypeError("pass either deployer= or Deployer options, not both")
+        self.app = app
+        self.deployer = deployer if deployer is not None else Deployer(**options)
+        self._mounts = self.deployer.mounts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http" or kind == "websocket":
+            path = route_path(scope)
+            mount = self._mounts.match(path)
+            if mount is not None:
+                gate = mount.gate
+                if gate is not None:
+                    await gate.wait()  # `block` strategy: held until the switch, never rejected
+                version = mount.active
+                if version is not None:
+                    if len(path) == len(mount.prefix):
+                        if kind == "http":
+                            # "/orders" -> "/orders/", as Starlette's router does for a Mount.
+                            url = URL(scope={**scope, "path": scope["path"] + "/"})
+                            await RedirectResponse(url=str(url))(scope, receive, send)
+                            return
+                    else:
+                        await version.serve(mounted_scope(scope, mount.prefix, version), receive, send)
+                        return
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the host app's lifespan inside the deployer's runtime."""
+        phase = "startup"
+        replied = False
+
+        async def receive_from_server() -> Message:
+            nonlocal phase
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                phase = "shutdown"
+                await self.deployer.shutdown()  # packages stop before the host app does
+            return message
+
+        async def send_to_server(message: Message) -> None:
+            nonlocal replied
+            replied = True
+            await send(message)
+
+        async with self.deployer.running():
+            try:
+                await self.app(scope, receive_from_server, send_to_server)
+            except Exception:
+                if replied:
+                    raise
+                # The host app has no lifespan support: speak the protocol for it, so the
+                # packages still get theirs.
+                await send({"type": "lifespan.startup.complete"})
+                while (await receive_from_server())["type"] != "lifespan.shutdown":
+                    pass
+                await send({"type": "lifespan.shutdown.complete"})
+            if phase == "startup" and not replied:
+                # The host app returned without speaking lifespan at all.
+                await send({"type": "lifespan.startup.complete"})
+                while (await receive_from_server())["type"] != "lifespan.shutdown":
+                    pass
+                await send({"type": "lifespan.shutdown.complete"})

@@ -1,0 +1,156 @@
+"""pluggy hook specifications and how the deployer calls them.
+
+Checks (`hotdeploy_validate`, `hotdeploy_check_before_activate`, `hotdeploy_check_after_activate`)
+pass when an implementation returns None or True, and veto the version when it returns False or
+a message string, or raises. Notifications (`hotdeploy_activated`, `hotdeploy_rolled_back`,
+`hotdeploy_drained`, `hotdeploy_failed`) cannot veto; an exception there is logged.
+Any implementation may be a plain function or a coroutine function.
+
+pluggy is synchronous: calling an async implementation returns a coroutine, which we await.
+We never use `firstresult` (a coroutine object would count as a result).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pluggy
+
+from ._errors import CheckFailed
+from ._manifest import Manifest
+
+if TYPE_CHECKING:
+    from ._deployment import Deployment
+    from ._version import PackageVersion
+
+PROJECT = "starlette_hotdeploy"
+ENTRY_POINT_GROUP = "starlette_hotdeploy"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+logger = logging.getLogger("starlette_hotdeploy")
+
+
+class HookSpecs:
+    """The hooks a starlette-hotdeploy plugin may implement (all optional)."""
+
+    @hookspec
+    def hotdeploy_validate(self, manifest: Manifest) -> Any:
+        """Check a package's manifest before any of its code is imported.
+
+        Return None/True to accept, False or a message to refuse, or raise."""
+
+    @hookspec
+    def hotdeploy_check_before_activate(
+        self, version: PackageVersion, previous: PackageVersion | None
+    ) -> Any:
+        """Check a started version that receives no traffic yet.
+
+        A veto discards the new version; the previous one keeps serving."""
+
+    @hookspec
+    def hotdeploy_check_after_activate(self, version: PackageVersion, previous: PackageVersion | None) -> Any:
+        """Check a version right after the switch, while the previous version stays warm.
+
+        A veto switches back to the previous version at once."""
+
+    @hookspec
+    def hotdeploy_activated(
+        self, version: PackageVersion, previous: PackageVersion | None, deployment: Deployment
+    ) -> Any:
+        """A version became active (its deployment succeeded)."""
+
+    @hookspec
+    def hotdeploy_rolled_back(
+        self, version: PackageVersion, previous: PackageVersion | None, deployment: Deployment
+    ) -> Any:
+        """A post-activation check failed and `previous` is active again (`version` is discarded)."""
+
+    @hookspec
+    def hotdeploy_drained(self, version: PackageVersion, terminated: int) -> Any:
+        """A replaced version finished draining and was shut down; `terminated` requests were
+        still open at its drain timeout and were ended."""
+
+    @hookspec
+    def hotdeploy_failed(self, deployment: Deployment, error: Exception) -> Any:
+        """A deployment failed; whatever served before still serves."""
+
+
+def make_plugin_manager(plugins: Iterable[object] = (), *, entry_points: bool = True) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(HookSpecs)
+    if entry_points:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    for plugin in plugins:
+        pm.register(plugin)
+    return pm
+
+
+def _plugin_label(pm: pluggy.PluginManager, impl: pluggy.HookImpl) -> str:
+    name = pm.get_name(impl.plugin) or getattr(impl.plugin, "__name__", None)
+    return str(name or type(impl.plugin).__name__)
+
+
+async def run_checks(
+    hook_name: str,
+    managers: Sequence[pluggy.PluginManager],
+    kwargs: dict[str, Any],
+    *,
+    timeout: float,
+    package: str,
+    version: str,
+    step: str,
+) -> None:
+    """Call every implementation of a check hook in turn; raise CheckFailed on the first veto."""
+    for pm in managers:
+        caller = getattr(pm.hook, hook_name)
+        # Last registered first, like pluggy's own call order.
+        for impl in reversed(caller.get_hookimpls()):
+            label = f"{_plugin_label(pm, impl)}.{hook_name}"
+            args = {name: kwargs[name] for name in impl.argnames}
+            try:
+                with anyio.fail_after(timeout):
+                    result = impl.function(**args)
+                    if inspect.isawaitable(result):
+                        result = await result
+            except TimeoutError:
+                raise CheckFailed(
+                    f"check {label} did not answer within {timeout:g}s",
+                    check=label,
+                    package=package,
+                    version=version,
+                    step=step,
+                ) from None
+            except Exception as exc:
+                raise CheckFailed(
+                    f"check {label} raised {type(exc).__name__}: {exc}",
+                    check=label,
+                    package=package,
+                    version=version,
+                    step=step,
+                ) from exc
+            if result is None or result is True:
+                continue
+            reason = result if isinstance(result, str) else "returned a failure"
+            raise CheckFailed(
+                f"check {label} vetoed: {reason}", check=label, package=package, version=version, step=step
+            )
+
+
+async def notify(hook_name: str, managers: Sequence[pluggy.PluginManager], kwargs: dict[str, Any]) -> None:
+    """Call a notification hook everywhere; log, never raise."""
+    for pm in managers:
+        caller = getattr(pm.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):
+            args = {name: kwargs[name] for name in impl.argnames}
+            try:
+                result = impl.function(**args)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception("%s.%s raised", _plugin_label(pm, impl), hook_name)

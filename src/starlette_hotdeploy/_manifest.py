@@ -1,0 +1,219 @@
+"""The package manifest, `hotdeploy.toml`: parsing and validation."""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from ._errors import ManifestError
+
+MANIFEST_NAME = "hotdeploy.toml"
+
+Strategy = Literal["drain", "block"]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_APP = re.compile(r"^(?P<module>[A-Za-z_][\w.]*):(?P<attr>[A-Za-z_][\w.]*)(?P<call>\(\))?$")
+_MODULE = re.compile(r"^[A-Za-z_][\w.]*$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@%-]+$")
+
+_REQUIRED = ("name", "version", "app", "mount")
+_KNOWN = frozenset(
+    (*_REQUIRED, "health", "requires", "strategy", "drain_timeout", "startup_timeout", "hooks")
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A validated `hotdeploy.toml`."""
+
+    name: str
+    version: str
+    app: str
+    mount: str
+    health: str | None = None
+    requires: dict[str, SpecifierSet] = field(default_factory=dict)
+    strategy: Strategy = "drain"
+    drain_timeout: float = 30.0
+    startup_timeout: float = 30.0
+    hooks: str | None = None
+
+    @property
+    def app_module(self) -> str:
+        return self.app.partition(":")[0]
+
+    @property
+    def app_attribute(self) -> str:
+        return self.app.partition(":")[2].removesuffix("()")
+
+    @property
+    def app_is_factory(self) -> bool:
+        return self.app.endswith("()")
+
+    @property
+    def parsed_version(self) -> Version:
+        return Version(self.version)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "app": self.app,
+            "mount": self.mount,
+            "health": self.health,
+            "requires": {k: str(v) for k, v in self.requires.items()},
+            "strategy": self.strategy,
+            "drain_timeout": self.drain_timeout,
+            "startup_timeout": self.startup_timeout,
+            "hooks": self.hooks,
+        }
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and validate the manifest file at `path`."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(f"no {MANIFEST_NAME} found at the package root ({path.parent})") from None
+    except OSError as exc:
+        raise ManifestError(f"cannot read {path}: {exc}") from exc
+    return parse_manifest(data)
+
+
+def parse_manifest(data: bytes | str) -> Manifest:
+    """Parse and validate manifest text; every problem names its key."""
+    text = data.decode("utf-8", errors="strict") if isinstance(data, bytes) else data
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(f"not valid TOML: {exc}") from exc
+    return validate_manifest(raw)
+
+
+def validate_manifest(raw: dict[str, Any]) -> Manifest:
+    name = raw.get("name") if isinstance(raw.get("name"), str) else None
+    unknown = sorted(set(raw) - _KNOWN)
+    if unknown:
+        raise ManifestError(
+            f"unknown key (allowed: {', '.join(sorted(_KNOWN))})", key=unknown[0], package=name
+        )
+    for key in _REQUIRED:
+        if key not in raw:
+            raise ManifestError("is required", key=key, package=name)
+
+    name = _string(raw, "name", name)
+    if not _NAME.match(name):
+        raise ManifestError(
+            f"{name!r} must be lowercase letters, digits and underscores, starting with a letter",
+            key="name",
+            package=name,
+        )
+    version = _string(raw, "version", name)
+    try:
+        Version(version)
+    except InvalidVersion:
+        raise ManifestError(f"{version!r} is not a PEP 440 version", key="version", package=name) from None
+
+    app = _string(raw, "app", name)
+    if not _APP.match(app):
+        raise ManifestError(
+            f"{app!r} must look like 'module:attribute' or 'module:factory()'", key="app", package=name
+        )
+
+    mount = _mount(_string(raw, "mount", name), name)
+    health = raw.get("health")
+    if health is not None:
+        health = _string(raw, "health", name)
+        if not health.startswith("/"):
+            raise ManifestError(f"{health!r} must be a path starting with '/'", key="health", package=name)
+
+    requires = _requires(raw.get("requires", {}), name)
+
+    strategy = raw.get("strategy", "drain")
+    if strategy not in ("drain", "block"):
+        raise ManifestError(f"{strategy!r} must be 'drain' or 'block'", key="strategy", package=name)
+
+    drain_timeout = _seconds(raw, "drain_timeout", 30.0, name)
+    startup_timeout = _seconds(raw, "startup_timeout", 30.0, name)
+
+    hooks = raw.get("hooks")
+    if hooks is not None:
+        hooks = _string(raw, "hooks", name)
+        if not _MODULE.match(hooks):
+            raise ManifestError(f"{hooks!r} must be a module name", key="hooks", package=name)
+
+    return Manifest(
+        name=name,
+        version=version,
+        app=app,
+        mount=mount,
+        health=health,
+        requires=requires,
+        strategy=strategy,
+        drain_timeout=drain_timeout,
+        startup_timeout=startup_timeout,
+        hooks=hooks,
+    )
+
+
+def _string(raw: dict[str, Any], key: str, package: str | None) -> str:
+    value = raw[key]
+    if not isinstance(value, str) or not value.strip():
+        raise ManifestError(f"must be a non-empty string, got {value!r}", key=key, package=package)
+    return value.strip()
+
+
+def _mount(value: str, package: str) -> str:
+    if not value.startswith("/"):
+        raise ManifestError(f"{value!r} must start with '/'", key="mount", package=package)
+    mount = value.rstrip("/")
+    if not mount:
+        raise ManifestError(
+            "'/' is the host app's; choose a prefix such as '/orders'", key="mount", package=package
+        )
+    for segment in mount[1:].split("/"):
+        if not segment or segment in (".", "..") or not _SEGMENT.match(segment) or "{" in segment:
+            raise ManifestError(
+                f"{value!r} must be a literal URL prefix such as '/orders' or '/api/orders'",
+                key="mount",
+                package=package,
+            )
+    return mount
+
+
+def _requires(value: Any, package: str) -> dict[str, SpecifierSet]:
+    if not isinstance(value, dict):
+        raise ManifestError(
+            "must be a table such as { inventory = '>=1.0' }", key="requires", package=package
+        )
+    requires: dict[str, SpecifierSet] = {}
+    for other, spec in value.items():
+        if not _NAME.match(other):
+            raise ManifestError(f"{other!r} is not a package name", key=f"requires.{other}", package=package)
+        if not isinstance(spec, str):
+            raise ManifestError(f"{spec!r} must be a string", key=f"requires.{other}", package=package)
+        try:
+            requires[other] = SpecifierSet(spec)
+        except InvalidSpecifier:
+            raise ManifestError(
+                f"{spec!r} is not a PEP 440 specifier", key=f"requires.{other}", package=package
+            ) from None
+    return requires
+
+
+def _seconds(raw: dict[str, Any], key: str, default: float, package: str) -> float:
+    value = raw.get(key, default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ManifestError(f"must be a positive number of seconds, got {value!r}", key=key, package=package)
+    return float(value)

@@ -1,0 +1,93 @@
+"""The mount table: which package owns a URL prefix, and which of its versions is active."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._errors import MountConflict
+
+if TYPE_CHECKING:
+    import anyio
+
+    from ._version import PackageVersion
+
+
+class Mount:
+    """A URL prefix and the package version it points at.
+
+    The switch from one version to another is the single assignment `mount.active = new`.
+    While `gate` is set (the `block` strategy), new requests wait on it before reading `active`.
+    """
+
+    __slots__ = ("active", "gate", "package", "prefix")
+
+    def __init__(self, prefix: str, package: str, active: PackageVersion) -> None:
+        self.prefix = prefix
+        self.package = package
+        self.active: PackageVersion | None = active
+        self.gate: anyio.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"<Mount {self.prefix!r} -> {self.active!r}>"
+
+
+def overlaps(a: str, b: str) -> bool:
+    """True when one prefix equals the other or contains it as whole path segments."""
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+class MountTable:
+    """Prefix lookup in a dict, one probe per distinct mount depth.
+
+    Mounts never overlap (that is refused), so at most one prefix of a path can match, and the
+    cost of a lookup depends on how many segments mounts have, never on how many there are.
+    """
+
+    def __init__(self) -> None:
+        self._by_prefix: dict[str, Mount] = {}
+        self._max_depth = 0
+
+    def __len__(self) -> int:
+        return len(self._by_prefix)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._by_prefix.values()))
+
+    def get(self, prefix: str) -> Mount | None:
+        return self._by_prefix.get(prefix)
+
+    def check(self, prefix: str, package: str) -> None:
+        """Raise MountConflict if `prefix` overlaps another package's mount."""
+        for other in self._by_prefix.values():
+            if other.package != package and overlaps(prefix, other.prefix):
+                raise MountConflict(
+                    f"mount {prefix!r} overlaps {other.prefix!r} of package {other.package!r}; "
+                    "choose a prefix that neither contains nor is contained in it",
+                    package=package,
+                    step="manifest",
+                )
+
+    def add(self, mount: Mount) -> None:
+        self.check(mount.prefix, mount.package)
+        self._by_prefix[mount.prefix] = mount
+        self._max_depth = max(self._max_depth, mount.prefix.count("/"))
+
+    def remove(self, prefix: str) -> Mount | None:
+        mount = self._by_prefix.pop(prefix, None)
+        self._max_depth = max((p.count("/") for p in self._by_prefix), default=0)
+        return mount
+
+    def match(self, route_path: str) -> Mount | None:
+        """The mount whose prefix is `route_path` or a whole-segment prefix of it."""
+        table = self._by_prefix
+        if not table:
+            return None
+        end = 0
+        for _ in range(self._max_depth):
+            end = route_path.find("/", end + 1)
+            if end == -1:
+                return table.get(route_path)
+            mount = table.get(route_path[:end])
+            if mount is not None:
+                return mount
+        return None

@@ -1,0 +1,218 @@
+"""PackageVersion: one loaded version of a package, its state, in-flight work and lifespan."""
+
+from __future__ import annotations
+
+import enum
+import time
+import weakref
+from contextlib import suppress
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+
+from ._errors import HotDeployError
+from ._lifespan import Lifespan
+from ._loader import Namespace, load_app
+from ._manifest import Manifest
+from ._types import ASGIApp, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    import pluggy
+
+
+class VersionState(enum.StrEnum):
+    STAGED = "staged"  # unpacked, manifest valid, nothing imported
+    STARTING = "starting"  # imported, lifespan startup running
+    READY = "ready"  # started and checked, receives no traffic
+    ACTIVE = "active"  # the mount points at it
+    DRAINING = "draining"  # replaced; finishing what it had
+    RETIRED = "retired"  # shut down and unloaded
+    FAILED = "failed"  # a step failed; discarded
+
+
+class RequestAborted(HotDeployError):
+    """A response was still being sent when its version's drain timeout expired; the
+    connection is aborted so the client sees an error, never a body that looks complete."""
+
+
+class PackageVersion:
+    """One version of a package, loaded under its own module namespace.
+
+    `serve()` is the only method on the request path: it tracks the request with a cancel
+    scope (so a drain timeout can end it) and wakes a waiting drain when the last one leaves.
+    """
+
+    def __init__(self, manifest: Manifest, root: Path, sha256: str) -> None:
+        self.manifest = manifest
+        self.root = root
+        self.sha256 = sha256
+        self.state = VersionState.STAGED
+        self.app: ASGIApp | None = None
+        self.state_data: dict[str, Any] = {}  # the lifespan state, copied into each request
+        self.namespace: Namespace | None = None
+        self.plugins: pluggy.PluginManager | None = None  # the package's own hooks (manifest `hooks`)
+        self.router: Any = None  # set by the dispatch layer: url_for under the mount
+        self.route: Any = None
+        self.error: str | None = None
+        self.loaded_at = time.time()
+        self.activated_at: float | None = None
+        self.terminated = 0  # requests ended by a drain timeout
+        self.served = 0
+        self.started = False  # lifespan startup completed: owes a shutdown
+        self._lifespan: Lifespan | None = None
+        self._open: set[anyio.CancelScope] = set()
+        self._idle: anyio.Event | None = None
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._open)
+
+    def __repr__(self) -> str:
+        return f"<PackageVersion {self.name} {self.version} {self.state.value} in_flight={self.in_flight}>"
+
+    # -- loading and lifespan -------------------------------------------------------------
+
+    def load(self) -> ASGIApp:
+        """Import the version under a private namespace and resolve its ASGI app."""
+        namespace = Namespace(self.manifest, self.root)
+        namespace.open()
+        self.namespace = namespace
+        self.app = load_app(namespace, self.manifest)
+        return self.app
+
+    async def start(self, task_group: anyio.abc.TaskGroup, timeout: float) -> None:
+        """Run the app's lifespan startup in its own supervisor task (raises on failure)."""
+        assert self.app is not None, "load() first"
+        self.state = VersionState.STARTING
+        self._lifespan = Lifespan(self.app, f"{self.name} {self.version}")
+        self.state_data = self._lifespan.state
+        await self._lifespan.start(task_group, timeout)
+        self.started = True
+
+    async def stop(self, timeout: float) -> None:
+        """Run the lifespan shutdown (after the version drained)."""
+        lifespan, self._lifespan = self._lifespan, None
+        self.started = False
+        if lifespan is not None and lifespan.supported:
+            await lifespan.stop(timeout)
+        elif lifespan is not None:
+            lifespan.abort()
+
+    def abort_startup(self) -> None:
+        if self._lifespan is not None:
+            self._lifespan.abort()
+            self._lifespan = None
+
+    def unload(self) -> list[weakref.ref[Any]]:
+        """Drop the modules and the app; return weak references that a collection should clear."""
+        refs: list[weakref.ref[Any]] = []
+        if self.app is not None:
+            with suppress(TypeError):
+                refs.append(weakref.ref(self.app))
+        if self.namespace is not None:
+            import sys
+
+            prefix = self.namespace.name
+            refs.extend(
+                weakref.ref(module)
+                for key, module in list(sys.modules.items())
+                if key == prefix or key.startswith(prefix + ".")
+            )
+            self.namespace.close()
+        self.app = None
+        self.namespace = None
+        self.plugins = None
+        self.router = None
+        self.route = None
+        self.state_data = {}
+        return refs
+
+    # -- the request path -----------------------------------------------------------------
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = self.app
+        assert app is not None
+        cancel = anyio.CancelScope()
+        self._open.add(cancel)
+        self.served += 1
+        try:
+            with cancel:
+                await app(scope, receive, send)
+            if cancel.cancelled_caught:
+                await self._end_terminated(scope, send)
+        finally:
+            self._open.discard(cancel)
+            if not self._open and self._idle is not None:
+                self._idle.set()
+
+    async def _end_terminated(self, scope: Scope, send: Send) -> None:
+        self.terminated += 1
+        reason = f"{self.name} {self.version} retired"
+        if scope["type"] == "websocket":
+            # 1012 "service restart", as uvicorn does on shutdown: clients reconnect.
+            with suppress(Exception):
+                await send({"type": "websocket.close", "code": 1012, "reason": reason})
+            return
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"retry-after", b"1"),
+                        (b"connection", b"close"),
+                    ],
+                }
+            )
+        except Exception:
+            raise RequestAborted(
+                "response still streaming at the drain timeout "
+                f"({self.manifest.drain_timeout:g}s): connection aborted",
+                package=self.name,
+                version=self.version,
+                step="drain",
+            ) from None
+        await send({"type": "http.response.body", "body": f"{reason}; retry\n".encode()})
+
+    # -- draining -------------------------------------------------------------------------
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is in flight; False if `timeout` expired first."""
+        with anyio.move_on_after(timeout):
+            while self._open:
+                if self._idle is None or self._idle.is_set():
+                    self._idle = anyio.Event()
+                await self._idle.wait()
+        return not self._open
+
+    async def terminate(self, grace: float = 5.0) -> int:
+        """End whatever is still in flight (websockets: 1012; responses: aborted)."""
+        count = len(self._open)
+        for cancel in list(self._open):
+            cancel.cancel()
+        await self.wait_idle(grace)
+        return count
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "state": self.state.value,
+            "in_flight": self.in_flight,
+            "sha256": self.sha256,
+            "served": self.served,
+            "terminated": self.terminated,
+            "loaded_at": self.loaded_at,
+            "activated_at": self.activated_at,
+            "error": self.error,
+        }

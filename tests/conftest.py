@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import testkit
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from starlette_hotdeploy import Deployer, HotDeployMiddleware
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _reset_testkit() -> Iterator[None]:
+    testkit.reset()
+    yield
+    testkit.reset()
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> Path:
+    """Where tests write package sources."""
+    path = tmp_path / "sources"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+async def deployer(tmp_path: Path) -> AsyncIterator[Deployer]:
+    deployer = Deployer(home=tmp_path / "home", entry_points=False)
+    async with deployer.running():
+        yield deployer
+
+
+def host_app(deployer: Deployer) -> Starlette:
+    async def home(request: object) -> PlainTextResponse:
+        return PlainTextResponse("host")
+
+    app = Starlette(routes=[Route("/", home)])
+    app.add_middleware(HotDeployMiddleware, deployer=deployer)
+    return app
+
+
+@pytest.fixture
+async def client(deployer: Deployer) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=host_app(deployer))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
