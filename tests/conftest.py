@@ -5,11 +5,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import testkit
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+import testkit
 from starlette_hotdeploy import Deployer, HotDeployMiddleware
 
 

@@ -6,7 +6,7 @@ import textwrap
 import zipfile
 from pathlib import Path
 
-APP = '''
+APP = """
 import contextlib
 
 import anyio
@@ -100,15 +100,15 @@ app = Starlette(
     ],
     lifespan=lifespan,
 )
-'''
+"""
 
-MODELS = '''
+MODELS = """
 VERSION = "{version}"
 
 
 def describe():
     return "models of {name} " + VERSION
-'''
+"""
 
 
 def write_package(

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from packages import write_package
 
+from packages import write_package
 from starlette_hotdeploy import Deployer
 
 pytestmark = pytest.mark.anyio

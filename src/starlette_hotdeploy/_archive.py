@@ -132,8 +132,9 @@ def _extract_zip(data: bytes, dest: Path, limits: ArchiveLimits, label: str = "u
         declared = 0
         for info in infos:
             _safe_member(info.filename)
-            mode = info.external_attr >> 16
-            if mode and (stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+            # zipfile.writestr() and some wheel builders store permission bits with no file type.
+            kind = stat.S_IFMT(info.external_attr >> 16)
+            if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
                 raise ArchiveError(f"unsafe entry {info.filename!r}: links and special files are refused")
             declared += info.file_size
         if declared > limits.max_total_bytes:
@@ -190,8 +191,12 @@ def _copy_tree(source: Path, dest: Path, limits: ArchiveLimits) -> str:
                 raise ArchiveError(f"{src}: links and special files are refused in a package")
             files += 1
             total += src.stat().st_size
-            if files > limits.max_files or total > limits.max_total_bytes:
-                raise ArchiveError(f"{source} is over the package size limits", too_large=True)
+            if files > limits.max_files:
+                raise ArchiveError(f"{source} has more than {limits.max_files} files, over the limit")
+            if total > limits.max_total_bytes:
+                raise ArchiveError(
+                    f"{source} holds more than {limits.max_total_bytes} bytes, over the limit", too_large=True
+                )
             relative = src.relative_to(source).as_posix()
             content = src.read_bytes()
             digest.update(relative.encode() + b"\0" + hashlib.sha256(content).digest())

@@ -15,6 +15,8 @@ Outcome = Literal["pending", "succeeded", "failed", "rolled_back"]
 
 @dataclass(slots=True)
 class Step:
+    """One timed step of a deployment."""
+
     name: str
     started_at: float
     duration_ms: float | None = None

@@ -89,18 +89,17 @@ class HotDeployMiddleware:
         deployer = Deployer(home=".hotdeploy", plugins=[...])
         app = Starlette(routes=..., middleware=[Middleware(HotDeployMiddleware, deployer=deployer)])
 
-    Without `deployer=`, one is created from the keyword arguments (see `Deployer`). The
-    middleware also runs the deployer for the lifetime of the server's lifespan: packages start
-    after the host app started and are shut down before it shuts down.
+    Without `deployer=`, a `Deployer()` with default settings is created (its home is
+    `$HOTDEPLOY_HOME` or `./.hotdeploy`); reach it as `middleware.deployer`. The middleware also
+    runs the deployer for the lifetime of the server's lifespan: packages start after the host app
+    started and are shut down before it shuts down.
     """
 
-    def __init__(self, app: ASGIApp, deployer: Deployer | None = None, **options: Any) -> None:
+    def __init__(self, app: ASGIApp, deployer: Deployer | None = None) -> None:
         from ._deployer import Deployer
 
-        if deployer is not None and options:
-            raise TypeError("pass either deployer= or Deployer options, not both")
         self.app = app
-        self.deployer = deployer if deployer is not None else Deployer(**options)
+        self.deployer = deployer if deployer is not None else Deployer()
         self._mounts = self.deployer.mounts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

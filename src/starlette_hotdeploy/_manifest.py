@@ -18,10 +18,12 @@ MANIFEST_NAME = "hotdeploy.toml"
 
 Strategy = Literal["drain", "block"]
 
-_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-_APP = re.compile(r"^(?P<module>[A-Za-z_][\w.]*):(?P<attr>[A-Za-z_][\w.]*)(?P<call>\(\))?$")
-_MODULE = re.compile(r"^[A-Za-z_][\w.]*$")
-_SEGMENT = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@%-]+$")
+# All patterns are used with fullmatch(): `$` alone would accept a trailing newline.
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_APP = re.compile(rf"(?P<module>{_DOTTED}):(?P<attr>{_DOTTED})(?P<call>\(\))?")
+_MODULE = re.compile(_DOTTED)
+_SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@%-]+")
 
 _REQUIRED = ("name", "version", "app", "mount")
 _KNOWN = frozenset(
@@ -88,7 +90,10 @@ def load_manifest(path: Path) -> Manifest:
 
 def parse_manifest(data: bytes | str) -> Manifest:
     """Parse and validate manifest text; every problem names its key."""
-    text = data.decode("utf-8", errors="strict") if isinstance(data, bytes) else data
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"not valid UTF-8: {exc}") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -108,7 +113,7 @@ def validate_manifest(raw: dict[str, Any]) -> Manifest:
             raise ManifestError("is required", key=key, package=name)
 
     name = _string(raw, "name", name)
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ManifestError(
             f"{name!r} must be lowercase letters, digits and underscores, starting with a letter",
             key="name",
@@ -121,7 +126,7 @@ def validate_manifest(raw: dict[str, Any]) -> Manifest:
         raise ManifestError(f"{version!r} is not a PEP 440 version", key="version", package=name) from None
 
     app = _string(raw, "app", name)
-    if not _APP.match(app):
+    if not _APP.fullmatch(app):
         raise ManifestError(
             f"{app!r} must look like 'module:attribute' or 'module:factory()'", key="app", package=name
         )
@@ -145,7 +150,7 @@ def validate_manifest(raw: dict[str, Any]) -> Manifest:
     hooks = raw.get("hooks")
     if hooks is not None:
         hooks = _string(raw, "hooks", name)
-        if not _MODULE.match(hooks):
+        if not _MODULE.fullmatch(hooks):
             raise ManifestError(f"{hooks!r} must be a module name", key="hooks", package=name)
 
     return Manifest(
@@ -178,7 +183,7 @@ def _mount(value: str, package: str) -> str:
             "'/' is the host app's; choose a prefix such as '/orders'", key="mount", package=package
         )
     for segment in mount[1:].split("/"):
-        if not segment or segment in (".", "..") or not _SEGMENT.match(segment) or "{" in segment:
+        if not segment or segment in (".", "..") or not _SEGMENT.fullmatch(segment) or "{" in segment:
             raise ManifestError(
                 f"{value!r} must be a literal URL prefix such as '/orders' or '/api/orders'",
                 key="mount",
@@ -194,7 +199,7 @@ def _requires(value: Any, package: str) -> dict[str, SpecifierSet]:
         )
     requires: dict[str, SpecifierSet] = {}
     for other, spec in value.items():
-        if not _NAME.match(other):
+        if not _NAME.fullmatch(other):
             raise ManifestError(f"{other!r} is not a package name", key=f"requires.{other}", package=package)
         if not isinstance(spec, str):
             raise ManifestError(f"{spec!r} must be a string", key=f"requires.{other}", package=package)

@@ -12,6 +12,8 @@ from ._version import PackageVersion, VersionState
 
 @dataclass(eq=False)
 class Package:
+    """A deployed package: its mount, the versions in memory and those on disk."""
+
     name: str
     prefix: str
     mount: Mount | None = None  # set once a first version is active

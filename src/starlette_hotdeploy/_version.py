@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 
 class VersionState(enum.StrEnum):
+    """Where a version is in its life: staged -> starting -> ready -> active -> draining -> retired,
+    or failed."""
+
     STAGED = "staged"  # unpacked, manifest valid, nothing imported
     STARTING = "starting"  # imported, lifespan startup running
     READY = "ready"  # started and checked, receives no traffic
