@@ -194,7 +194,9 @@ Source = Callable[[Path], bytes | Path]
             None,
             id="files-zip",
         ),
-        pytest.param(write_package, ArchiveLimits(max_files=2), "more than 2 files", False, id="files-directory"),
+        pytest.param(
+            write_package, ArchiveLimits(max_files=2), "more than 2 files", False, id="files-directory"
+        ),
         pytest.param(
             lambda _: zip_bytes(PACKAGE),
             ArchiveLimits(max_total_bytes=50),
@@ -203,7 +205,11 @@ Source = Callable[[Path], bytes | Path]
             id="total-zip",
         ),
         pytest.param(
-            write_package, ArchiveLimits(max_total_bytes=500), "more than 500 bytes", True, id="total-directory"
+            write_package,
+            ArchiveLimits(max_total_bytes=500),
+            "more than 500 bytes",
+            True,
+            id="total-directory",
         ),
         pytest.param(
             lambda _: zip_bytes(PACKAGE),

@@ -536,3 +536,43 @@ async def test_operations_need_a_running_deployer(tmp_path: Path, sources: Path)
     deployer = Deployer(home=tmp_path, entry_points=False)
     with pytest.raises(NotRunning, match=r"async with deployer\.running"):
         await deployer.deploy(write_package(sources))
+
+
+async def test_wheel_and_bytes_sources(deployer: Deployer, client: httpx.AsyncClient, sources: Path) -> None:
+    # A wheel keeps the manifest inside its top-level import package.
+    root = write_package(sources, version="1.0")
+    (root / "greeter" / "hotdeploy.toml").write_text((root / "hotdeploy.toml").read_text())
+    (root / "hotdeploy.toml").unlink()
+    (root / "greeter-1.0.dist-info").mkdir()
+    (root / "greeter-1.0.dist-info" / "WHEEL").write_text("Wheel-Version: 1.0\n")
+    wheel = zip_directory(root, sources / "greeter-1.0-py3-none-any.whl")
+    await deployer.deploy(wheel)
+    assert await version_of(client) == "1.0"
+
+    archive = zip_directory(write_package(sources, version="2.0"), sources / "g2.zip")
+    record = await deployer.deploy(archive.read_bytes())
+    assert record.to_version == "2.0"
+    assert await version_of(client) == "2.0"
+
+
+async def test_plugins_load_from_the_entry_point_group(
+    tmp_path: Path, sources: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An installed distribution that advertises a plugin in the `starlette_hotdeploy` group.
+    site = tmp_path / "site"
+    dist = site / "acme_checks-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-checks\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[starlette_hotdeploy]\nacme = acme_checks\n")
+    (site / "acme_checks.py").write_text(
+        "from starlette_hotdeploy import hookimpl\n\n"
+        "@hookimpl\n"
+        "def hotdeploy_validate(manifest):\n"
+        "    return 'acme policy: no packages today'\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    deployer = Deployer(home=tmp_path / "home")
+    assert deployer.plugins.has_plugin("acme")
+    async with deployer.running():
+        with pytest.raises(DeploymentError, match=r"check acme\.hotdeploy_validate vetoed: acme policy"):
+            await deployer.deploy(write_package(sources))

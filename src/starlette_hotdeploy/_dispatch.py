@@ -59,15 +59,17 @@ def attach_routing(version: PackageVersion, prefix: str) -> None:
     version.router = VersionRouter(version.route, None)
 
 
-def mounted_scope(scope: Scope, prefix: str, version: PackageVersion) -> Scope:
+def mounted_scope(scope: Scope, prefix: str, version: PackageVersion, host: Any = None) -> Scope:
     """Turn the request's scope into what the sub-app sees under `Mount(prefix, app=...)`.
 
     Like Starlette's Router, this updates the scope in place: `path` stays whole, the prefix is
     appended to `root_path`, and `app_root_path` keeps the top-level root for `url_for`.
+    `host` is where `url_for` falls back to when the scope names no router or app (the
+    middleware wraps a Starlette app directly instead of being added to it).
     """
     root_path = scope.get("root_path", "")
     router: VersionRouter = version.router
-    outer = scope.get("router") or scope.get("app")
+    outer = scope.get("router") or scope.get("app") or host
     if outer is not router.outer:
         router = version.router = VersionRouter(version.route, outer)
     scope["path_params"] = dict(scope.get("path_params", {}))
@@ -101,6 +103,7 @@ class HotDeployMiddleware:
         self.app = app
         self.deployer = deployer if deployer is not None else Deployer()
         self._mounts = self.deployer.mounts
+        self._host = app if hasattr(app, "url_path_for") else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -120,7 +123,9 @@ class HotDeployMiddleware:
                             await RedirectResponse(url=str(url))(scope, receive, send)
                             return
                     else:
-                        await version.serve(mounted_scope(scope, mount.prefix, version), receive, send)
+                        await version.serve(
+                            mounted_scope(scope, mount.prefix, version, self._host), receive, send
+                        )
                         return
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
