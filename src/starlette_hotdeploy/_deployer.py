@@ -18,7 +18,7 @@ import anyio.to_thread
 import pluggy
 
 from ._archive import ArchiveLimits, Unpacked, unpack
-from ._deployment import Deployment, Operation
+from ._deployment import Deployment, Operation, Step
 from ._dispatch import attach_routing
 from ._errors import (
     ArchiveError,
@@ -34,6 +34,7 @@ from ._errors import (
     UnknownPackage,
     UnknownVersion,
 )
+from ._events import EventHub
 from ._hooks import make_plugin_manager, notify, run_checks
 from ._lifespan import LifespanFailed, LifespanTimeout
 from ._loader import collected
@@ -81,6 +82,7 @@ class Deployer:
         self.shutdown_timeout = shutdown_timeout
         self.limits = limits or ArchiveLimits()
         self.history: deque[Deployment] = deque(maxlen=history_size)
+        self.events = EventHub()
         self._packages: dict[str, Package] = {}
         self._busy: set[str] = set()
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -161,15 +163,14 @@ class Deployer:
 
     # -- operations -------------------------------------------------------------------------
 
-    async def deploy(self, source: Source) -> Deployment:
+    async def deploy(self, source: Source, *, record: Deployment | None = None) -> Deployment:
         """Install or upgrade a package from a directory, a .zip or .whl path, or archive bytes.
 
         Returns the deployment record once the new version is active (and its post-activation
         checks passed); raises DeploymentError, with the record, if anything failed. The old
         version keeps serving in every failure case."""
         self._runtime()
-        record = Deployment(operation="deploy", package=None)
-        self.history.append(record)
+        record = record or self._new_record("deploy", None)
         try:
             with record.step("unpack") as step:
                 unpacked = await anyio.to_thread.run_sync(unpack, source, self.home / "packages", self.limits)
@@ -186,6 +187,45 @@ class Deployer:
             if package is None:
                 package = Package(name=manifest.name, prefix=manifest.mount)
             return await self._install(record, package, unpacked)
+
+    def submit(self, source: Source) -> Deployment:
+        """Start `deploy(source)` in the background and return its record at once (its outcome
+        is "pending" until the deployment ends)."""
+        runtime = self._runtime()
+        record = self._new_record("deploy", None)
+
+        async def run() -> None:
+            try:
+                await self.deploy(source, record=record)
+            except HotDeployError:
+                pass  # the record holds the outcome and the error
+            except Exception:
+                logger.exception("deployment %s crashed", record.id)
+
+        runtime.start_soon(run, name=f"hotdeploy deployment {record.id}")
+        return record
+
+    def _new_record(self, operation: Operation, package: str | None, **fields: Any) -> Deployment:
+        record = Deployment(operation=operation, package=package, **fields)
+        record.on_change = self._publish
+        self.history.append(record)
+        self.events.publish({"type": "deployment.started", "deployment": record.to_dict()})
+        return record
+
+    def _publish(self, record: Deployment, step: Step | None) -> None:
+        if step is None:
+            self.events.publish({"type": "deployment.finished", "deployment": record.to_dict()})
+        else:
+            kind = "step.started" if step.ok is None else "step.finished"
+            self.events.publish(
+                {
+                    "type": kind,
+                    "deployment_id": record.id,
+                    "package": record.package,
+                    "to_version": record.to_version,
+                    "step": step.to_dict(),
+                }
+            )
 
     async def rollback(self, name: str) -> Deployment:
         """Go back to the version that was active before the current one."""
@@ -221,10 +261,9 @@ class Deployer:
                 f"cannot remove {name}: required by {', '.join(dependants)}", package=name, step="undeploy"
             )
         active = package.active
-        record = Deployment(
-            operation="undeploy", package=name, from_version=active.version if active is not None else None
+        record = self._new_record(
+            "undeploy", name, from_version=active.version if active is not None else None
         )
-        self.history.append(record)
         with self._claim(name, record), anyio.CancelScope(shield=True):
             with record.step("unmount"):
                 self.mounts.remove(package.prefix)
@@ -265,13 +304,12 @@ class Deployer:
     async def _activate(self, package: Package, target: str, operation: Operation) -> Deployment:
         self._runtime()
         current = package.active
-        record = Deployment(
-            operation=operation,
-            package=package.name,
+        record = self._new_record(
+            operation,
+            package.name,
             from_version=current.version if current is not None else None,
             to_version=target,
         )
-        self.history.append(record)
         with self._claim(package.name, record):
             warm = package.loaded_version(target)
             if warm is not None and warm is not current and self._can_rewarm(warm):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -49,12 +49,22 @@ class Deployment:
     error: str | None = None
     error_step: str | None = None
     steps: list[Step] = field(default_factory=list)
+    # Called with (record, step) when a step starts or ends, and with (record, None) when the
+    # deployment finishes: how progress reaches the event stream.
+    on_change: Callable[[Deployment, Step | None], None] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    def _changed(self, step: Step | None) -> None:
+        if self.on_change is not None:
+            self.on_change(self, step)
 
     @contextmanager
     def step(self, name: str) -> Iterator[Step]:
         """Time a step; an exception marks it failed (with the message) and propagates."""
         step = Step(name=name, started_at=time.time())
         self.steps.append(step)
+        self._changed(step)
         start = time.perf_counter()
         try:
             yield step
@@ -66,6 +76,7 @@ class Deployment:
             step.ok = True if step.ok is None else step.ok
         finally:
             step.duration_ms = round((time.perf_counter() - start) * 1000, 3)
+            self._changed(step)
 
     def finish(self, outcome: Outcome, error: BaseException | None = None, step: str | None = None) -> None:
         self.outcome = outcome
@@ -73,6 +84,7 @@ class Deployment:
         if error is not None:
             self.error = str(error)
             self.error_step = step or getattr(error, "step", None)
+        self._changed(None)
 
     @property
     def duration_ms(self) -> float | None:

@@ -91,24 +91,53 @@ class HotDeployMiddleware:
         deployer = Deployer(home=".hotdeploy", plugins=[...])
         app = Starlette(routes=..., middleware=[Middleware(HotDeployMiddleware, deployer=deployer)])
 
+    The admin API is served under `admin_prefix` when a token is configured (`admin_token=` or
+    $HOTDEPLOY_ADMIN_TOKEN; an optional read-only token may only GET); otherwise it is off and
+    those paths reach the wrapped app like any other.
+
     Without `deployer=`, a `Deployer()` with default settings is created (its home is
     `$HOTDEPLOY_HOME` or `./.hotdeploy`); reach it as `middleware.deployer`. The middleware also
     runs the deployer for the lifetime of the server's lifespan: packages start after the host app
     started and are shut down before it shuts down.
     """
 
-    def __init__(self, app: ASGIApp, deployer: Deployer | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        deployer: Deployer | None = None,
+        *,
+        admin_token: str | None = None,
+        admin_read_token: str | None = None,
+        admin_prefix: str = "/_hotdeploy",
+        max_upload_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        from ._admin import create_admin_app
         from ._deployer import Deployer
 
         self.app = app
         self.deployer = deployer if deployer is not None else Deployer()
         self._mounts = self.deployer.mounts
         self._host = app if hasattr(app, "url_path_for") else None
+        self.admin_prefix = admin_prefix.rstrip("/")
+        self._admin_under = self.admin_prefix + "/"
+        self.admin = create_admin_app(
+            self.deployer,
+            token=admin_token,
+            read_token=admin_read_token,
+            prefix=self.admin_prefix,
+            max_upload_bytes=max_upload_bytes,
+        )
+        if self.admin is not None:
+            self._mounts.reserve(self.admin_prefix, "the admin API")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http" or kind == "websocket":
             path = route_path(scope)
+            admin = self.admin
+            if admin is not None and (path == self.admin_prefix or path.startswith(self._admin_under)):
+                await admin(scope, receive, send)
+                return
             mount = self._mounts.match(path)
             if mount is not None:
                 gate = mount.gate

@@ -46,6 +46,11 @@ class MountTable:
     def __init__(self) -> None:
         self._by_prefix: dict[str, Mount] = {}
         self._max_depth = 0
+        self._reserved: dict[str, str] = {}  # prefix -> what owns it (the admin API)
+
+    def reserve(self, prefix: str, owner: str) -> None:
+        """Keep packages away from a prefix served by something else."""
+        self._reserved[prefix] = owner
 
     def __len__(self) -> int:
         return len(self._by_prefix)
@@ -57,7 +62,14 @@ class MountTable:
         return self._by_prefix.get(prefix)
 
     def check(self, prefix: str, package: str) -> None:
-        """Raise MountConflict if `prefix` overlaps another package's mount."""
+        """Raise MountConflict if `prefix` overlaps another package's mount or a reserved one."""
+        for reserved, owner in self._reserved.items():
+            if overlaps(prefix, reserved):
+                raise MountConflict(
+                    f"mount {prefix!r} overlaps {reserved!r}, reserved for {owner}",
+                    package=package,
+                    step="manifest",
+                )
         for other in self._by_prefix.values():
             if other.package != package and overlaps(prefix, other.prefix):
                 raise MountConflict(

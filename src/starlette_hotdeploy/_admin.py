@@ -1,0 +1,294 @@
+"""The admin API: a Starlette app that deploys, rolls back, activates and removes packages.
+
+Off unless a token is configured. Every request needs `Authorization: Bearer <token>`; an
+optional read-only token may only GET. See docs/admin-api.md.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from collections.abc import AsyncIterator
+
+import anyio
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ._deployer import Deployer
+from ._errors import HotDeployError
+from ._openapi import openapi_document
+from ._problems import problem, problem_for
+from ._types import ASGIApp, Receive, Scope, Send
+
+DEFAULT_PREFIX = "/_hotdeploy"
+DEFAULT_MAX_UPLOAD = 64 * 1024 * 1024
+TOKEN_ENV = "HOTDEPLOY_ADMIN_TOKEN"
+READ_TOKEN_ENV = "HOTDEPLOY_ADMIN_READ_TOKEN"
+ARCHIVE_TYPES = frozenset(
+    {"application/zip", "application/octet-stream", "application/x-zip-compressed", "application/x-wheel+zip"}
+)
+_READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+class TooLarge(Exception):
+    pass
+
+
+class AdminAuth:
+    """Pure ASGI: bearer tokens compared in constant time; the read-only token may only GET."""
+
+    def __init__(self, app: ASGIApp, token: str, read_token: str | None) -> None:
+        self.app = app
+        self.token = token.encode()
+        self.read_token = read_token.encode() if read_token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        presented = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, credentials = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    presented = credentials.strip()
+                break
+        full = hmac.compare_digest(presented, self.token)
+        read = self.read_token is not None and hmac.compare_digest(presented, self.read_token)
+        if not (full or read):
+            detail = (
+                "a valid bearer token is required" if presented else "missing Authorization: Bearer <token>"
+            )
+            await problem(401, "unauthorized", detail)(scope, receive, send)
+            return
+        if not full and scope["method"] not in _READ_METHODS:
+            await problem(403, "forbidden", "the read-only token may only GET")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class AdminAPI:
+    """The endpoints, bound to one deployer."""
+
+    def __init__(self, deployer: Deployer, prefix: str, max_upload_bytes: int) -> None:
+        self.deployer = deployer
+        self.prefix = prefix
+        self.max_upload_bytes = max_upload_bytes
+
+    def routes(self) -> list[Route]:
+        p = self.prefix
+        return [
+            Route(f"{p}/openapi.json", self.openapi, methods=["GET"]),
+            Route(f"{p}/packages", self.list_packages, methods=["GET"]),
+            Route(f"{p}/packages", self.deploy, methods=["POST"]),
+            Route(f"{p}/packages/{{name}}", self.get_package, methods=["GET"]),
+            Route(f"{p}/packages/{{name}}", self.undeploy, methods=["DELETE"]),
+            Route(f"{p}/packages/{{name}}/rollback", self.rollback, methods=["POST"]),
+            Route(f"{p}/packages/{{name}}/activate", self.activate, methods=["POST"]),
+            Route(f"{p}/deployments", self.list_deployments, methods=["GET"]),
+            Route(f"{p}/deployments/{{id}}", self.get_deployment, methods=["GET"], name="deployment"),
+            Route(f"{p}/events", self.events, methods=["GET"]),
+        ]
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document(self.prefix, self.max_upload_bytes))
+
+    async def list_packages(self, request: Request) -> Response:
+        return JSONResponse({"packages": self.deployer.status()})
+
+    async def get_package(self, request: Request) -> Response:
+        try:
+            package = self.deployer.package(request.path_params["name"])
+        except HotDeployError as exc:
+            return problem_for(exc)
+        return JSONResponse(package.to_dict())
+
+    async def deploy(self, request: Request) -> Response:
+        try:
+            data = await self._archive_from(request)
+        except TooLarge:
+            return problem(
+                413, "archive too large", f"the upload is over the {self.max_upload_bytes}-byte limit"
+            )
+        except _BadUpload as exc:
+            return problem(exc.status, exc.title, str(exc))
+        if request.query_params.get("wait", "true").lower() in ("false", "0", "no"):
+            try:
+                record = self.deployer.submit(data)
+            except HotDeployError as exc:
+                return problem_for(exc)
+            return JSONResponse(
+                record.to_dict(), status_code=202, headers={"Location": self._location(record.id)}
+            )
+        try:
+            record = await self.deployer.deploy(data)
+        except HotDeployError as exc:
+            return problem_for(exc)
+        return JSONResponse(
+            record.to_dict(), status_code=201, headers={"Location": self._location(record.id)}
+        )
+
+    async def rollback(self, request: Request) -> Response:
+        try:
+            record = await self.deployer.rollback(request.path_params["name"])
+        except HotDeployError as exc:
+            return problem_for(exc)
+        return JSONResponse(record.to_dict())
+
+    async def activate(self, request: Request) -> Response:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return problem(400, "invalid body", 'send JSON such as {"version": "1.0"}')
+        version = body.get("version") if isinstance(body, dict) else None
+        if not isinstance(version, str) or not version:
+            return problem(400, "invalid body", 'send JSON such as {"version": "1.0"}: "version" is missing')
+        try:
+            record = await self.deployer.activate(request.path_params["name"], version)
+        except HotDeployError as exc:
+            return problem_for(exc)
+        return JSONResponse(record.to_dict())
+
+    async def undeploy(self, request: Request) -> Response:
+        try:
+            record = await self.deployer.undeploy(request.path_params["name"])
+        except HotDeployError as exc:
+            return problem_for(exc)
+        return JSONResponse(record.to_dict())
+
+    async def list_deployments(self, request: Request) -> Response:
+        records = list(self.deployer.history)
+        package = request.query_params.get("package")
+        if package:
+            records = [r for r in records if r.package == package]
+        try:
+            limit = int(request.query_params.get("limit", "100"))
+        except ValueError:
+            return problem(400, "invalid query", "limit must be a whole number")
+        newest_first = list(reversed(records))[: max(limit, 0)]
+        return JSONResponse({"deployments": [r.to_dict() for r in newest_first]})
+
+    async def get_deployment(self, request: Request) -> Response:
+        deployment_id = request.path_params["id"]
+        try:
+            record = self.deployer.deployment(deployment_id)
+        except LookupError:
+            return problem(404, "unknown deployment", f"no deployment with id {deployment_id!r}")
+        return JSONResponse(record.to_dict())
+
+    async def events(self, request: Request) -> Response:
+        return StreamingResponse(
+            self._event_stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    async def _event_stream(self) -> AsyncIterator[str]:
+        async with self.deployer.events.subscribe() as events:
+            yield ": connected\n\n"
+            while True:
+                event = None
+                with anyio.move_on_after(15):
+                    event = await events.receive()
+                if event is None:
+                    yield ": keep-alive\n\n"
+                else:
+                    yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+    def _location(self, deployment_id: str) -> str:
+        return f"{self.prefix}/deployments/{deployment_id}"
+
+    async def _archive_from(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_upload_bytes:
+            raise TooLarge
+        content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if content_type == "multipart/form-data":
+            return await self._archive_from_form(request)
+        if content_type and content_type not in ARCHIVE_TYPES:
+            raise _BadUpload(
+                415,
+                "unsupported media type",
+                f"send the archive as application/zip or application/octet-stream (got {content_type}), "
+                "or as multipart/form-data with one file",
+            )
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > self.max_upload_bytes:
+                raise TooLarge
+        if not body:
+            raise _BadUpload(
+                400, "invalid archive", "the request body is empty: send the archive (zip or wheel)"
+            )
+        return bytes(body)
+
+    async def _archive_from_form(self, request: Request) -> bytes:
+        try:
+            form = await request.form(max_files=1, max_fields=10)
+        except Exception as exc:  # the multipart parser's errors
+            raise _BadUpload(400, "invalid upload", f"cannot parse the multipart body: {exc}") from exc
+        try:
+            files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+            if len(files) != 1:
+                raise _BadUpload(
+                    400, "invalid upload", f"a multipart upload must hold one file, got {len(files)}"
+                )
+            if files[0].size is not None and files[0].size > self.max_upload_bytes:
+                raise TooLarge
+            data = await files[0].read()
+        finally:
+            await form.close()
+        if len(data) > self.max_upload_bytes:
+            raise TooLarge
+        if not data:
+            raise _BadUpload(400, "invalid archive", "the uploaded file is empty")
+        return data
+
+
+async def _http_problem(request: Request, exc: Exception) -> Response:
+    """404 and 405 from the router, as problem details like every other admin error."""
+    assert isinstance(exc, HTTPException)
+    title = {404: "not found", 405: "method not allowed"}.get(exc.status_code, "error")
+    detail = f"{request.method} {request.url.path}: {exc.detail}"
+    response = problem(exc.status_code, title, detail)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+class _BadUpload(Exception):
+    def __init__(self, status: int, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+
+
+def create_admin_app(
+    deployer: Deployer,
+    *,
+    token: str | None = None,
+    read_token: str | None = None,
+    prefix: str = DEFAULT_PREFIX,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+) -> ASGIApp | None:
+    """The admin API for `deployer`, or None when no token is configured (the API is off).
+
+    Tokens default to $HOTDEPLOY_ADMIN_TOKEN and $HOTDEPLOY_ADMIN_READ_TOKEN. Serve the result
+    on its own listener (another port, a unix socket) in the same process as the deployer's
+    middleware, or let HotDeployMiddleware serve it under `prefix`."""
+    token = token or os.environ.get(TOKEN_ENV) or None
+    read_token = read_token or os.environ.get(READ_TOKEN_ENV) or None
+    if token is None:
+        return None
+    api = AdminAPI(deployer, prefix.rstrip("/"), max_upload_bytes)
+    app = Starlette(routes=api.routes(), exception_handlers={HTTPException: _http_problem})
+    return AdminAuth(app, token, read_token)
+
+
+__all__ = ["DEFAULT_PREFIX", "AdminAPI", "create_admin_app"]

@@ -1,0 +1,237 @@
+"""The admin API's OpenAPI 3.1 document (written by hand: the API is small and fixed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_PROBLEM = {"$ref": "#/components/responses/Problem"}
+
+
+def _problems(*statuses: int) -> dict[str, Any]:
+    return {str(status): _PROBLEM for status in statuses}
+
+
+def _json(schema: str, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+    }
+
+
+def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "starlette-hotdeploy admin API",
+            "version": "1",
+            "description": "Deploy, roll back, activate and remove packages in a running server. "
+            "Every request needs `Authorization: Bearer <token>`; errors are RFC 9457 problem details.",
+        },
+        "x-generator": "starlette-hotdeploy",
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "responses": {
+                "Problem": {
+                    "description": "An error, as RFC 9457 problem details; `detail` names the cause.",
+                    "content": {
+                        "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+                    },
+                }
+            },
+            "schemas": {
+                "Problem": {
+                    "type": "object",
+                    "required": ["type", "title", "status", "detail"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "title": {"type": "string"},
+                        "status": {"type": "integer"},
+                        "detail": {"type": "string"},
+                        "package": {"type": "string"},
+                        "version": {"type": "string"},
+                        "step": {"type": "string"},
+                        "deployment": {"$ref": "#/components/schemas/Deployment"},
+                    },
+                },
+                "Step": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "started_at": {"type": "number"},
+                        "duration_ms": {"type": ["number", "null"]},
+                        "ok": {"type": ["boolean", "null"]},
+                        "detail": {"type": ["string", "null"]},
+                    },
+                },
+                "Deployment": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "operation": {"enum": ["deploy", "rollback", "activate", "undeploy"]},
+                        "package": {"type": ["string", "null"]},
+                        "from_version": {"type": ["string", "null"]},
+                        "to_version": {"type": ["string", "null"]},
+                        "sha256": {"type": ["string", "null"]},
+                        "started_at": {"type": "number"},
+                        "finished_at": {"type": ["number", "null"]},
+                        "duration_ms": {"type": ["number", "null"]},
+                        "outcome": {"enum": ["pending", "succeeded", "failed", "rolled_back"]},
+                        "error": {"type": ["string", "null"]},
+                        "error_step": {"type": ["string", "null"]},
+                        "steps": {"type": "array", "items": {"$ref": "#/components/schemas/Step"}},
+                    },
+                },
+                "Version": {
+                    "type": "object",
+                    "properties": {
+                        "version": {"type": "string"},
+                        "state": {
+                            "enum": ["staged", "starting", "ready", "active", "draining", "retired", "failed"]
+                        },
+                        "in_flight": {"type": "integer"},
+                        "sha256": {"type": "string"},
+                        "served": {"type": "integer"},
+                        "terminated": {"type": "integer"},
+                    },
+                },
+                "Package": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "mount": {"type": "string"},
+                        "active_version": {"type": ["string", "null"]},
+                        "previous_version": {"type": ["string", "null"]},
+                        "versions": {"type": "array", "items": {"$ref": "#/components/schemas/Version"}},
+                        "available_versions": {"type": "array", "items": {"type": "object"}},
+                    },
+                },
+                "PackageList": {
+                    "type": "object",
+                    "properties": {
+                        "packages": {"type": "array", "items": {"$ref": "#/components/schemas/Package"}}
+                    },
+                },
+                "DeploymentList": {
+                    "type": "object",
+                    "properties": {
+                        "deployments": {"type": "array", "items": {"$ref": "#/components/schemas/Deployment"}}
+                    },
+                },
+            },
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            f"{prefix}/packages": {
+                "get": {
+                    "summary": "Every package, its mount, active version and loaded versions",
+                    "responses": {"200": _json("PackageList", "The packages"), **_problems(401)},
+                },
+                "post": {
+                    "summary": "Install or upgrade a package from an archive (zip or wheel)",
+                    "description": f"The body is the archive (at most {max_upload_bytes} bytes), or a "
+                    "multipart upload with one file. Answers once the outcome is known, unless wait=false.",
+                    "parameters": [
+                        {"name": "wait", "in": "query", "schema": {"type": "boolean", "default": True}}
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/zip": {"schema": {"type": "string", "format": "binary"}},
+                            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"file": {"type": "string", "format": "binary"}},
+                                }
+                            },
+                        },
+                    },
+                    "responses": {
+                        "201": _json("Deployment", "The new version is active"),
+                        "202": _json("Deployment", "Accepted (wait=false): poll the Location"),
+                        **_problems(400, 401, 403, 409, 413, 415, 422),
+                    },
+                },
+            },
+            f"{prefix}/packages/{{name}}": {
+                "parameters": [name],
+                "get": {
+                    "summary": "One package",
+                    "responses": {"200": _json("Package", "The package"), **_problems(401, 404)},
+                },
+                "delete": {
+                    "summary": "Drain and remove a package",
+                    "responses": {
+                        "200": _json("Deployment", "Removed"),
+                        **_problems(401, 403, 404, 409),
+                    },
+                },
+            },
+            f"{prefix}/packages/{{name}}/rollback": {
+                "parameters": [name],
+                "post": {
+                    "summary": "Go back to the previous version",
+                    "responses": {
+                        "200": _json("Deployment", "The previous version is active"),
+                        **_problems(401, 403, 404, 409, 422),
+                    },
+                },
+            },
+            f"{prefix}/packages/{{name}}/activate": {
+                "parameters": [name],
+                "post": {
+                    "summary": "Activate a version that is still available",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["version"],
+                                    "properties": {"version": {"type": "string"}},
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json("Deployment", "The version is active"),
+                        **_problems(400, 401, 403, 404, 409, 422),
+                    },
+                },
+            },
+            f"{prefix}/deployments": {
+                "get": {
+                    "summary": "Deployment history, newest first",
+                    "parameters": [
+                        {"name": "package", "in": "query", "schema": {"type": "string"}},
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "default": 100}},
+                    ],
+                    "responses": {"200": _json("DeploymentList", "The history"), **_problems(400, 401)},
+                }
+            },
+            f"{prefix}/deployments/{{id}}": {
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "get": {
+                    "summary": "One deployment",
+                    "responses": {"200": _json("Deployment", "The deployment"), **_problems(401, 404)},
+                },
+            },
+            f"{prefix}/events": {
+                "get": {
+                    "summary": "Server-sent events of deployment progress, step by step",
+                    "responses": {
+                        "200": {
+                            "description": "event: deployment.started | step.started | step.finished | "
+                            "deployment.finished; data: JSON",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **_problems(401),
+                    },
+                }
+            },
+            f"{prefix}/openapi.json": {
+                "get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}
+            },
+        },
+    }

@@ -1,0 +1,76 @@
+"""RFC 9457 problem details, and the HTTP status of each error."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from ._errors import (
+    ArchiveError,
+    CheckFailed,
+    DeploymentError,
+    DeploymentInProgress,
+    HotDeployError,
+    LoadError,
+    ManifestError,
+    MountConflict,
+    NoPreviousVersion,
+    NotRunning,
+    PackageInUse,
+    StartupError,
+    UnknownPackage,
+    UnknownVersion,
+)
+
+PROBLEM_TYPE = "application/problem+json"
+
+# Most specific first.
+_STATUS: list[tuple[type[HotDeployError], int, str]] = [
+    (ManifestError, 400, "invalid manifest"),
+    (ArchiveError, 400, "invalid archive"),
+    (DeploymentInProgress, 409, "deployment in progress"),
+    (MountConflict, 409, "mount conflict"),
+    (NoPreviousVersion, 409, "no previous version"),
+    (PackageInUse, 409, "package in use"),
+    (UnknownPackage, 404, "unknown package"),
+    (UnknownVersion, 404, "unknown version"),
+    (LoadError, 422, "package failed to load"),
+    (StartupError, 422, "package failed to start"),
+    (CheckFailed, 422, "check failed"),
+    (NotRunning, 503, "deployer not running"),
+]
+
+
+def status_of(error: HotDeployError) -> tuple[int, str]:
+    """The HTTP status and problem title for an error (a DeploymentError by its cause)."""
+    cause = error.cause if isinstance(error, DeploymentError) else error
+    if isinstance(cause, ArchiveError) and cause.too_large:
+        return 413, "archive too large"
+    for kind, status, title in _STATUS:
+        if isinstance(cause, kind):
+            return status, title
+    if isinstance(error, DeploymentError) and error.deployment.outcome == "rolled_back":
+        return 422, "rolled back"
+    return 422, "deployment failed"
+
+
+def problem(status: int, title: str, detail: str, **extensions: Any) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    body.update({k: v for k, v in extensions.items() if v is not None})
+    headers = {"WWW-Authenticate": 'Bearer realm="hotdeploy"'} if status == 401 else None
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_TYPE, headers=headers)
+
+
+def problem_for(error: HotDeployError) -> JSONResponse:
+    status, title = status_of(error)
+    record = error.deployment.to_dict() if isinstance(error, DeploymentError) else None
+    return problem(
+        status,
+        title,
+        str(error),
+        package=error.package,
+        version=error.version,
+        step=error.step,
+        deployment=record,
+    )
