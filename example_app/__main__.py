@@ -1,16 +1,18 @@
-"""Live demo: a server keeps answering while its `greeter` package is upgraded, and refuses a
-broken release without a hiccup.
+"""Live demo: a server keeps answering while its `greeter` package is upgraded over the admin
+API, and refuses a broken release without a hiccup.
 
     python3 tasks.py demo            # or: python -m example_app [--port 8000] [--seconds 2]
 
-It starts uvicorn on 127.0.0.1, deploys greeter 1.0, keeps clients busy (plain requests, a slow
-streaming response, a websocket), hot-upgrades to 2.0, then tries the broken 2.1, and prints a
-compact report. The exit status is 0 only if no request failed.
+It starts uvicorn on 127.0.0.1 with the example host app, deploys greeter 1.0 and inventory 1.0
+through the admin API, keeps clients busy (plain requests, a slow streaming response, a
+websocket), hot-upgrades greeter to 2.0, then sends the broken greeter 2.1, and prints a compact
+live report. The exit status is 0 only if no request failed and the broken release was refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import secrets
 import socket
 import sys
 import tempfile
@@ -18,6 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -25,7 +28,10 @@ import uvicorn
 from httpx_ws import AsyncWebSocketSession, aconnect_ws
 
 from example_app.host import PACKAGES, create_app
-from starlette_hotdeploy import Deployer, DeploymentError
+from starlette_hotdeploy import Deployer
+from starlette_hotdeploy._archive import pack_directory
+
+ADMIN = "/_hotdeploy"
 
 
 @dataclass
@@ -43,16 +49,18 @@ class Traffic:
 
 
 async def plain_requests(client: httpx.AsyncClient, traffic: Traffic, stop: anyio.Event) -> None:
-    for _ in range(100_000):  # bounded; the demo stops it much earlier
+    for n in range(100_000):  # bounded; the demo stops it much earlier
         if stop.is_set():
             return
+        path = "/inventory/" if n % 4 == 0 else "/greeter/"
         try:
-            response = await client.get("/greeter/", params={"name": "demo"})
+            response = await client.get(path, params={"name": "demo"})
             response.raise_for_status()
             traffic.ok += 1
-            traffic.versions[response.json()["version"]] += 1
+            if path == "/greeter/":
+                traffic.versions[response.json()["version"]] += 1
         except Exception as exc:
-            traffic.fail(f"GET /greeter/: {exc!r}")
+            traffic.fail(f"GET {path}: {exc!r}")
 
 
 async def streams(client: httpx.AsyncClient, traffic: Traffic, stop: anyio.Event) -> None:
@@ -82,8 +90,7 @@ async def websocket(client: httpx.AsyncClient, traffic: Traffic, stop: anyio.Eve
                     if stop.is_set():
                         break
                     await ws.send_text(f"ping {n}")
-                    reply = await ws.receive_text()
-                    version = reply.split(":")[0]
+                    version = (await ws.receive_text()).split(":")[0]
                     first = first or version
                     if version != first:
                         traffic.fail(f"websocket switched versions: {first} -> {version}")
@@ -93,89 +100,114 @@ async def websocket(client: httpx.AsyncClient, traffic: Traffic, stop: anyio.Eve
             traffic.fail(f"websocket: {exc!r}")
 
 
-def report(started: float, traffic: Traffic, deployer: Deployer, previous_ok: int, interval: float) -> None:
-    package = deployer.packages.get("greeter")
+async def deploy(admin: httpx.AsyncClient, package: str) -> tuple[int, dict[str, Any]]:
+    """Upload a package directory's archive through the admin API."""
+    _, archive = pack_directory(PACKAGES / package)
+    response = await admin.post(
+        f"{ADMIN}/packages", content=archive, headers={"content-type": "application/zip"}, timeout=60
+    )
+    return response.status_code, response.json()
+
+
+async def report(
+    admin: httpx.AsyncClient, started: float, traffic: Traffic, previous_ok: int, interval: float
+) -> None:
+    packages = (await admin.get(f"{ADMIN}/packages")).json()["packages"]
+    greeter = next((p for p in packages if p["name"] == "greeter"), None)
     loaded = (
-        ", ".join(f"{v.version} {v.state.value}({v.in_flight})" for v in package.loaded) if package else "-"
+        ", ".join(f"{v['version']} {v['state']}({v['in_flight']})" for v in greeter["versions"])
+        if greeter
+        else "-"
     )
     versions = " ".join(f"{v}:{n}" for v, n in sorted(traffic.versions.items()))
     rps = (traffic.ok - previous_ok) / interval
     print(
-        f"  t={time.perf_counter() - started:5.1f}s  {rps:6.0f} req/s  errors={traffic.errors}  "
-        f"answered by [{versions}]  loaded: {loaded}",
+        f"  t={time.perf_counter() - started:5.1f}s {rps:6.0f} req/s  errors={traffic.errors}  "
+        f"greeter answered by [{versions}]  loaded: {loaded}",
         flush=True,
     )
 
 
+def listening_socket(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit this; without it, Nagle's algorithm adds ~40 ms per request.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
 async def demo(port: int, phase_seconds: float) -> int:
+    token = secrets.token_urlsafe(16)
+    refused = False
+    traffic = Traffic()
     with tempfile.TemporaryDirectory(prefix="hotdeploy-demo-") as home:
         deployer = Deployer(home=Path(home), entry_points=False)
-        app = create_app(deployer)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted connections inherit this; without it, Nagle's algorithm adds ~40 ms per request.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind(("127.0.0.1", port))
-        port = sock.getsockname()[1]
+        app = create_app(deployer, admin_token=token)
+        sock = listening_socket(port)
+        base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", ws="wsproto"))
-        traffic = Traffic()
         stop_traffic = anyio.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(server.serve, [sock])
-            for _ in range(500):
+            for _ in range(500):  # bounded wait for uvicorn's startup
                 if server.started:
                     break
                 await anyio.sleep(0.01)
-            print(f"server on http://127.0.0.1:{port}", flush=True)
-            record = await deployer.deploy(PACKAGES / "greeter-1.0")
-            print(f"deployed greeter {record.to_version} in {record.duration_ms:.0f} ms", flush=True)
+            print(f"server on {base_url}  (admin API at {base_url}{ADMIN}, token {token})", flush=True)
 
             limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
             async with (
-                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits) as client,
-                anyio.create_task_group() as clients,
+                httpx.AsyncClient(base_url=base_url, headers={"authorization": f"Bearer {token}"}) as admin,
+                httpx.AsyncClient(base_url=base_url, limits=limits) as client,
             ):
-                for _ in range(6):
-                    clients.start_soon(plain_requests, client, traffic, stop_traffic)
-                clients.start_soon(streams, client, traffic, stop_traffic)
-                clients.start_soon(websocket, client, traffic, stop_traffic)
-                started = time.perf_counter()
+                for package in ("greeter-1.0", "inventory-1.0"):
+                    status, record = await deploy(admin, package)
+                    print(
+                        f"POST {ADMIN}/packages {package}: {status} in {record.get('duration_ms')} ms",
+                        flush=True,
+                    )
 
-                async def watch(seconds: float) -> None:
-                    interval = 0.5
-                    for _ in range(max(1, int(seconds / interval))):
-                        before = traffic.ok
-                        await anyio.sleep(interval)
-                        report(started, traffic, deployer, before, interval)
+                async with anyio.create_task_group() as clients:
+                    for _ in range(6):
+                        clients.start_soon(plain_requests, client, traffic, stop_traffic)
+                    clients.start_soon(streams, client, traffic, stop_traffic)
+                    clients.start_soon(websocket, client, traffic, stop_traffic)
+                    started = time.perf_counter()
 
-                print("traffic on greeter 1.0 ...", flush=True)
-                await watch(phase_seconds)
-                print("hot upgrade to greeter 2.0 ...", flush=True)
-                record = await deployer.deploy(PACKAGES / "greeter-2.0")
-                steps = ", ".join(f"{s.name} {s.duration_ms:.1f}ms" for s in record.steps)
-                print(
-                    f"  switched to {record.to_version} in {record.duration_ms:.0f} ms ({steps})", flush=True
-                )
-                await watch(phase_seconds)
-                print("deploying the broken greeter 2.1 ...", flush=True)
-                try:
-                    await deployer.deploy(PACKAGES / "greeter-2.1-broken")
-                    print("  UNEXPECTED: the broken release was accepted", flush=True)
-                    traffic.fail("broken release accepted")
-                except DeploymentError as exc:
-                    print(f"  refused: {exc}", flush=True)
-                await watch(phase_seconds)
-                stop_traffic.set()  # the clients finish what they are doing, then return
+                    async def watch(seconds: float) -> None:
+                        interval = 0.5
+                        for _ in range(max(1, int(seconds / interval))):
+                            before = traffic.ok
+                            await anyio.sleep(interval)
+                            await report(admin, started, traffic, before, interval)
+
+                    print("traffic on greeter 1.0 and inventory 1.0 ...", flush=True)
+                    await watch(phase_seconds)
+                    print(f"hot upgrade: POST {ADMIN}/packages greeter-2.0 ...", flush=True)
+                    status, record = await deploy(admin, "greeter-2.0")
+                    steps = ", ".join(
+                        f"{s['name']} {s['duration_ms']:.1f}ms" for s in record.get("steps", [])
+                    )
+                    print(f"  {status}: switched to {record.get('to_version')} ({steps})", flush=True)
+                    await watch(phase_seconds)
+                    print(f"broken release: POST {ADMIN}/packages greeter-2.1-broken ...", flush=True)
+                    status, problem = await deploy(admin, "greeter-2.1-broken")
+                    refused = status == 422
+                    print(f"  {status} {problem.get('title')}: {problem.get('detail')}", flush=True)
+                    await watch(phase_seconds)
+                    stop_traffic.set()  # the clients finish what they are doing, then return
             server.should_exit = True
 
     print(
         f"done: {traffic.ok} requests, {traffic.streams} streams, {traffic.websocket_messages} websocket "
-        f"messages, {traffic.errors} errors; answered by {dict(traffic.versions)}",
+        f"messages, {traffic.errors} errors; greeter answered by {dict(traffic.versions)}; "
+        f"broken release {'refused' if refused else 'NOT refused'}",
         flush=True,
     )
     for error in traffic.last_errors:
         print(f"  error: {error}", flush=True)
-    return 0 if traffic.errors == 0 else 1
+    return 0 if traffic.errors == 0 and refused else 1
 
 
 def main() -> int:

@@ -15,11 +15,13 @@ from starlette_hotdeploy import Deployer, HotDeployMiddleware
 PACKAGES = Path(__file__).parent / "packages"
 
 
-def create_app(deployer: Deployer) -> Starlette:
+def create_app(deployer: Deployer, *, admin_token: str | None = None) -> Starlette:
+    """The host's own routes, plus packages under their mounts and the admin API."""
+
     async def home(request: Request) -> JSONResponse:
-        return JSONResponse({"host": "example", "packages": deployer.status()})
+        return JSONResponse({"host": "example", "packages": [p["name"] for p in deployer.status()]})
 
     return Starlette(
         routes=[Route("/", home)],
-        middleware=[Middleware(HotDeployMiddleware, deployer=deployer)],
+        middleware=[Middleware(HotDeployMiddleware, deployer=deployer, admin_token=admin_token)],
     )

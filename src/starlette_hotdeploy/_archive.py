@@ -85,6 +85,33 @@ def unpack(
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def pack_directory(source: str | os.PathLike[str]) -> tuple[Manifest, bytes]:
+    """Validate a package directory and return its manifest and a deterministic zip of it.
+
+    Entries are sorted, timestamps fixed and modes plain, so the same files always give the same
+    bytes (and sha256); caches (`__pycache__`, `.git`, ...) are left out and links refused."""
+    root = Path(source)
+    if not root.is_dir():
+        raise ArchiveError(f"{root} is not a package directory")
+    manifest = load_manifest(root / MANIFEST_NAME)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_DIRS)
+            here = Path(dirpath)
+            for name in sorted(filenames):
+                path = here / name
+                if path.is_symlink() or not path.is_file():
+                    raise ArchiveError(f"{path}: links and special files are refused in a package")
+                if path.suffix in (".pyc", ".pyo"):
+                    continue
+                info = zipfile.ZipInfo(path.relative_to(root).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = (stat.S_IFREG | 0o644) << 16
+                info.compress_type = zipfile.ZIP_DEFLATED
+                archive.writestr(info, path.read_bytes())
+    return manifest, buffer.getvalue()
+
+
 def _find_manifest(root: Path) -> tuple[Path, Path]:
     """Return (import root, manifest path): at the root, in a single top-level folder, or, for a
     wheel, inside its top-level import package."""
