@@ -33,7 +33,8 @@ def create_host_app(
 
     async def index(request: Request) -> JSONResponse:
         packages = [
-            {"name": p["name"], "mount": p["mount"], "version": p["active_version"]} for p in deployer.status()
+            {"name": p["name"], "mount": p["mount"], "version": p["active_version"]}
+            for p in deployer.status()
         ]
         return JSONResponse({"service": "starlette-hotdeploy package host", "packages": packages})
 
