@@ -187,7 +187,9 @@ async def demo(port: int, phase_seconds: float) -> int:
                     print(f"hot upgrade: POST {ADMIN}/packages greeter-2.0 ...", flush=True)
                     status, record = await deploy(admin, "greeter-2.0")
                     steps = ", ".join(
-                        f"{s['name']} {s['duration_ms']:.1f}ms" for s in record.get("steps", [])
+                        f"{s['name']} {s['duration_ms']:.1f}ms"
+                        for s in record.get("steps", [])
+                        if s["duration_ms"] is not None  # the old version's drain may still run
                     )
                     print(f"  {status}: switched to {record.get('to_version')} ({steps})", flush=True)
                     await watch(phase_seconds)

@@ -242,7 +242,7 @@ Source = Callable[[Path], bytes | Path]
         pytest.param(
             no_manifest_directory,
             None,
-            "no hotdeploy.toml at the archive root",
+            "no hotdeploy.toml at the package root",
             False,
             id="no-manifest-directory",
         ),

@@ -79,8 +79,20 @@ async def test_upgrade_switches_new_requests_and_records_the_deployment(
     assert second.sha256 is not None
     assert len(second.sha256) == 64
     names = [step.name for step in second.steps]
-    assert names[:8] == ["unpack", "manifest", "validate", "load", "start", "check", "switch", "bake"]
-    assert all(step.ok and step.duration_ms is not None for step in second.steps[:8])
+    assert names[:11] == [
+        "unpack",
+        "manifest",
+        "validate",
+        "load",
+        "start",
+        "check",
+        "prepare workers",
+        "switch",
+        "commit",
+        "converge",
+        "bake",
+    ]
+    assert all(step.ok and step.duration_ms is not None for step in second.steps[:11])
     assert deployer.deployment(second.id) is second
     assert list(deployer.history)[-2:] == [first, second]
     assert deployer.status()[0]["active_version"] == "2.0"
@@ -316,7 +328,7 @@ async def test_post_activation_veto_switches_back_at_once(
         await deployer.deploy(write_package(sources, version="2.0"))
     record = caught.value.deployment
     assert record.outcome == "rolled_back"
-    assert [s.name for s in record.steps][-2:] == ["bake", "switch back"]
+    assert [s.name for s in record.steps][-4:] == ["bake", "switch back", "commit", "converge"]
     assert await version_of(client) == "1.0"
     assert deployer.package("greeter").lineage == ["1.0"]
     assert events[0] == "rolled back 2.0 -> 1.0"

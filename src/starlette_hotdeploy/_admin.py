@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 from starlette.applications import Starlette
@@ -52,8 +52,10 @@ class AdminAuth:
             await self.app(scope, receive, send)
             return
         presented = b""
+        sent = False
         for name, value in scope["headers"]:
             if name == b"authorization":
+                sent = True
                 scheme, _, credentials = value.partition(b" ")
                 if scheme.lower() == b"bearer":
                     presented = credentials.strip()
@@ -62,7 +64,9 @@ class AdminAuth:
         read = self.read_token is not None and hmac.compare_digest(presented, self.read_token)
         if not (full or read):
             detail = (
-                "a valid bearer token is required" if presented else "missing Authorization: Bearer <token>"
+                "a valid bearer token is required (Authorization: Bearer <token>)"
+                if sent
+                else "missing Authorization: Bearer <token>"
             )
             await problem(401, "unauthorized", detail)(scope, receive, send)
             return
@@ -81,32 +85,52 @@ class AdminAPI:
         self.max_upload_bytes = max_upload_bytes
 
     def routes(self) -> list[Route]:
+        # One Route per path, so a 405 lists every allowed method in `Allow`.
         p = self.prefix
         return [
             Route(f"{p}/openapi.json", self.openapi, methods=["GET"]),
-            Route(f"{p}/packages", self.list_packages, methods=["GET"]),
-            Route(f"{p}/packages", self.deploy, methods=["POST"]),
-            Route(f"{p}/packages/{{name}}", self.get_package, methods=["GET"]),
-            Route(f"{p}/packages/{{name}}", self.undeploy, methods=["DELETE"]),
+            Route(
+                f"{p}/packages",
+                self._by_method(GET=self.list_packages, POST=self.deploy),
+                methods=["GET", "POST"],
+            ),
+            Route(
+                f"{p}/packages/{{name}}",
+                self._by_method(GET=self.get_package, DELETE=self.undeploy),
+                methods=["GET", "DELETE"],
+            ),
             Route(f"{p}/packages/{{name}}/rollback", self.rollback, methods=["POST"]),
             Route(f"{p}/packages/{{name}}/activate", self.activate, methods=["POST"]),
             Route(f"{p}/deployments", self.list_deployments, methods=["GET"]),
-            Route(f"{p}/deployments/{{id}}", self.get_deployment, methods=["GET"], name="deployment"),
+            Route(f"{p}/deployments/{{id}}", self.get_deployment, methods=["GET"]),
             Route(f"{p}/events", self.events, methods=["GET"]),
         ]
+
+    @staticmethod
+    def _by_method(
+        **handlers: Callable[[Request], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        handlers.setdefault("HEAD", handlers["GET"]) if "GET" in handlers else None
+
+        async def endpoint(request: Request) -> Response:
+            return await handlers[request.method](request)
+
+        return endpoint
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document(self.prefix, self.max_upload_bytes))
 
     async def list_packages(self, request: Request) -> Response:
-        return JSONResponse({"packages": self.deployer.status()})
+        return JSONResponse({"packages": await anyio.to_thread.run_sync(self.deployer.status)})
 
     async def get_package(self, request: Request) -> Response:
         try:
-            package = self.deployer.package(request.path_params["name"])
+            found = self.deployer.status(request.path_params["name"])
         except HotDeployError as exc:
             return problem_for(exc)
-        return JSONResponse(package.to_dict())
+        if not found:
+            return problem(404, "unknown package", f"package {request.path_params['name']!r} is not active")
+        return JSONResponse(found[0])
 
     async def deploy(self, request: Request) -> Response:
         try:
@@ -162,24 +186,20 @@ class AdminAPI:
         return JSONResponse(record.to_dict())
 
     async def list_deployments(self, request: Request) -> Response:
-        records = list(self.deployer.history)
-        package = request.query_params.get("package")
-        if package:
-            records = [r for r in records if r.package == package]
         try:
             limit = int(request.query_params.get("limit", "100"))
         except ValueError:
             return problem(400, "invalid query", "limit must be a whole number")
-        newest_first = list(reversed(records))[: max(limit, 0)]
-        return JSONResponse({"deployments": [r.to_dict() for r in newest_first]})
+        package = request.query_params.get("package") or None
+        records = await anyio.to_thread.run_sync(self.deployer.deployments, max(limit, 0), package)
+        return JSONResponse({"deployments": records})
 
     async def get_deployment(self, request: Request) -> Response:
         deployment_id = request.path_params["id"]
-        try:
-            record = self.deployer.deployment(deployment_id)
-        except LookupError:
+        record = await anyio.to_thread.run_sync(self.deployer.find_deployment, deployment_id)
+        if record is None:
             return problem(404, "unknown deployment", f"no deployment with id {deployment_id!r}")
-        return JSONResponse(record.to_dict())
+        return JSONResponse(record)
 
     async def events(self, request: Request) -> Response:
         return StreamingResponse(
@@ -232,7 +252,8 @@ class AdminAPI:
         try:
             form = await request.form(max_files=1, max_fields=10)
         except Exception as exc:  # the multipart parser's errors
-            raise _BadUpload(400, "invalid upload", f"cannot parse the multipart body: {exc}") from exc
+            detail = exc.detail if isinstance(exc, HTTPException) else str(exc)
+            raise _BadUpload(400, "invalid upload", f"cannot parse the multipart body: {detail}") from exc
         try:
             files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
             if len(files) != 1:

@@ -12,10 +12,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ._errors import ArchiveError
+from ._errors import ArchiveError, ManifestError
 from ._manifest import MANIFEST_NAME, Manifest, load_manifest
 
-_SKIPPED_DIRS = frozenset({"__pycache__", ".git", ".hg", ".svn", ".venv", ".mypy_cache", ".pytest_cache"})
+# Never packed: caches and version-control folders.
+SKIPPED_DIRS = frozenset({"__pycache__", ".git", ".hg", ".svn", ".venv", ".mypy_cache", ".pytest_cache"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,29 +43,17 @@ def unpack(
 ) -> Unpacked:
     """Unpack `source` under `into/<name>/<version>-<sha12>/` and validate its manifest.
 
-    A directory is copied (so later edits of the source cannot change a loaded version); a
-    .zip or .whl file, or the bytes of one, is extracted with every entry checked first.
+    A directory is packed first (so later edits of the source cannot change a loaded version,
+    and every version has an archive); a .zip or .whl file, or the bytes of one, is extracted
+    with every entry checked first. The sha256 is that of the archive.
     """
     limits = limits or ArchiveLimits()
     into.mkdir(parents=True, exist_ok=True)
     staging = into / f".staging-{uuid.uuid4().hex}"
     try:
-        if isinstance(source, bytes):
-            sha256 = _extract_zip(source, staging, limits)
-        else:
-            path = Path(source)
-            if path.is_dir():
-                sha256 = _copy_tree(path, staging, limits)
-            elif path.is_file():
-                size = path.stat().st_size
-                if size > limits.max_archive_bytes:
-                    raise ArchiveError(
-                        f"{path.name} is {size} bytes, over the {limits.max_archive_bytes}-byte limit",
-                        too_large=True,
-                    )
-                sha256 = _extract_zip(path.read_bytes(), staging, limits, label=path.name)
-            else:
-                raise ArchiveError(f"no such package directory or archive: {path}")
+        data = read_source(source, limits)
+        label = "upload" if isinstance(source, bytes) else Path(source).name
+        sha256 = _extract_zip(data, staging, limits, label=label)
         import_root, manifest_path = _find_manifest(staging)
         manifest = load_manifest(manifest_path)
         final = into / manifest.name / f"{manifest.version}-{sha256[:12]}"
@@ -85,31 +74,94 @@ def unpack(
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def pack_directory(source: str | os.PathLike[str]) -> tuple[Manifest, bytes]:
+def read_source(source: str | os.PathLike[str] | bytes, limits: ArchiveLimits | None = None) -> bytes:
+    """The archive bytes of a source: bytes as given, a file's content, a directory packed."""
+    limits = limits or ArchiveLimits()
+    if isinstance(source, bytes):
+        return source
+    path = Path(source)
+    if path.is_dir():
+        return pack_directory(path, limits)[1]
+    if not path.is_file():
+        raise ArchiveError(f"no such package directory or archive: {path}")
+    size = path.stat().st_size
+    if size > limits.max_archive_bytes:
+        raise ArchiveError(
+            f"{path.name} is {size} bytes, over the {limits.max_archive_bytes}-byte limit", too_large=True
+        )
+    return path.read_bytes()
+
+
+def pack_directory(
+    source: str | os.PathLike[str], limits: ArchiveLimits | None = None, *, exclude: Path | None = None
+) -> tuple[Manifest, bytes]:
     """Validate a package directory and return its manifest and a deterministic zip of it.
 
     Entries are sorted, timestamps fixed and modes plain, so the same files always give the same
-    bytes (and sha256); caches (`__pycache__`, `.git`, ...) are left out and links refused."""
+    bytes (and sha256); caches (`__pycache__`, `.git`, ...) and `exclude` (the archive being
+    written, say) are left out, and links refused. The modules the manifest names must exist."""
+    limits = limits or ArchiveLimits()
     root = Path(source)
     if not root.is_dir():
         raise ArchiveError(f"{root} is not a package directory")
+    if not (root / MANIFEST_NAME).is_file():
+        raise ArchiveError(
+            f"no {MANIFEST_NAME} at the package root ({root}): is this a starlette-hotdeploy package?"
+        )
     manifest = load_manifest(root / MANIFEST_NAME)
+    _require_module(root, manifest, manifest.app_module, "app")
+    if manifest.hooks is not None:
+        _require_module(root, manifest, manifest.hooks, "hooks")
+    files = _package_files(root, limits, exclude)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_DIRS)
-            here = Path(dirpath)
-            for name in sorted(filenames):
-                path = here / name
-                if path.is_symlink() or not path.is_file():
-                    raise ArchiveError(f"{path}: links and special files are refused in a package")
-                if path.suffix in (".pyc", ".pyo"):
-                    continue
-                info = zipfile.ZipInfo(path.relative_to(root).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
-                info.external_attr = (stat.S_IFREG | 0o644) << 16
-                info.compress_type = zipfile.ZIP_DEFLATED
-                archive.writestr(info, path.read_bytes())
+        for name, path in files:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.create_system = 3  # unix, so the mode below means what it says
+            info.external_attr = (stat.S_IFREG | 0o644) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, path.read_bytes())
     return manifest, buffer.getvalue()
+
+
+def _package_files(root: Path, limits: ArchiveLimits, exclude: Path | None) -> list[tuple[str, Path]]:
+    """(archive name, path) of every file to pack, sorted by name; links refused, caches and
+    `exclude` skipped, limits enforced."""
+    skip = exclude.resolve() if exclude is not None else None
+    found: list[tuple[str, Path]] = []
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        for name in dirnames:
+            if (here / name).is_symlink():
+                raise ArchiveError(f"{here / name}: links are refused in a package")
+        dirnames[:] = [d for d in dirnames if d not in SKIPPED_DIRS]
+        for name in filenames:
+            path = here / name
+            if path.is_symlink() or not path.is_file():
+                raise ArchiveError(f"{path}: links and special files are refused in a package")
+            if path.suffix in (".pyc", ".pyo") or (skip is not None and path.resolve() == skip):
+                continue
+            found.append((path.relative_to(root).as_posix(), path))
+            total += path.stat().st_size
+            if len(found) > limits.max_files:
+                raise ArchiveError(f"{root} has more than {limits.max_files} files, over the limit")
+            if total > limits.max_total_bytes:
+                raise ArchiveError(
+                    f"{root} holds more than {limits.max_total_bytes} bytes, over the limit", too_large=True
+                )
+    return sorted(found)
+
+
+def _require_module(root: Path, manifest: Manifest, module: str, key: str) -> None:
+    relative = Path(*module.split("."))
+    candidates = [relative.with_suffix(".py"), relative / "__init__.py"]
+    if (root / candidates[0]).is_file() or (root / relative).is_dir():
+        return  # a module, a package or a namespace package
+    expected = " or ".join(c.as_posix() for c in candidates)
+    raise ManifestError(
+        f"module {module!r} not found in {root} (expected {expected})", key=key, package=manifest.name
+    )
 
 
 def _find_manifest(root: Path) -> tuple[Path, Path]:
@@ -197,35 +249,3 @@ def _extract_zip(data: bytes, dest: Path, limits: ArchiveLimits, label: str = "u
             except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
                 raise ArchiveError(f"{label}: cannot extract {info.filename!r}: {exc}") from None
     return sha256
-
-
-def _copy_tree(source: Path, dest: Path, limits: ArchiveLimits) -> str:
-    """Copy a package directory, refusing links; the digest covers every path and byte."""
-    digest = hashlib.sha256()
-    files = 0
-    total = 0
-    dest.mkdir(parents=True)
-    for dirpath, dirnames, filenames in os.walk(source):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_DIRS)
-        here = Path(dirpath)
-        for name in dirnames:
-            if (here / name).is_symlink():
-                raise ArchiveError(f"{here / name}: links are refused in a package")
-            (dest / (here / name).relative_to(source)).mkdir()
-        for name in sorted(filenames):
-            src = here / name
-            if src.is_symlink() or not src.is_file():
-                raise ArchiveError(f"{src}: links and special files are refused in a package")
-            files += 1
-            total += src.stat().st_size
-            if files > limits.max_files:
-                raise ArchiveError(f"{source} has more than {limits.max_files} files, over the limit")
-            if total > limits.max_total_bytes:
-                raise ArchiveError(
-                    f"{source} holds more than {limits.max_total_bytes} bytes, over the limit", too_large=True
-                )
-            relative = src.relative_to(source).as_posix()
-            content = src.read_bytes()
-            digest.update(relative.encode() + b"\0" + hashlib.sha256(content).digest())
-            (dest / relative).write_bytes(content)
-    return digest.hexdigest()

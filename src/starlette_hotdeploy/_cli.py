@@ -1,7 +1,672 @@
-"""The `hotdeploy` command (placeholder until the CLI lands)."""
+"""The `hotdeploy` command: pack, deploy, inspect and serve packages. See docs/cli.md.
+
+The commands are thin: `pack_directory` builds archives, `AdminClient` talks to the admin API
+(docs/admin-api.md) and turns every failure into a `CliError`, `StepPrinter` shows a
+deployment's steps as they happen, and `render_*` format the tables.
+
+Exit codes: 0 done; 1 the operation failed or was refused (and `pack` found a bad package);
+2 a usage error, or the server could not be reached or understood (connection, token, not
+JSON); 3 gave up waiting for a deployment's outcome.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import os
+import secrets
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeVar, cast
+from urllib.parse import quote
+
+import click
+import httpx
+
+from . import __version__
+from . import _archive as archive
+from ._admin import DEFAULT_PREFIX, TOKEN_ENV
+from ._errors import HotDeployError
+from ._manifest import MANIFEST_NAME, Manifest, load_manifest
+from ._serve import HOME_ENV
+
+URL_ENV = "HOTDEPLOY_URL"
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_HOME = ".hotdeploy"
+DEFAULT_TIMEOUT = 300.0
+CONNECT_TIMEOUT = 10.0
+POLL_INTERVAL = 0.1
+HOST_APP = "starlette_hotdeploy._serve:create_host_app"
+
+EXIT_FAILED = 1
+EXIT_SERVER = 2  # also click's exit code for usage errors
+EXIT_TIMEOUT = 3
+
+# Every entry of a packed archive gets the same timestamp and mode, so that packing the same
+# files twice gives the same bytes (and sha256).
+ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)
+ZIP_FILE_MODE = stat.S_IFREG | 0o644
+_SKIPPED_SUFFIXES = (".pyc", ".pyo")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CliError(click.ClickException):
+    """One line on stderr (`hotdeploy: <message>`) and exit code 1: the operation failed."""
+
+    exit_code = EXIT_FAILED
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"hotdeploy: {self.format_message()}", err=True)
+
+
+class ServerError(CliError):
+    """The server could not be reached or understood (connection, token, not JSON): exit 2."""
+
+    exit_code = EXIT_SERVER
+
+
+class WaitTimeout(CliError):
+    """Gave up waiting for a deployment's outcome: exit 3 (it may still finish)."""
+
+    exit_code = EXIT_TIMEOUT
+
+
+class Problem(CliError):
+    """The admin API refused an operation: an RFC 9457 problem (`status`, `detail`, ...)."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        title = body.get("title") or "error"
+        detail = body.get("detail") or title
+        super().__init__(f"{status} {title}: {detail}")
+        self.status = status
+        self.body = body
+
+    @property
+    def deployment(self) -> dict[str, Any] | None:
+        """The failed deployment's record, when the problem carries one."""
+        record = self.body.get("deployment")
+        return record if isinstance(record, dict) else None
+
+
+# -- pack -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """A package directory zipped in memory."""
+
+    manifest: Manifest
+    data: bytes
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def pack_directory(directory: Path, *, exclude: Path | None = None) -> Packed:
+    """Validate the package at `directory` and zip it deterministically (the library's packer:
+    sorted entries, fixed timestamps, regular-file modes): the same files give the same bytes."""
+    manifest, data = archive.pack_directory(directory, exclude=exclude)
+    return Packed(manifest=manifest, data=data)
+
+
+# -- the admin API client -------------------------------------------------------------------------
+
+
+class AdminClient:
+    """The admin API over HTTP, one method per endpoint. Any answer but a success raises a
+    `CliError`: `Problem` (exit 1) for a refused operation, exit 2 for everything that means the
+    server could not be reached or understood."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
+        self.token = token or None
+        self.timeout = timeout
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            self._http = httpx.Client(
+                base_url=self.url,
+                headers=headers,
+                timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)),
+                transport=transport,
+            )
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise ServerError(f"invalid server URL {url!r}: {exc}") from None
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # The endpoints.
+
+    def packages(self) -> list[dict[str, Any]]:
+        packages = self.request("GET", "/packages").get("packages")
+        if not isinstance(packages, list):
+            raise self._unexpected("GET", "/packages", "no 'packages' list")
+        return packages
+
+    def package(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/packages/{quote(name, safe='')}")
+
+    def upload(self, archive: bytes) -> tuple[dict[str, Any], str]:
+        """POST the archive without waiting: (the deployment record, the path to poll)."""
+        response, record = self.send(
+            "POST",
+            self.prefix + "/packages",
+            params={"wait": "false"},
+            content=archive,
+            headers={"Content-Type": "application/zip"},
+        )
+        location = response.headers.get("location") or self._deployment_path(record)
+        return record, location
+
+    def deployment(self, path: str) -> dict[str, Any]:
+        """GET a deployment record by the path the upload answered with (its Location)."""
+        return self.send("GET", path)[1]
+
+    def deployments(self, package: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        params: dict[str, str | int] = {"limit": limit}
+        if package:
+            params["package"] = package
+        deployments = self.request("GET", "/deployments", params=params).get("deployments")
+        if not isinstance(deployments, list):
+            raise self._unexpected("GET", "/deployments", "no 'deployments' list")
+        return deployments
+
+    def rollback(self, name: str) -> dict[str, Any]:
+        return self.request("POST", f"/packages/{quote(name, safe='')}/rollback")
+
+    def activate(self, name: str, version: str) -> dict[str, Any]:
+        return self.request("POST", f"/packages/{quote(name, safe='')}/activate", json={"version": version})
+
+    def undeploy(self, name: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/packages/{quote(name, safe='')}")
+
+    # The transport.
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """Call `path` under the admin prefix; the JSON object it answered."""
+        return self.send(method, self.prefix + path, **kwargs)[1]
+
+    def send(self, method: str, path: str, **kwargs: Any) -> tuple[httpx.Response, dict[str, Any]]:
+        """Call `path` (relative to the server URL): the response and its JSON object."""
+        where = f"{method} {self.url}{path}"
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise ServerError(f"{where}: no answer within {self.timeout:g} s") from None
+        except httpx.ConnectError as exc:
+            raise ServerError(
+                f"cannot connect to {self.url} ({exc or type(exc).__name__}): is the server running? "
+                f"(set the URL with --url or ${URL_ENV})"
+            ) from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise ServerError(f"{where}: {exc or type(exc).__name__}") from None
+        if response.status_code == 401:
+            hint = (
+                f"the server refused the token: check --token or ${TOKEN_ENV}"
+                if self.token
+                else f"no token given: pass the admin token with --token or ${TOKEN_ENV}"
+            )
+            raise ServerError(f"{self.url}: 401 unauthorized: {hint}")
+        if response.status_code == 403:
+            raise ServerError(
+                f"{where}: 403 forbidden: this token may only read; writes need the admin token"
+            )
+        try:
+            body = response.json()
+        except ValueError:  # not JSON, or not UTF-8
+            body = None
+        if not isinstance(body, dict):
+            content_type = response.headers.get("content-type") or "no content type"
+            raise self._unexpected(
+                method, path, f"answered {response.status_code} with {content_type}, not a JSON object"
+            )
+        if response.is_error:
+            raise Problem(response.status_code, body)
+        return response, body
+
+    def _unexpected(self, method: str, path: str, what: str) -> ServerError:
+        return ServerError(
+            f"{method} {self.url}{path} {what}: is the admin API served at {self.url}{self.prefix}? "
+            "(it is off unless the server has an admin token; see also --prefix)"
+        )
+
+    def _deployment_path(self, record: dict[str, Any]) -> str:
+        return f"{self.prefix}/deployments/{quote(str(record.get('id')), safe='')}"
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+
+def _ms(value: Any) -> str:
+    return f"{value:.1f} ms" if isinstance(value, int | float) else "-"
+
+
+def _version(value: Any) -> str:
+    return str(value) if value is not None else "-"
+
+
+def step_line(step: dict[str, Any]) -> str:
+    """`  load           1.2 ms  ok`; a step still running shows `running`."""
+    name = str(step.get("name"))
+    ok = step.get("ok")
+    if ok is None:
+        return f"  {name:<16}{'':>10}  running"
+    return f"  {name:<16}{_ms(step.get('duration_ms')):>10}  {'ok' if ok else 'FAILED'}"
+
+
+class StepPrinter:
+    """Prints each step of a deployment once when it is first seen, and again when a step first
+    seen running has finished."""
+
+    def __init__(self, echo: Callable[[str], None] = click.echo) -> None:
+        self._echo = echo
+        self._finished: dict[int, bool] = {}  # step index -> whether its finished line was printed
+
+    def update(self, record: dict[str, Any]) -> None:
+        for index, step in enumerate(record.get("steps") or []):
+            finished = step.get("ok") is not None
+            seen = self._finished.get(index)  # None: not yet; False: seen running; True: done
+            if seen is None or (seen is False and finished):
+                self._echo(step_line(step))
+                self._finished[index] = finished
+
+
+def summary(record: dict[str, Any]) -> str:
+    """`deploy greeter: 1.0 -> 2.0 succeeded in 21.7 ms`"""
+    return (
+        f"{record.get('operation')} {record.get('package')}: {_version(record.get('from_version'))} -> "
+        f"{_version(record.get('to_version'))} {record.get('outcome')} in {_ms(record.get('duration_ms'))}"
+    )
+
+
+def failure(record: dict[str, Any]) -> CliError:
+    """The error of a deployment that did not succeed: its outcome, failed step and error."""
+    step = record.get("error_step")
+    at = f" at step {step!r}" if step else ""
+    outcome = str(record.get("outcome")).replace("_", " ")
+    return CliError(f"{record.get('operation')} {outcome}{at}: {record.get('error') or 'no detail'}")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns two spaces apart."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+def render_packages(packages: Sequence[dict[str, Any]]) -> list[str]:
+    if not packages:
+        return ["no packages deployed"]
+    rows = []
+    for package in packages:
+        loaded = ", ".join(
+            f"{v.get('version')} {v.get('state')} ({v.get('in_flight', 0)} in flight)"
+            for v in package.get("versions") or []
+        )
+        available = " ".join(str(v.get("version")) for v in package.get("available_versions") or [])
+        rows.append(
+            [
+                str(package.get("name")),
+                str(package.get("mount")),
+                _version(package.get("active_version")),
+                loaded or "-",
+                available or "-",
+            ]
+        )
+    return table(["NAME", "MOUNT", "ACTIVE", "LOADED", "AVAILABLE"], rows)
+
+
+def render_history(deployments: Sequence[dict[str, Any]]) -> list[str]:
+    if not deployments:
+        return ["no deployments"]
+    rows = []
+    for record in deployments:
+        outcome = str(record.get("outcome"))
+        if record.get("error_step"):
+            outcome += f" [{record['error_step']}]"
+        rows.append(
+            [
+                str(record.get("id")),
+                str(record.get("operation")),
+                str(record.get("package") or "-"),
+                f"{_version(record.get('from_version'))} -> {_version(record.get('to_version'))}",
+                outcome,
+                _ms(record.get("duration_ms")),
+            ]
+        )
+    return table(["ID", "OPERATION", "PACKAGE", "VERSIONS", "OUTCOME", "DURATION"], rows)
+
+
+def echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+# -- deploy -----------------------------------------------------------------------------------------
+
+
+def follow(
+    client: AdminClient,
+    record: dict[str, Any],
+    location: str,
+    *,
+    timeout: float,
+    printer: StepPrinter,
+    interval: float = POLL_INTERVAL,
+) -> dict[str, Any]:
+    """Poll the deployment at `location` until its outcome is known, printing its steps."""
+    deadline = time.monotonic() + timeout
+    printer.update(record)
+    while record.get("outcome") == "pending":
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise WaitTimeout(
+                f"deployment {record.get('id')} is still pending after {timeout:g} s "
+                "(it may still finish: see `hotdeploy history`)"
+            )
+        time.sleep(min(interval, remaining))
+        record = client.deployment(location)
+        printer.update(record)
+    return record
+
+
+def read_source(source: Path) -> tuple[bytes, str]:
+    """The archive to upload and how to name it: a directory is packed in memory."""
+    if source.is_dir():
+        packed = pack_directory(source)
+        return packed.data, f"{source} (packed {packed.manifest.name} {packed.manifest.version})"
+    try:
+        return source.read_bytes(), str(source)
+    except OSError as exc:
+        raise CliError(f"cannot read {source}: {exc.strerror or exc}") from None
+
+
+def run_operation(call: Callable[[], dict[str, Any]]) -> None:
+    """Run a synchronous operation (rollback, activate, undeploy): its steps and summary, or
+    the steps of the failed deployment and the problem."""
+    try:
+        record = call()
+    except Problem as exc:
+        if exc.deployment is not None:
+            StepPrinter().update(exc.deployment)
+        raise
+    StepPrinter().update(record)
+    if record.get("outcome") != "succeeded":
+        raise failure(record)
+    click.echo(summary(record))
+
+
+# -- the commands -------------------------------------------------------------------------------------
+
+
+def _transport() -> httpx.BaseTransport | None:
+    """Tests may pass an httpx transport as the click context's `obj`."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.find_object(httpx.BaseTransport) if ctx is not None else None
+
+
+def _check_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise click.BadParameter(f"{value!r} must start with http:// or https://")
+    return value
+
+
+def with_client(command: F) -> F:
+    """Add the server options (--url, --token, --prefix, --timeout) to a command, which gets an
+    `AdminClient` as its first argument instead."""
+
+    @functools.wraps(command)
+    def wrapper(url: str, token: str | None, prefix: str, timeout: float, **kwargs: Any) -> Any:
+        with AdminClient(url, token, prefix=prefix, timeout=timeout, transport=_transport()) as client:
+            return command(client, **kwargs)
+
+    options = [
+        click.option(
+            "--url",
+            metavar="URL",
+            envvar=URL_ENV,
+            default=DEFAULT_URL,
+            show_default=True,
+            callback=_check_url,
+            help=f"The server's base URL [env: {URL_ENV}].",
+        ),
+        click.option(
+            "--token", metavar="TOKEN", envvar=TOKEN_ENV, help=f"The admin API token [env: {TOKEN_ENV}]."
+        ),
+        click.option(
+            "--prefix",
+            metavar="PATH",
+            default=DEFAULT_PREFIX,
+            show_default=True,
+            help="The admin API's path prefix.",
+        ),
+        click.option(
+            "--timeout",
+            metavar="SECONDS",
+            type=click.FloatRange(min=0, min_open=True),
+            default=DEFAULT_TIMEOUT,
+            show_default=True,
+            help="Seconds to wait for the server (for deploy: for the outcome).",
+        ),
+    ]
+    decorated: Callable[..., Any] = wrapper
+    for option in reversed(options):
+        decorated = option(decorated)
+    return cast(F, decorated)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hotdeploy")
+def cli() -> None:
+    """Hot-deploy packages into a running starlette-hotdeploy server."""
+
+
+@cli.command(short_help="Validate a package directory and zip it.")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The archive to write [default: ./<name>-<version>.zip].",
+)
+def pack(directory: Path, output: Path | None) -> None:
+    """Validate the package DIRECTORY and write it as a zip archive.
+
+    The archive is deterministic: packing the same files twice gives the same sha256."""
+    try:
+        manifest = load_manifest(directory / MANIFEST_NAME)
+        target = output or Path(f"{manifest.name}-{manifest.version}.zip")
+        packed = pack_directory(directory, exclude=target)
+    except HotDeployError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        target.write_bytes(packed.data)
+    except OSError as exc:
+        raise CliError(f"cannot write {target}: {exc.strerror or exc}") from None
+    click.echo(f"{target}  {len(packed.data)} bytes  sha256:{packed.sha256}")
+
+
+@cli.command(short_help="Upload a package and follow its deployment.")
+@click.argument("source", metavar="FILE", type=click.Path(exists=True, path_type=Path))
+@click.option("--no-wait", is_flag=True, help="Print the deployment id once it is accepted, and exit.")
+@with_client
+def deploy(client: AdminClient, source: Path, no_wait: bool) -> None:
+    """Upload the archive FILE (a directory is packed first) and show the deployment's steps.
+
+    Exits 0 once the new version is active, 1 if the deployment failed."""
+    try:
+        data, label = read_source(source)
+    except HotDeployError as exc:
+        raise CliError(str(exc)) from None
+    digest = hashlib.sha256(data).hexdigest()
+    if not no_wait:
+        click.echo(f"uploading {label}: {len(data)} bytes, sha256:{digest[:12]} to {client.url}")
+    record, location = client.upload(data)
+    if no_wait:
+        click.echo(record.get("id"))
+        return
+    click.echo(f"deployment {record.get('id')}")
+    record = follow(client, record, location, timeout=client.timeout, printer=StepPrinter())
+    if record.get("outcome") != "succeeded":
+        raise failure(record)
+    click.echo(summary(record))
+
+
+@cli.command(short_help="Show the deployed packages.")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the admin API's JSON as it is.")
+@with_client
+def status(client: AdminClient, name: str | None, as_json: bool) -> None:
+    """The deployed packages (or package NAME): mount, active and loaded versions."""
+    if name is not None:
+        package = client.package(name)
+        if as_json:
+            echo_json(package)
+        else:
+            click.echo("\n".join(render_packages([package])))
+        return
+    packages = client.packages()
+    if as_json:
+        echo_json({"packages": packages})
+    else:
+        click.echo("\n".join(render_packages(packages)))
+
+
+@cli.command(short_help="Go back to a package's previous version.")
+@click.argument("name")
+@with_client
+def rollback(client: AdminClient, name: str) -> None:
+    """Switch package NAME back to the version that was active before."""
+    run_operation(lambda: client.rollback(name))
+
+
+@cli.command(short_help="Activate an available version of a package.")
+@click.argument("name")
+@click.argument("version")
+@with_client
+def activate(client: AdminClient, name: str, version: str) -> None:
+    """Make VERSION of package NAME active (it must still be available)."""
+    run_operation(lambda: client.activate(name, version))
+
+
+@cli.command(short_help="Unmount and remove a package.")
+@click.argument("name")
+@with_client
+def undeploy(client: AdminClient, name: str) -> None:
+    """Unmount package NAME, drain and shut down its versions."""
+    run_operation(lambda: client.undeploy(name))
+
+
+@cli.command()
+@click.option("--package", "package", metavar="NAME", help="Only this package's deployments.")
+@click.option(
+    "--limit",
+    metavar="N",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="How many to show.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the admin API's JSON as it is.")
+@with_client
+def history(client: AdminClient, package: str | None, limit: int, as_json: bool) -> None:
+    """List the deployments (deploy, rollback, activate, undeploy), newest first."""
+    deployments = client.deployments(package, limit)
+    if as_json:
+        echo_json({"deployments": deployments})
+    else:
+        click.echo("\n".join(render_history(deployments)))
+
+
+def _http_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+@cli.command(short_help="Run the package host on uvicorn.")
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar=HOME_ENV,
+    default=DEFAULT_HOME,
+    show_default=True,
+    help=f"Where unpacked versions are kept [env: {HOME_ENV}].",
+)
+@click.option(
+    "--host", metavar="HOST", default="127.0.0.1", show_default=True, help="The interface to listen on."
+)
+@click.option(
+    "--port", metavar="PORT", type=click.IntRange(0, 65535), default=8000, show_default=True, help="The port."
+)
+@click.option(
+    "--workers",
+    metavar="N",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes (each keeps its own state for now).",
+)
+@click.option(
+    "--token",
+    metavar="TOKEN",
+    envvar=TOKEN_ENV,
+    help=f"The admin API token [env: {TOKEN_ENV}; default: a new one, printed].",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"]),
+    default="info",
+    show_default=True,
+    help="uvicorn's log level.",
+)
+def serve(home: Path, host: str, port: int, workers: int, token: str | None, log_level: str) -> None:
+    """Run the package host on uvicorn: an empty app that serves hot-deployed packages and the
+    admin API."""
+    import uvicorn  # only this command needs it
+
+    if not token:
+        token = secrets.token_urlsafe(24)
+        click.echo(f"admin token: {token}")
+    if workers > 1:
+        click.echo(
+            f"warning: with --workers {workers} each worker keeps its own packages and state: a "
+            "deployment reaches only the worker that received it",
+            err=True,
+        )
+    # The app factory runs in each worker process and reads its settings from the environment.
+    os.environ[HOME_ENV] = str(home.resolve())
+    os.environ[TOKEN_ENV] = token
+    click.echo(f"admin API: {_http_url(host, port)}{DEFAULT_PREFIX}  home: {os.environ[HOME_ENV]}")
+    uvicorn.run(
+        HOST_APP, factory=True, host=host, port=port, workers=workers, lifespan="on", log_level=log_level
+    )
+
 
 def main() -> None:
-    raise SystemExit("hotdeploy: the command line is not built yet")
+    """The console script `hotdeploy`."""
+    cli(prog_name="hotdeploy")
+
+
+if __name__ == "__main__":
+    main()

@@ -78,7 +78,11 @@ class MountConflict(HotDeployError):
 
 
 class DeploymentInProgress(HotDeployError):
-    """Another operation on the same package has not finished yet; retry when it has."""
+    """Another operation on the same package has not finished yet; retry when it has.
+
+    `deployment` is the record of the refused operation."""
+
+    deployment: Deployment | None = None
 
 
 class UnknownPackage(HotDeployError, LookupError):

@@ -89,10 +89,10 @@ class Lifespan:
             if kind == "lifespan.startup.complete":
                 self._started.set()
             elif kind == "lifespan.startup.failed":
-                self._startup_error = message.get("message") or "lifespan startup failed"
+                self._startup_error = _last_line(message.get("message")) or "lifespan startup failed"
                 self._started.set()
             elif kind == "lifespan.shutdown.failed":
-                self._shutdown_error = message.get("message") or "lifespan shutdown failed"
+                self._shutdown_error = _last_line(message.get("message")) or "lifespan shutdown failed"
 
         try:
             with self._cancel:
@@ -120,3 +120,11 @@ class Lifespan:
                     self.supported = False
                 self._started.set()
             self._finished.set()
+
+
+def _last_line(text: str | None) -> str | None:
+    """Starlette reports a lifespan failure with the whole traceback: keep the exception line."""
+    if not text:
+        return None
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else None

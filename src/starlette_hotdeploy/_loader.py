@@ -165,16 +165,21 @@ def _top_level_names(root: Path) -> frozenset[str]:
     return frozenset(names)
 
 
-def _where(exc: BaseException) -> str:
-    """'file.py:12' of the innermost frame in the package, for error messages."""
+def _where(exc: BaseException, inside: Path | None = None) -> str:
+    """' (file.py:12)': the innermost frame in the package's directory `inside`, else the
+    innermost frame, for error messages."""
     if isinstance(exc, SyntaxError) and exc.filename:
         return f" ({Path(exc.filename).name}:{exc.lineno})"
+    root = str(inside) if inside is not None else None
+    innermost = in_package = ""
     tb = exc.__traceback__
-    location = ""
     while tb is not None:
-        location = f" ({Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno})"
+        filename = tb.tb_frame.f_code.co_filename
+        innermost = f" ({Path(filename).name}:{tb.tb_lineno})"
+        if root is not None and filename.startswith(root):
+            in_package = innermost
         tb = tb.tb_next
-    return location
+    return in_package or innermost
 
 
 def load_app(namespace: Namespace, manifest: Manifest) -> ASGIApp:
@@ -184,8 +189,9 @@ def load_app(namespace: Namespace, manifest: Manifest) -> ASGIApp:
         module = namespace.import_module(manifest.app_module)
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").removeprefix(namespace.name + ".")
+        where = _where(exc, inside=namespace.root)
         raise LoadError(
-            f"cannot import {manifest.app_module!r}: no module named {missing!r}", **context
+            f"cannot import {manifest.app_module!r}{where}: no module named {missing!r}", **context
         ) from exc
     except SyntaxError as exc:
         raise LoadError(
@@ -193,7 +199,8 @@ def load_app(namespace: Namespace, manifest: Manifest) -> ASGIApp:
         ) from exc
     except Exception as exc:
         raise LoadError(
-            f"importing {manifest.app_module!r} raised {type(exc).__name__}{_where(exc)}: {exc}", **context
+            f"importing {manifest.app_module!r} raised {type(exc).__name__}{_where(exc, namespace.root)}: {exc}",
+            **context,
         ) from exc
 
     target: Any = module
@@ -211,7 +218,8 @@ def load_app(namespace: Namespace, manifest: Manifest) -> ASGIApp:
             target = target()
         except Exception as exc:
             raise LoadError(
-                f"factory {manifest.app!r} raised {type(exc).__name__}{_where(exc)}: {exc}", **context
+                f"factory {manifest.app!r} raised {type(exc).__name__}{_where(exc, namespace.root)}: {exc}",
+                **context,
             ) from exc
     _check_asgi(target, manifest)
     return typing.cast(ASGIApp, target)

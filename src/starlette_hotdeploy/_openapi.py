@@ -150,7 +150,7 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                     "responses": {
                         "201": _json("Deployment", "The new version is active"),
                         "202": _json("Deployment", "Accepted (wait=false): poll the Location"),
-                        **_problems(400, 401, 403, 409, 413, 415, 422),
+                        **_problems(400, 401, 403, 409, 413, 415, 422, 503),
                     },
                 },
             },

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._archive import Unpacked
 from ._mounts import Mount
 from ._version import PackageVersion, VersionState
 
@@ -18,8 +17,26 @@ class Package:
     prefix: str
     mount: Mount | None = None  # set once a first version is active
     loaded: list[PackageVersion] = field(default_factory=list)  # versions in memory
-    available: dict[str, Unpacked] = field(default_factory=dict)  # versions on disk, by version
-    lineage: list[str] = field(default_factory=list)  # versions in activation order: rollback pops
+    available: dict[str, str] = field(default_factory=dict)  # version -> sha256 of its stored archive
+    _lineage: list[tuple[str, str]] = field(default_factory=list)  # (version, sha256) activated, in order
+
+    @property
+    def lineage(self) -> list[str]:
+        """Versions in activation order, the active one last: a rollback goes one step back."""
+        return [version for version, _ in self._lineage]
+
+    def lineage_pairs(self) -> list[tuple[str, str]]:
+        return list(self._lineage)
+
+    def lineage_after(self, version: str, sha256: str, *, rollback: bool = False) -> list[tuple[str, str]]:
+        """The lineage once `version` is active: a rollback pops the current version; anything
+        else moves `version` to the end."""
+        if rollback and len(self._lineage) >= 2 and self._lineage[-2][0] == version:
+            return self._lineage[:-1]
+        return [pair for pair in self._lineage if pair[0] != version] + [(version, sha256)]
+
+    def set_lineage(self, lineage: list[tuple[str, str]]) -> None:
+        self._lineage = list(lineage)
 
     @property
     def active(self) -> PackageVersion | None:
@@ -28,7 +45,7 @@ class Package:
     @property
     def previous(self) -> str | None:
         """The version a rollback goes back to."""
-        return self.lineage[-2] if len(self.lineage) >= 2 else None
+        return self._lineage[-2][0] if len(self._lineage) >= 2 else None
 
     def loaded_version(self, version: str) -> PackageVersion | None:
         for candidate in reversed(self.loaded):
@@ -39,11 +56,6 @@ class Package:
                 return candidate
         return None
 
-    def record_activation(self, version: str) -> None:
-        if version in self.lineage:
-            self.lineage.remove(version)
-        self.lineage.append(version)
-
     def to_dict(self) -> dict[str, Any]:
         active = self.active
         return {
@@ -53,7 +65,6 @@ class Package:
             "previous_version": self.previous,
             "versions": [v.to_dict() for v in self.loaded],
             "available_versions": [
-                {"version": version, "sha256": unpacked.sha256}
-                for version, unpacked in self.available.items()
+                {"version": version, "sha256": sha256} for version, sha256 in self.available.items()
             ],
         }

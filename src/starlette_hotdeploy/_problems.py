@@ -44,14 +44,14 @@ _STATUS: list[tuple[type[HotDeployError], int, str]] = [
 
 def status_of(error: HotDeployError) -> tuple[int, str]:
     """The HTTP status and problem title for an error (a DeploymentError by its cause)."""
+    if isinstance(error, DeploymentError) and error.deployment.outcome == "rolled_back":
+        return 422, "rolled back"
     cause = error.cause if isinstance(error, DeploymentError) else error
     if isinstance(cause, ArchiveError) and cause.too_large:
         return 413, "archive too large"
     for kind, status, title in _STATUS:
         if isinstance(cause, kind):
             return status, title
-    if isinstance(error, DeploymentError) and error.deployment.outcome == "rolled_back":
-        return 422, "rolled back"
     return 422, "deployment failed"
 
 
@@ -64,7 +64,8 @@ def problem(status: int, title: str, detail: str, **extensions: Any) -> JSONResp
 
 def problem_for(error: HotDeployError) -> JSONResponse:
     status, title = status_of(error)
-    record = error.deployment.to_dict() if isinstance(error, DeploymentError) else None
+    deployment = getattr(error, "deployment", None)
+    record = deployment.to_dict() if deployment is not None else None
     return problem(
         status,
         title,
