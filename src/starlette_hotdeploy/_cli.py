@@ -625,7 +625,7 @@ def _http_url(host: str, port: int) -> str:
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Worker processes (each keeps its own state for now).",
+    help="Worker processes; they share the home and converge on one state.",
 )
 @click.option(
     "--token",
@@ -648,12 +648,6 @@ def serve(home: Path, host: str, port: int, workers: int, token: str | None, log
     if not token:
         token = secrets.token_urlsafe(24)
         click.echo(f"admin token: {token}")
-    if workers > 1:
-        click.echo(
-            f"warning: with --workers {workers} each worker keeps its own packages and state: a "
-            "deployment reaches only the worker that received it",
-            err=True,
-        )
     # The app factory runs in each worker process and reads its settings from the environment.
     os.environ[HOME_ENV] = str(home.resolve())
     os.environ[TOKEN_ENV] = token
