@@ -112,31 +112,47 @@ class Store:
         self.archives_dir = home / "archives"
         self.archives_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            home / "state.db", check_same_thread=False, isolation_level=None, timeout=30
+        self._pid = os.getpid()
+        self._connection = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.home / "state.db", check_same_thread=False, isolation_level=None, timeout=30
         )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a confirmed state survives power loss
-        self._db.executescript(_SCHEMA)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a confirmed state survives power loss
+        db.executescript(_SCHEMA)
+        return db
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        # A connection must not cross a fork (gunicorn --preload builds the app in the master).
+        if os.getpid() != self._pid:
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+            self._connection = self._connect()
+        return self._connection
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._connection.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._db  # first: after a fork this replaces the lock too
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
+                yield db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            db.execute("COMMIT")
 
     def _query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        db = self._db
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            return db.execute(sql, args).fetchall()
 
     def data_version(self) -> int:
         """Changes whenever another connection (another worker) committed: a cheap poll."""
