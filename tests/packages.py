@@ -111,6 +111,22 @@ def describe():
 """
 
 
+# The steps of a deployment that succeeds, in order (the old version's drain follows later).
+DEPLOY_STEPS = [
+    "unpack",
+    "manifest",
+    "validate",
+    "load",
+    "start",
+    "check",
+    "prepare workers",
+    "switch",
+    "commit",
+    "converge",
+    "bake",
+]
+
+
 def write_package(
     parent: Path,
     name: str = "greeter",

@@ -28,7 +28,7 @@ import pytest
 import uvicorn
 from click.testing import CliRunner, Result
 
-from packages import write_package
+from packages import DEPLOY_STEPS, write_package
 from starlette_hotdeploy._cli import cli
 
 TESTS = Path(__file__).resolve().parent
@@ -523,19 +523,7 @@ def test_end_to_end_against_hotdeploy_serve(server: tuple[str, str], tmp_path: P
     lines = ok(hotdeploy("deploy", str(archive)))
     assert lines[-1].startswith("deploy greeter: - -> 1.0 succeeded in ")
     finished = [line.rsplit(maxsplit=3)[0].strip() for line in lines if line.endswith(" ok")]
-    assert finished == [
-        "unpack",
-        "manifest",
-        "validate",
-        "load",
-        "start",
-        "check",
-        "prepare workers",
-        "switch",
-        "commit",
-        "converge",
-        "bake",
-    ]
+    assert finished == DEPLOY_STEPS
     assert not [line for line in lines if line.endswith("FAILED")]
     assert greeter(url) == (200, "1.0")
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 import testkit
-from packages import write_package, zip_directory
+from packages import DEPLOY_STEPS, write_package, zip_directory
 from starlette_hotdeploy import (
     Deployer,
     DeploymentError,
@@ -79,19 +79,7 @@ async def test_upgrade_switches_new_requests_and_records_the_deployment(
     assert second.sha256 is not None
     assert len(second.sha256) == 64
     names = [step.name for step in second.steps]
-    assert names[:11] == [
-        "unpack",
-        "manifest",
-        "validate",
-        "load",
-        "start",
-        "check",
-        "prepare workers",
-        "switch",
-        "commit",
-        "converge",
-        "bake",
-    ]
+    assert names[:11] == DEPLOY_STEPS
     assert all(step.ok and step.duration_ms is not None for step in second.steps[:11])
     assert deployer.deployment(second.id) is second
     assert list(deployer.history)[-2:] == [first, second]
