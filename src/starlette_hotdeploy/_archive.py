@@ -15,6 +15,8 @@ from pathlib import Path, PurePosixPath
 from ._errors import ArchiveError, ManifestError
 from ._manifest import MANIFEST_NAME, Manifest, load_manifest
 
+STAGING_PREFIX = ".staging-"
+
 # Never packed: caches and version-control folders.
 SKIPPED_DIRS = frozenset({"__pycache__", ".git", ".hg", ".svn", ".venv", ".mypy_cache", ".pytest_cache"})
 
@@ -49,7 +51,8 @@ def unpack(
     """
     limits = limits or ArchiveLimits()
     into.mkdir(parents=True, exist_ok=True)
-    staging = into / f".staging-{uuid.uuid4().hex}"
+    # The pid in the name lets a starting worker clean up only what dead processes left behind.
+    staging = into / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
     try:
         data = read_source(source, limits)
         label = "upload" if isinstance(source, bytes) else Path(source).name
@@ -59,7 +62,7 @@ def unpack(
         final = into / manifest.name / f"{manifest.version}-{sha256[:12]}"
         if final.exists():
             # The same bytes were unpacked before: keep the existing directory (it may be loaded).
-            shutil.rmtree(staging)
+            shutil.rmtree(staging, ignore_errors=True)
         else:
             final.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -72,6 +75,29 @@ def unpack(
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def clean_staging(into: Path) -> list[Path]:
+    """Remove unpack folders left by processes that died mid-unpack (never a live one's)."""
+    removed = []
+    if into.is_dir():
+        for leftover in into.glob(f"{STAGING_PREFIX}*"):
+            pid = leftover.name.removeprefix(STAGING_PREFIX).partition("-")[0]
+            if pid.isdigit() and _alive(int(pid)):
+                continue
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(leftover)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_source(source: str | os.PathLike[str] | bytes, limits: ArchiveLimits | None = None) -> bytes:

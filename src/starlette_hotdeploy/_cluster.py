@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import anyio
 import anyio.to_thread
 
-from ._store import Operation, Store
+from ._store import Operation, Store, Worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +50,8 @@ class Cluster:
         timeout: float = 60.0,
     ) -> None:
         self.store = store
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._host = socket.gethostname()
+        self.worker_id = f"{self._host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
         self.poll_interval = poll_interval
@@ -60,9 +61,27 @@ class Cluster:
         """Run a blocking store call in a worker thread."""
         return await anyio.to_thread.run_sync(function, *args)
 
+    def workers(self) -> list[Worker]:
+        """Workers with a recent heartbeat; on this host, also a process that still exists (a
+        worker killed a moment ago is not waited for). A blocking call."""
+        return [w for w in self.store.workers(self.liveness) if self._may_be_alive(w.id)]
+
     async def live(self) -> set[str]:
-        workers = await anyio.to_thread.run_sync(self.store.workers, self.liveness)
+        workers = await anyio.to_thread.run_sync(self.workers)
         return {w.id for w in workers} | {self.worker_id}
+
+    def _may_be_alive(self, worker_id: str) -> bool:
+        host, _, rest = worker_id.partition(":")
+        pid = rest.partition(":")[0]
+        if host != self._host or not pid.isdigit():
+            return True
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
     async def heartbeat(self, serving: dict[str, str]) -> None:
         await anyio.to_thread.run_sync(self.store.heartbeat, self.worker_id, serving)

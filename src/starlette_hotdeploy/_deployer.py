@@ -103,6 +103,8 @@ class Deployer:
         )
         self.follower = Follower(self.engine, self.cluster, self.store, bake_time=bake_time)
         self.mounts = self.engine.mounts
+        self._background: anyio.CancelScope | None = None
+        self._background_done: anyio.Event | None = None
 
     @property
     def limits(self) -> ArchiveLimits:
@@ -133,27 +135,43 @@ class Deployer:
                 await anyio.to_thread.run_sync(self.engine.clean_staging)
                 await self.cluster.heartbeat({})
                 await self.follower.converge()  # restore: before the server sends us traffic
-                task_group.start_soon(self.follower.heartbeats, name="hotdeploy heartbeats")
-                task_group.start_soon(self.follower.follow, name="hotdeploy follower")
-                if self.watch is not None:
-                    folder = WatchFolder(self.watch, self.deploy, lock_path=self.home / "watch.lock")
-                    task_group.start_soon(folder.run, name="hotdeploy watch folder")
+                self._background = background = anyio.CancelScope()
+                self._background_done = done = anyio.Event()
+                task_group.start_soon(self._run_background, background, done, name="hotdeploy background")
                 yield self
             finally:
                 with anyio.CancelScope(shield=True):
                     await self.shutdown()
-                    await self.cluster.leave()
                 self.engine.task_group = None
                 task_group.cancel_scope.cancel()
+
+    async def _run_background(self, scope: anyio.CancelScope, done: anyio.Event) -> None:
+        """Heartbeats, following the other workers, and the watch folder, until shutdown()."""
+        try:
+            with scope:
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(self.follower.heartbeats, name="hotdeploy heartbeats")
+                    tasks.start_soon(self.follower.follow, name="hotdeploy follower")
+                    if self.watch is not None:
+                        folder = WatchFolder(self.watch, self.deploy, lock_path=self.home / "watch.lock")
+                        tasks.start_soon(folder.run, name="hotdeploy watch folder")
+        finally:
+            done.set()
 
     @property
     def is_running(self) -> bool:
         return self.engine.task_group is not None
 
     async def shutdown(self) -> None:
-        """Stop every loaded version (the server is stopping). Idempotent."""
+        """The server is stopping: stop following the other workers, stop every loaded version,
+        and leave the cluster (so nobody waits for this worker). Idempotent."""
+        if self._background is not None and self._background_done is not None:
+            self._background.cancel()
+            with anyio.move_on_after(5):
+                await self._background_done.wait()  # a heartbeat in flight must not outlive leave()
         await self.engine.shutdown()
         self.follower.discard_prepared()
+        await self.cluster.leave()
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -166,7 +184,7 @@ class Deployer:
 
     def status(self, name: str | None = None) -> list[dict[str, Any]]:
         """Every package (or the one named), with the version each live worker serves."""
-        workers = self.store.workers(self.cluster.liveness)
+        workers = self.cluster.workers()
         packages = [self.package(name)] if name is not None else self.engine.packages.values()
         result = []
         for package in sorted(packages, key=lambda p: p.name):
@@ -228,7 +246,9 @@ class Deployer:
         with self.engine.claim(manifest.name, record):
             package = self.engine.packages.get(manifest.name)
             if package is None:
-                package = Package(name=manifest.name, prefix=manifest.mount)
+                package = await anyio.to_thread.run_sync(
+                    self.engine.new_package, manifest.name, manifest.mount
+                )
             return await self._install(record, package, unpacked)
 
     def submit(self, source: Source) -> Deployment:
@@ -259,6 +279,7 @@ class Deployer:
     async def activate(self, name: str, version: str) -> Deployment:
         """Make a version that is still available (in memory or on disk) the active one."""
         package = self.package(name)
+        await self._refresh_available(package)
         if package.loaded_version(version) is None and version not in package.available:
             known = ", ".join(package.available) or "none"
             raise UnknownVersion(
@@ -352,9 +373,24 @@ class Deployer:
                 # Still loaded and started (draining before its shutdown): switching back is one
                 # assignment; the other workers prepare it (warm or from the archive) first.
                 return await self._install(record, package, None, warm=warm)
-            sha256 = package.available[target]
+            await self._refresh_available(package)
+            sha256 = package.available.get(target)
+            if sha256 is None:
+                await self._fail(
+                    record,
+                    UnknownVersion(
+                        f"{package.name} {target}: its archive is no longer in the store",
+                        package=package.name,
+                        version=target,
+                    ),
+                )
             unpacked = await self.engine.unpack_stored(package.name, target, sha256)
             return await self._install(record, package, unpacked)
+
+    async def _refresh_available(self, package: Package) -> None:
+        """Another worker may have stored versions this one has not seen."""
+        for stored in await anyio.to_thread.run_sync(self.store.archives, package.name):
+            package.available[stored.version] = stored.sha256
 
     async def _install(
         self,

@@ -9,7 +9,6 @@ act through it.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 import weakref
 from collections import deque
@@ -23,7 +22,7 @@ import anyio.abc
 import anyio.to_thread
 import pluggy
 
-from ._archive import ArchiveLimits, Unpacked, unpack
+from ._archive import ArchiveLimits, Unpacked, clean_staging, unpack
 from ._deployment import Deployment, Step
 from ._dispatch import attach_routing
 from ._errors import (
@@ -96,11 +95,15 @@ class Engine:
         return alive
 
     def clean_staging(self) -> None:
-        """Remove what an unpack interrupted by a crash left behind."""
-        packages = self.home / "packages"
-        if packages.is_dir():
-            for leftover in packages.glob(".staging-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
+        """Remove what an unpack interrupted by a crash left behind (not a live worker's)."""
+        clean_staging(self.home / "packages")
+
+    def new_package(self, name: str, prefix: str) -> Package:
+        """A package this process did not know yet, with the versions the store keeps."""
+        package = Package(name=name, prefix=prefix)
+        for stored in self.store.archives(name):
+            package.available[stored.version] = stored.sha256
+        return package
 
     def runtime(self) -> anyio.abc.TaskGroup:
         if self.task_group is None:
@@ -375,9 +378,7 @@ class Engine:
             try:
                 unpacked = await self.unpack_stored(name, version_name, sha256)
                 if package is None:
-                    package = Package(name=name, prefix=unpacked.manifest.mount)
-                    for stored in await anyio.to_thread.run_sync(self.store.archives, name):
-                        package.available[stored.version] = stored.sha256
+                    package = await anyio.to_thread.run_sync(self.new_package, name, unpacked.manifest.mount)
                 version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
                 try:
                     self.load(version)

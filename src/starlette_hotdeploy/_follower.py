@@ -17,7 +17,6 @@ import anyio.to_thread
 from ._cluster import Cluster
 from ._deployment import Deployment
 from ._engine import Engine
-from ._package import Package
 from ._store import Desired, Operation, Store
 from ._version import PackageVersion
 
@@ -43,9 +42,13 @@ class Follower:
         self.prepared.clear()
 
     async def heartbeats(self) -> None:
+        beats = 0
         while True:
             try:
                 await self.cluster.heartbeat(self.engine.serving())
+                beats += 1
+                if beats % 120 == 1:  # about once a minute: rows of workers gone for an hour
+                    await anyio.to_thread.run_sync(self.store.forget_workers, 3600.0)
             except Exception:
                 logger.exception("heartbeat failed")
             await anyio.sleep(self.cluster.heartbeat_interval)
@@ -74,6 +77,8 @@ class Follower:
                 latest[operation.package] = operation
             if operation.coordinator == self.worker_id:
                 continue
+            if operation.phase in ("prepare", "commit") and operation.coordinator not in live:
+                await anyio.to_thread.run_sync(self.store.abandon, operation)
             if operation.phase == "prepare" and operation.coordinator in live:
                 if not self.has_voted(operation, "prepared", "failed"):
                     await self._prepare_for(operation)
@@ -131,7 +136,9 @@ class Follower:
                     operation.package, operation.version, operation.sha256
                 )
                 if package is None:
-                    package = Package(name=operation.package, prefix=unpacked.manifest.mount)
+                    package = await anyio.to_thread.run_sync(
+                        self.engine.new_package, operation.package, unpacked.manifest.mount
+                    )
                 version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
                 try:
                     await self.engine.prepare(record, package, version)
@@ -178,8 +185,9 @@ class Follower:
             package.available[wanted.version] = wanted.sha256
             if active is not None and active is not target:
                 self.engine.schedule_retirement(package, active, None, delay=self.bake_time)
+            # Heartbeat first: once the vote is in, the workers map must show the new version.
+            await self.cluster.heartbeat(self.engine.serving())
             if operation is not None and operation.phase == "commit":
                 await self.vote(operation, "switched")
-            await self.cluster.heartbeat(self.engine.serving())
         finally:
             self.engine.busy.discard(name)

@@ -323,7 +323,7 @@ class Store:
                     return self._operation_row(
                         db.execute(f"SELECT {_OP_COLUMNS} FROM operations WHERE id = ?", (op_id,)).fetchone()
                     )
-                db.execute("UPDATE operations SET phase = 'abort' WHERE id = ?", (op_id,))
+                self._abandon(db, op_id, coordinator)
             db.execute(
                 f"INSERT INTO operations ({_OP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -339,6 +339,33 @@ class Store:
                 ),
             )
         return None
+
+    def abandon(self, operation: Operation) -> None:
+        """End an operation whose coordinator died (see `_abandon`)."""
+        with self._transaction() as db:
+            self._abandon(db, operation.id, operation.coordinator)
+
+    @staticmethod
+    def _abandon(db: sqlite3.Connection, op_id: str, coordinator: str) -> None:
+        """A dead coordinator's operation: before its commit nothing changed (aborted, the
+        record failed); after it the change stands, only its last steps were not seen."""
+        row = db.execute("SELECT phase FROM operations WHERE id = ?", (op_id,)).fetchone()
+        if row is None or row[0] not in ACTIVE_PHASES:
+            return
+        committed = row[0] == "commit"
+        db.execute("UPDATE operations SET phase = ? WHERE id = ?", ("done" if committed else "abort", op_id))
+        found = db.execute("SELECT record FROM history WHERE id = ?", (op_id,)).fetchone()
+        if found is None:
+            return
+        record = json.loads(found[0])
+        if record.get("outcome") != "pending":
+            return
+        record["outcome"] = "succeeded" if committed else "failed"
+        record["finished_at"] = time.time()
+        record["error"] = f"worker {coordinator} stopped during the deployment" + (
+            "; the change had been committed" if committed else "; nothing changed"
+        )
+        db.execute("UPDATE history SET record = ? WHERE id = ?", (json.dumps(record), op_id))
 
     def operations(self, since: float = 0.0) -> list[Operation]:
         rows = self._query(

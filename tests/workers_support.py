@@ -1,0 +1,344 @@
+"""Real multi-worker servers for test_workers.py: a uvicorn (`--workers N`) or gunicorn (uvicorn
+workers) subprocess serving `create_host_app` on a shared home, and the test packages they host.
+
+Every server runs in its own session (process group), so `kill()` reaches the supervisor and
+all its workers with one `os.killpg`. Every wait here is bounded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from packages import write_package, zip_directory
+from starlette_hotdeploy._store import Store
+
+TESTS = Path(__file__).resolve().parent
+T = TypeVar("T")
+
+# A package app that says which version and which worker process answered.
+APP = """
+import os
+
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+VERSION = "{version}"
+
+
+async def index(request):
+    return JSONResponse({{"name": "{name}", "version": VERSION, "pid": os.getpid()}})
+
+
+app = Starlette(routes=[Route("/", index)])
+"""
+
+# The package's own hooks module: a check that fails, or pauses until released, in the worker
+# processes the test names with marker files in $MARKER_DIR. Async, so a paused check does not
+# block the worker's event loop (its heartbeats go on).
+CHECKS = """
+import os
+import time
+from pathlib import Path
+
+import anyio
+
+from starlette_hotdeploy import hookimpl
+
+MARKERS = Path(os.environ["MARKER_DIR"])
+
+
+@hookimpl
+async def hotdeploy_check_before_activate(version):
+    pid = os.getpid()
+    if (MARKERS / f"fail-{pid}").exists():
+        return f"refusing in pid {pid}"
+    if (MARKERS / f"pause-{pid}").exists() or (MARKERS / "pause-all").exists():
+        (MARKERS / f"paused-{pid}").touch()
+        deadline = time.monotonic() + 8  # under the deployer's 10 s check timeout
+        while not (MARKERS / "release").exists():
+            if time.monotonic() > deadline:
+                return f"pid {pid} was never released"
+            await anyio.sleep(0.02)
+    return None
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.05) -> T:
+    """Call `probe` until it returns something other than None (at most `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def build_package(sources: Path, name: str, version: str, *, checks: bool = False) -> bytes:
+    """The archive of a test package (with the marker-driven check hooks if `checks`)."""
+    directory = write_package(
+        sources,
+        name,
+        version,
+        app=APP.format(name=name, version=version),
+        manifest_extra=f'hooks = "{name}.checks"\n' if checks else "",
+        files={f"{name}/checks.py": CHECKS} if checks else None,
+    )
+    return zip_directory(directory, sources / f"{name}-{version}.zip").read_bytes()
+
+
+def worker_pid(worker_id: str) -> int:
+    """The pid in a worker id ("host:pid:random")."""
+    return int(worker_id.rsplit(":", 2)[1])
+
+
+def uvicorn_worker_class() -> str:
+    if importlib.util.find_spec("uvicorn_worker") is not None:
+        return "uvicorn_worker.UvicornWorker"
+    return "uvicorn.workers.UvicornWorker"  # deprecated in uvicorn, still shipped
+
+
+class Server:
+    """A multi-worker server subprocess on 127.0.0.1 and a free port, serving the host app on
+    `home`. Start it again (after `kill()` or `stop()`) on the same home to test restarts."""
+
+    def __init__(self, tmp_path: Path, kind: str = "uvicorn", workers: int = 3) -> None:
+        self.kind = kind
+        self.workers = workers
+        self.home = tmp_path / "home"
+        self.markers = tmp_path / "markers"
+        self.markers.mkdir(exist_ok=True)
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.cwd = tmp_path
+        self.token = "workers-token-" + os.urandom(8).hex()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.starts = 0
+        # A new connection for each admin request: any worker may coordinate, and an idle
+        # connection the server closes (keep-alive timeout) is never reused.
+        self.admin = httpx.Client(
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=60,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.logs / f"server-{self.starts}.log"
+
+    def log(self) -> str:
+        return "\n".join(
+            f"--- {path.name}\n{path.read_text(errors='replace')[-6000:]}"
+            for path in sorted(self.logs.glob("*.log"))
+        )
+
+    def command(self) -> list[str]:
+        if self.kind == "uvicorn":
+            return [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "starlette_hotdeploy._serve:create_host_app",
+                "--workers",
+                str(self.workers),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ]
+        assert self.kind == "gunicorn"
+        return [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--workers",
+            str(self.workers),
+            "--worker-class",
+            uvicorn_worker_class(),
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--log-level",
+            "warning",
+            "starlette_hotdeploy._serve:create_host_app()",
+        ]
+
+    def start(self) -> None:
+        """Start it (on a new free port); wait until GET / answers and every worker registered
+        in the store. A worker registers once its start-up cleaning of the home is done: a
+        deployment unpacked during that cleaning may lose files (see
+        test_workers.test_a_starting_worker_leaves_unpacks_alone)."""
+        assert self.process is None, "already running"
+        started = time.time()
+        self.port = free_port()
+        self.starts += 1
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HOTDEPLOY_")}
+        env["HOTDEPLOY_HOME"] = str(self.home)
+        env["HOTDEPLOY_ADMIN_TOKEN"] = self.token
+        env["MARKER_DIR"] = str(self.markers)
+        # The test packages may import `testkit`, from the tests folder.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
+
+        def ready() -> bool | None:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                pytest.fail(f"the server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                return httpx.get(self.url + "/", timeout=2).status_code == 200 or None
+            except httpx.TransportError:
+                return None
+
+        wait_for("the server to answer GET /", ready, timeout=30)
+
+        def registered() -> bool | None:
+            store = Store(self.home)
+            try:
+                new = [w for w in store.workers() if w.started_at >= started]
+            finally:
+                store.close()
+            return len(new) >= self.workers or None
+
+        wait_for(f"{self.workers} workers to register", registered, timeout=30)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the supervisor and every worker, at once."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+    def stop(self) -> None:
+        """A graceful stop (SIGTERM to the supervisor), then SIGKILL for anything left."""
+        process = self.process
+        if process is None:
+            return
+        process.send_signal(signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=20)
+        self.kill()
+
+    # -- the admin API ------------------------------------------------------------------------------
+
+    def deploy(self, archive: bytes, client: httpx.Client | None = None) -> httpx.Response:
+        return (client or self.admin).post(
+            self.url + "/_hotdeploy/packages",
+            content=archive,
+            headers={"Content-Type": "application/zip", "Authorization": f"Bearer {self.token}"},
+            timeout=60,
+        )
+
+    def deployed(self, archive: bytes) -> dict[str, Any]:
+        response = self.deploy(archive)
+        assert response.status_code == 201, response.text
+        record: dict[str, Any] = response.json()
+        return record
+
+    def package(self, name: str) -> dict[str, Any] | None:
+        response = self.admin.get(self.url + f"/_hotdeploy/packages/{name}")
+        if response.status_code == 404:
+            return None
+        assert response.status_code == 200, response.text
+        found: dict[str, Any] = response.json()
+        return found
+
+    def packages(self) -> dict[str, dict[str, Any]]:
+        response = self.admin.get(self.url + "/_hotdeploy/packages")
+        assert response.status_code == 200, response.text
+        return {p["name"]: p for p in response.json()["packages"]}
+
+    def rollback(self, name: str) -> httpx.Response:
+        return self.admin.post(self.url + f"/_hotdeploy/packages/{name}/rollback", timeout=60)
+
+    def wait_for_workers(self, name: str, version: str, timeout: float = 20) -> dict[str, str]:
+        """Wait until exactly `self.workers` live workers serve `version` of `name` (dead
+        workers drop out of the map 5 s after their last heartbeat); return the map."""
+        last: list[Any] = [None]
+
+        def probe() -> dict[str, str] | None:
+            found = self.package(name)
+            last[0] = found and found["workers"]
+            if found is None or found["active_version"] != version:
+                return None
+            workers: dict[str, str] = found["workers"]
+            if len(workers) == self.workers and set(workers.values()) == {version}:
+                return workers
+            return None
+
+        try:
+            return wait_for(f"{self.workers} workers serving {name} {version}", probe, timeout, 0.1)
+        except pytest.fail.Exception:
+            pytest.fail(f"workers of {name} never all served {version}; last map: {last[0]}\n{self.log()}")
+
+    # -- traffic ----------------------------------------------------------------------------------
+
+    def get(self, name: str, client: httpx.Client | None = None) -> tuple[str, int]:
+        """GET /<name>/: (the version that answered, the pid of the worker that answered)."""
+        url = self.url + f"/{name}/"
+        response = client.get(url) if client is not None else httpx.get(url, timeout=10)
+        assert response.status_code == 200, (response.status_code, response.text)
+        body = response.json()
+        return str(body["version"]), int(body["pid"])
+
+    def sample(self, name: str, count: int = 200, reach: set[int] | None = None) -> Counter[tuple[str, int]]:
+        """`count` requests, each on a new connection (so the kernel spreads them over the
+        workers), and more (at most 10 times as many) until every pid in `reach` answered:
+        how many answers came from each (version, pid)."""
+        answers: Counter[tuple[str, int]] = Counter()
+        limits = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(limits=limits, timeout=10) as client:
+            for sent in range(count * 10):
+                if sent >= count and not (reach or set()) - {pid for _, pid in answers}:
+                    break
+                answers[self.get(name, client)] += 1
+        return answers
+
+
+@contextmanager
+def running_server(tmp_path: Path, kind: str = "uvicorn", workers: int = 3) -> Iterator[Server]:
+    server = Server(tmp_path, kind, workers)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()
+        server.admin.close()
