@@ -420,7 +420,7 @@ class Deployer:
         manifest = version.manifest
         lineage = package.lineage_after(
             version.version, version.sha256, rollback=record.operation == "rollback"
-        )
+        )[-self.keep_versions :]  # older versions' archives are pruned: no rollback to them
         operation = self.cluster.new_operation(
             record.id, package.name, "activate", version.version, version.sha256, lineage
         )

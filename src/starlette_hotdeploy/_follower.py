@@ -47,8 +47,9 @@ class Follower:
             try:
                 await self.cluster.heartbeat(self.engine.serving())
                 beats += 1
-                if beats % 120 == 1:  # about once a minute: rows of workers gone for an hour
+                if beats % 120 == 1:  # about once a minute: what is older than an hour goes
                     await anyio.to_thread.run_sync(self.store.forget_workers, 3600.0)
+                    await anyio.to_thread.run_sync(self.store.prune_operations, 3600.0)
             except Exception:
                 logger.exception("heartbeat failed")
             await anyio.sleep(self.cluster.heartbeat_interval)
@@ -70,23 +71,26 @@ class Follower:
     async def converge(self) -> None:
         """Vote on other workers' operations, then serve exactly the desired state."""
         live = await self.cluster.live()
-        operations = await anyio.to_thread.run_sync(self.store.operations, time.time() - 3600)
-        latest: dict[str, Operation] = {}
+        # Only unfinished operations: finished ones are history (and would grow without bound).
+        operations = await anyio.to_thread.run_sync(self.store.active_operations)
+        latest: dict[str, Operation] = {}  # per package, the committed operation to vote on
         for operation in operations:
-            if operation.phase in ("commit", "done"):
-                latest[operation.package] = operation
             if operation.coordinator == self.worker_id:
                 continue
-            if operation.phase in ("prepare", "commit") and operation.coordinator not in live:
+            if operation.coordinator not in live:
                 await anyio.to_thread.run_sync(self.store.abandon, operation)
-            if operation.phase == "prepare" and operation.coordinator in live:
-                if not self.has_voted(operation, "prepared", "failed"):
-                    await self._prepare_for(operation)
-            elif operation.phase != "commit" and operation.id in self.prepared:
-                version = self.prepared.pop(operation.id)
-                package = self.engine.packages.get(operation.package)
-                if package is not None and version is not package.active:
-                    await self.engine.discard(package, version)
+            elif operation.phase == "commit":
+                latest[operation.package] = operation
+            elif not self.has_voted(operation, "prepared", "failed"):
+                await self._prepare_for(operation)
+        unfinished = {operation.id for operation in operations if operation.coordinator in live}
+        for op_id in [op_id for op_id in self.prepared if op_id not in unfinished]:
+            # Aborted (or finished without this worker): what was prepared for it goes.
+            version = self.prepared.pop(op_id)
+            package = self.engine.packages.get(version.name)
+            if package is not None and version is not package.active:
+                await self.engine.discard(package, version)
+        self.voted = {vote for vote in self.voted if vote[0] in unfinished}
         desired = await anyio.to_thread.run_sync(self.store.desired)
         for name, wanted in desired.items():
             if name not in self.engine.busy:

@@ -373,6 +373,13 @@ class Store:
         )
         return [self._operation_row(row) for row in rows]
 
+    def active_operations(self) -> list[Operation]:
+        """Operations still in their prepare or commit phase (what a follower acts on)."""
+        rows = self._query(
+            f"SELECT {_OP_COLUMNS} FROM operations WHERE phase IN (?, ?) ORDER BY created_at", *ACTIVE_PHASES
+        )
+        return [self._operation_row(row) for row in rows]
+
     def operation(self, op_id: str) -> Operation | None:
         rows = self._query(f"SELECT {_OP_COLUMNS} FROM operations WHERE id = ?", op_id)
         return self._operation_row(rows[0]) if rows else None
