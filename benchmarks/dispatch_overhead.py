@@ -1,15 +1,20 @@
 """Dispatch overhead, in-process: a package behind HotDeployMiddleware against the same sub-app
-under a plain Starlette `Mount`, with 1 and with 1000 packages.
+under a plain Starlette `Mount`, with 1, 10, 100 and 1000 packages.
 
-    .venv/bin/python benchmarks/dispatch_overhead.py [--requests 20000] [--json out.json]
+    .venv/bin/python -m benchmarks.dispatch_overhead [--requests 20000] [--scales 1,10,100,1000]
+    .venv/bin/python benchmarks/dispatch_overhead.py ...   (the same)
 
 Calls the ASGI app directly (no sockets), so what is measured is the routing layer plus the
-sub-app, per request. Prints a table; `--json` also writes the numbers.
+sub-app, per request. The request goes to the *last* package mounted (a Starlette router tries
+its routes in order). Every case is measured `rounds` times, interleaved, so drift on a busy
+machine hits all alike. Prints a table; `--json` also writes the numbers (`benchmarks/run.py`
+writes them to benchmarks/results/).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -21,50 +26,28 @@ from typing import Any
 
 import anyio
 from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from starlette_hotdeploy import Deployer, HotDeployMiddleware
 from starlette_hotdeploy._types import ASGIApp, Message
 
-SUBAPP = """
-from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse
-from starlette.routing import Route
+if __package__:
+    from .tiny_packages import sub_app, write_package
+else:  # run as a script: benchmarks/dispatch_overhead.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.tiny_packages import sub_app, write_package
+
+SCALES = (1, 10, 100, 1000)
 
 
-async def hello(request):
-    return PlainTextResponse("hello")
-
-
-app = Starlette(routes=[Route("/hello", hello)])
-"""
-
-
-def write_package(parent: Path, name: str) -> Path:
-    root = parent / name
-    (root / name).mkdir(parents=True)
-    (root / name / "__init__.py").write_text("")
-    (root / name / "app.py").write_text(SUBAPP)
-    (root / "hotdeploy.toml").write_text(
-        f'name = "{name}"\nversion = "1.0"\napp = "{name}.app:app"\nmount = "/{name}"\n'
-    )
-    return root
-
-
-def sub_app() -> Starlette:
-    async def hello(request: Any) -> PlainTextResponse:
-        return PlainTextResponse("hello")
-
-    return Starlette(routes=[Route("/hello", hello)])
-
-
-async def home(request: Any) -> PlainTextResponse:
+async def home(request: Request) -> PlainTextResponse:
     return PlainTextResponse("host")
 
 
 async def measure(app: ASGIApp, path: str, requests: int) -> list[float]:
-    """Per-request seconds for `requests` GETs of `path`, after a warm-up."""
+    """Per-request seconds for `requests` GETs of `path`, after a warm-up of a tenth as many."""
     scope_base = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -100,10 +83,11 @@ async def measure(app: ASGIApp, path: str, requests: int) -> list[float]:
     return timings
 
 
-def summary(name: str, timings: list[float]) -> dict[str, Any]:
+def summary(name: str, timings: list[float], **extra: Any) -> dict[str, Any]:
     timings = sorted(timings)
     return {
         "case": name,
+        **extra,
         "requests": len(timings),
         "mean_us": statistics.fmean(timings) * 1e6,
         "p50_us": timings[len(timings) // 2] * 1e6,
@@ -112,57 +96,119 @@ def summary(name: str, timings: list[float]) -> dict[str, Any]:
     }
 
 
-async def run(requests: int, packages: int, rounds: int) -> list[dict[str, Any]]:
-    """Measure every case `rounds` times, interleaved, so drift on a busy machine hits all alike."""
+def plain_app(names: list[str]) -> Starlette:
+    """A Starlette app with a `Mount` per package name."""
+    return Starlette(routes=[Route("/", home), *[Mount(f"/{name}", app=sub_app()) for name in names]])
+
+
+async def hot_app(deployer: Deployer, sources: Path, names: list[str]) -> Starlette:
+    """A Starlette app with HotDeployMiddleware and the packages deployed (deployer running)."""
+    app = Starlette(routes=[Route("/", home)])
+    app.add_middleware(HotDeployMiddleware, deployer=deployer)
+    for name in names:
+        directory = sources / f"{name}-1.0"
+        await deployer.deploy(directory if directory.exists() else write_package(sources, name))
+    return app
+
+
+async def run(requests: int, scales: tuple[int, ...] = SCALES, rounds: int = 5) -> list[dict[str, Any]]:
+    """Measure every case `rounds` times, interleaved."""
+    biggest = max(scales)
+    names = [f"pkg{i}" for i in range(biggest)]
     with tempfile.TemporaryDirectory() as tmp:
         sources = Path(tmp) / "sources"
-        names = [f"pkg{i}" for i in range(packages)]
-        cases: list[tuple[str, ASGIApp, str]] = []
-        for n in (1, packages):
-            plain = Starlette(
-                routes=[Route("/", home), *[Mount(f"/{name}", app=sub_app()) for name in names[:n]]]
-            )
-            cases.append((f"Starlette Mount, {n} package(s)", plain, f"/{names[n - 1]}/hello"))
-
-        one = Deployer(home=Path(tmp) / "one", entry_points=False)
-        many = Deployer(home=Path(tmp) / "many", entry_points=False)
-        hot_one = Starlette(routes=[Route("/", home)])
-        hot_one.add_middleware(HotDeployMiddleware, deployer=one)
-        hot_many = Starlette(routes=[Route("/", home)])
-        hot_many.add_middleware(HotDeployMiddleware, deployer=many)
-        async with one.running(), many.running():
-            await one.deploy(write_package(sources, names[0]))
-            for name in names:
-                await many.deploy(
-                    sources / name if (sources / name).exists() else write_package(sources, name)
+        deployers = {n: Deployer(home=Path(tmp) / f"home-{n}", entry_points=False) for n in scales}
+        cases: list[tuple[str, dict[str, Any], ASGIApp, str]] = []
+        for n in scales:
+            cases.append(
+                (
+                    f"Starlette Mount, {n} package(s)",
+                    {"kind": "mount", "packages": n},
+                    plain_app(names[:n]),
+                    f"/{names[n - 1]}/hello",
                 )
-            cases += [
-                ("HotDeployMiddleware, 1 package", hot_one, "/pkg0/hello"),
-                (f"HotDeployMiddleware, {packages} packages", hot_many, f"/{names[-1]}/hello"),
-                (f"host route, {packages} packages mounted", hot_many, "/"),
-            ]
-            samples: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+            )
+        async with contextlib.AsyncExitStack() as stack:
+            for n in scales:
+                await stack.enter_async_context(deployers[n].running())
+                hot: ASGIApp = await hot_app(deployers[n], sources, names[:n])
+                cases.append(
+                    (
+                        f"HotDeployMiddleware, {n} package(s)",
+                        {"kind": "middleware", "packages": n},
+                        hot,
+                        f"/{names[n - 1]}/hello",
+                    )
+                )
+            cases.append(
+                (
+                    f"host route, {biggest} packages mounted",
+                    {"kind": "host", "packages": biggest},
+                    cases[-1][2],
+                    "/",
+                )
+            )
+            samples: dict[str, list[float]] = {name: [] for name, _, _, _ in cases}
             for _ in range(rounds):
-                for name, app, path in cases:
+                for name, _, app, path in cases:
                     samples[name].extend(await measure(app, path, requests // rounds))
-    return [summary(name, timings) for name, timings in samples.items()]
+    return [summary(name, samples[name], **extra) for name, extra, _, _ in cases]
+
+
+def overheads(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per package count: the middleware's mean against the plain Mount's, and against its own
+    mean with the fewest packages."""
+    by = {(r["kind"], r["packages"]): r for r in results}
+    scales = sorted(n for kind, n in by if kind == "middleware")
+    base = by[("middleware", scales[0])]["mean_us"]
+    rows = []
+    for n in scales:
+        hot, plain = by[("middleware", n)]["mean_us"], by[("mount", n)]["mean_us"]
+        rows.append(
+            {
+                "packages": n,
+                "middleware_us": round(hot, 2),
+                "mount_us": round(plain, 2),
+                "vs_mount_pct": round((hot / plain - 1) * 100, 1),
+                "vs_one_package_pct": round((hot / base - 1) * 100, 1),
+            }
+        )
+    return rows
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = [f"{'case':42} {'mean us':>9} {'p50 us':>9} {'p99 us':>9} {'req/s':>9}"]
+    for r in results:
+        lines.append(
+            f"{r['case']:42} {r['mean_us']:9.1f} {r['p50_us']:9.1f} {r['p99_us']:9.1f} {r['rps']:9.0f}"
+        )
+    lines.append("")
+    lines.append(
+        f"{'packages':>8} {'middleware us':>13} {'Mount us':>9} {'vs Mount':>9} {'vs 1 package':>13}"
+    )
+    for o in overheads(results):
+        lines.append(
+            f"{o['packages']:>8} {o['middleware_us']:>13.1f} {o['mount_us']:>9.1f} "
+            f"{o['vs_mount_pct']:>+8.1f}% {o['vs_one_package_pct']:>+12.1f}%"
+        )
+    return "\n".join(lines)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--requests", type=int, default=20_000)
-    parser.add_argument("--packages", type=int, default=1000)
+    parser.add_argument("--scales", default=",".join(map(str, SCALES)), help="package counts")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    results = anyio.run(run, args.requests, args.packages, args.rounds, backend=args.backend)
-    print(f"{'case':42} {'mean us':>9} {'p50 us':>9} {'p99 us':>9} {'req/s':>9}")
-    for r in results:
-        print(f"{r['case']:42} {r['mean_us']:9.1f} {r['p50_us']:9.1f} {r['p99_us']:9.1f} {r['rps']:9.0f}")
+    scales = tuple(int(n) for n in args.scales.split(","))
+    results = anyio.run(run, args.requests, scales, args.rounds, backend=args.backend)
+    print(table(results))
     if args.json:
         machine = {"python": sys.version.split()[0], "platform": platform.platform(), "backend": args.backend}
-        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+        document = {"machine": machine, "results": results, "overheads": overheads(results)}
+        args.json.write_text(json.dumps(document, indent=2))
     return 0
 
 
