@@ -1,7 +1,7 @@
 """Follower: this worker's part in the other workers' operations.
 
 It keeps a heartbeat in the store, notices changes (SQLite's `PRAGMA data_version`, polled every
-50 ms, and a full look once a second), votes on operations in their prepare phase by preparing
+20 ms, and a full look once a second), votes on operations in their prepare phase by preparing
 the version here, and makes every package serve exactly the store's desired state: at start-up
 (the restore) and whenever another worker committed a change.
 """

@@ -120,7 +120,9 @@ class Store:
             self.home / "state.db", check_same_thread=False, isolation_level=None, timeout=30
         )
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")  # a confirmed state survives power loss
+        # WAL + NORMAL survives a crash of the process; the transactions that confirm a state
+        # (`durable=True`) switch to FULL so that they also survive a power loss.
+        db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
         return db
 
@@ -138,16 +140,22 @@ class Store:
             self._connection.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
         db = self._db  # first: after a fork this replaces the lock too
         with self._lock:
-            db.execute("BEGIN IMMEDIATE")
+            if durable:
+                db.execute("PRAGMA synchronous=FULL")
             try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            finally:
+                if durable:
+                    db.execute("PRAGMA synchronous=NORMAL")
 
     def _query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         db = self._db
@@ -174,7 +182,7 @@ class Store:
                 os.fsync(out.fileno())
             os.replace(temporary, path)
             _fsync_directory(directory)
-        with self._transaction() as db:
+        with self._transaction(durable=True) as db:
             db.execute(
                 "INSERT OR IGNORE INTO archives VALUES (?, ?, ?, ?, ?)",
                 (name, version, sha256, str(path.relative_to(self.home)), time.time()),
@@ -231,7 +239,7 @@ class Store:
 
     def set_desired(self, name: str, version: str, sha256: str, lineage: list[tuple[str, str]]) -> int:
         """Confirm `version` as the active one; returns the new generation."""
-        with self._transaction() as db:
+        with self._transaction(durable=True) as db:
             generation = self._bump(db)
             db.execute(
                 "INSERT OR REPLACE INTO desired VALUES (?, ?, ?, ?, ?, ?)",
@@ -240,7 +248,7 @@ class Store:
         return generation
 
     def remove_desired(self, name: str) -> int:
-        with self._transaction() as db:
+        with self._transaction(durable=True) as db:
             generation = self._bump(db)
             db.execute("DELETE FROM desired WHERE name = ?", (name,))
         return generation
@@ -404,7 +412,7 @@ class Store:
 
     def commit(self, operation: Operation) -> int:
         """Phase "commit" and the new desired state, in one transaction."""
-        with self._transaction() as db:
+        with self._transaction(durable=True) as db:
             generation = self._bump(db)
             if operation.kind == "remove":
                 db.execute("DELETE FROM desired WHERE name = ?", (operation.package,))
