@@ -104,6 +104,7 @@ class Deployer:
         self.follower = Follower(self.engine, self.cluster, self.store, bake_time=bake_time)
         self.mounts = self.engine.mounts
         self._background: anyio.CancelScope | None = None
+        self._stopped = True  # until running()
         self._background_done: anyio.Event | None = None
 
     @property
@@ -131,6 +132,7 @@ class Deployer:
             raise RuntimeError("this Deployer is already running")
         async with anyio.create_task_group() as task_group:
             self.engine.task_group = task_group
+            self._stopped = False
             try:
                 await anyio.to_thread.run_sync(self.engine.clean_staging)
                 await self.cluster.heartbeat({})
@@ -164,11 +166,18 @@ class Deployer:
 
     async def shutdown(self) -> None:
         """The server is stopping: stop following the other workers, stop every loaded version,
-        and leave the cluster (so nobody waits for this worker). Idempotent."""
-        if self._background is not None and self._background_done is not None:
-            self._background.cancel()
+        and leave the cluster (so nobody waits for this worker). Idempotent: the middleware calls
+        it on `lifespan.shutdown`, and `running()` again on exit, when the server may already be
+        tearing its tasks down, so a second call awaits nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
+        background, done = self._background, self._background_done
+        self._background = self._background_done = None
+        if background is not None and done is not None:
+            background.cancel()
             with anyio.move_on_after(5):
-                await self._background_done.wait()  # a heartbeat in flight must not outlive leave()
+                await done.wait()  # a heartbeat in flight must not outlive leave()
         await self.engine.shutdown()
         self.follower.discard_prepared()
         await self.cluster.leave()
