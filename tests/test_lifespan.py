@@ -94,6 +94,21 @@ async def test_host_app_without_lifespan_support(tmp_path: Path, sources: Path) 
     assert testkit.calls == ["startup greeter 1.0", "shutdown greeter 1.0"]
 
 
+async def test_host_app_that_returns_without_speaking_lifespan(tmp_path: Path, sources: Path) -> None:
+    async def silent(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            return  # neither raises nor answers
+
+    deployer = Deployer(home=tmp_path / "home", entry_points=False)
+    driver = LifespanDriver(HotDeployMiddleware(silent, deployer=deployer))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(driver.run)
+        assert await driver.startup() == "lifespan.startup.complete"
+        await deployer.deploy(write_package(sources, version="1.0"))
+        assert await driver.shutdown() == "lifespan.shutdown.complete"
+    assert testkit.calls == ["startup greeter 1.0", "shutdown greeter 1.0"]
+
+
 async def test_sub_app_without_lifespan_support(deployer: Deployer, sources: Path) -> None:
     raw = (
         "async def app(scope, receive, send):\n"

@@ -179,21 +179,21 @@ class HotDeployMiddleware:
             replied = True
             await send(message)
 
+        async def speak_for_host() -> None:
+            # The host app has no lifespan support (it raised or returned without a word):
+            # answer the server for it, so that the packages still get theirs.
+            await send({"type": "lifespan.startup.complete"})
+            while (await receive_from_server())["type"] != "lifespan.shutdown":
+                pass
+            await send({"type": "lifespan.shutdown.complete"})
+
         async with self.deployer.running():
             try:
                 await self.app(scope, receive_from_server, send_to_server)
             except Exception:
                 if replied:
                     raise
-                # The host app has no lifespan support: speak the protocol for it, so the
-                # packages still get theirs.
-                await send({"type": "lifespan.startup.complete"})
-                while (await receive_from_server())["type"] != "lifespan.shutdown":
-                    pass
-                await send({"type": "lifespan.shutdown.complete"})
+                await speak_for_host()
+                return
             if phase == "startup" and not replied:
-                # The host app returned without speaking lifespan at all.
-                await send({"type": "lifespan.startup.complete"})
-                while (await receive_from_server())["type"] != "lifespan.shutdown":
-                    pass
-                await send({"type": "lifespan.shutdown.complete"})
+                await speak_for_host()
