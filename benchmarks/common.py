@@ -30,6 +30,24 @@ class BenchmarkError(RuntimeError):
     """A scenario could not run (a server did not start, a deployment failed)."""
 
 
+def get_scope(path: str) -> dict[str, Any]:
+    """The ASGI scope of a plain GET of `path`, for calling an app in-process."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "server": ("testserver", 80),
+        "client": ("127.0.0.1", 1234),
+        "root_path": "",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"host", b"testserver")],
+    }
+
+
 # -- ports and waiting ----------------------------------------------------------------------------
 
 

@@ -34,9 +34,11 @@ from starlette_hotdeploy import Deployer, HotDeployMiddleware
 from starlette_hotdeploy._types import ASGIApp, Message
 
 if __package__:
+    from .common import get_scope
     from .tiny_packages import sub_app, write_package
 else:  # run as a script: benchmarks/dispatch_overhead.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.common import get_scope
     from benchmarks.tiny_packages import sub_app, write_package
 
 SCALES = (1, 10, 100, 1000)
@@ -48,20 +50,7 @@ async def home(request: Request) -> PlainTextResponse:
 
 async def measure(app: ASGIApp, path: str, requests: int) -> list[float]:
     """Per-request seconds for `requests` GETs of `path`, after a warm-up of a tenth as many."""
-    scope_base = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "server": ("testserver", 80),
-        "client": ("127.0.0.1", 1234),
-        "root_path": "",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [(b"host", b"testserver")],
-    }
+    scope_base = get_scope(path)
     status = 0
 
     async def receive() -> Message:

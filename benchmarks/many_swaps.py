@@ -35,7 +35,7 @@ from starlette_hotdeploy import Deployer, HotDeployMiddleware, PackageVersion, h
 from starlette_hotdeploy._archive import pack_directory
 from starlette_hotdeploy._types import Message
 
-from .common import BenchmarkError, latency_summary, machine, read_rss_kib, write_results
+from .common import BenchmarkError, get_scope, latency_summary, machine, read_rss_kib, write_results
 from .tiny_packages import write_package
 
 NAME = "swapper"
@@ -68,20 +68,7 @@ class DrainCounter:
 
 async def get(app: Any, path: str) -> tuple[int, bytes]:
     """One GET straight through the ASGI app: (status, body)."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "server": ("testserver", 80),
-        "client": ("127.0.0.1", 1234),
-        "root_path": "",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [(b"host", b"testserver")],
-    }
+    scope = get_scope(path)
     status, body = 0, b""
 
     async def receive() -> Message:
