@@ -31,8 +31,7 @@ from typing import Any
 import anyio
 from starlette.applications import Starlette
 
-from starlette_hotdeploy import Deployer, HotDeployMiddleware, PackageVersion, hookimpl
-from starlette_hotdeploy._archive import pack_directory
+from starlette_hotdeploy import Deployer, HotDeployMiddleware, PackageVersion, hookimpl, pack_directory
 from starlette_hotdeploy._types import Message
 
 from .common import BenchmarkError, get_scope, latency_summary, machine, read_rss_kib, write_results
@@ -119,7 +118,7 @@ async def run(swaps: int = 200, warmup: int = 5, drain_timeout: float = 60.0) ->
     counter = DrainCounter()
     with tempfile.TemporaryDirectory(prefix="bench-swaps-") as tmp:
         versions = [f"1.{i}" for i in range(warmup + swaps + 1)]
-        archives = [pack_directory(write_package(Path(tmp) / "src", NAME, v))[1] for v in versions]
+        archives = [pack_directory(write_package(Path(tmp) / "src", NAME, v)).data for v in versions]
         deployer = Deployer(home=Path(tmp) / "home", entry_points=False, plugins=[counter])
         app = Starlette()
         app.add_middleware(HotDeployMiddleware, deployer=deployer)
@@ -138,7 +137,7 @@ async def run(swaps: int = 200, warmup: int = 5, drain_timeout: float = 60.0) ->
             rss_after = settled_rss_kib()
             alive = deployer.retired_alive()
             modules_after = len(sys.modules)
-            loaded = [v["version"] for p in deployer.status() for v in p["versions"]]
+            loaded = [v.version for p in deployer.status() for v in p.versions]
     calls = [t["call_ms"] / 1000 for t in timings]
     switches = [t["switched_ms"] / 1000 for t in timings]
     return {

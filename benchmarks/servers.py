@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import httpx
 
-from starlette_hotdeploy._archive import pack_directory
+from starlette_hotdeploy import pack_directory
 
 from .common import EXAMPLE_PACKAGES, BenchmarkError, ServerProcess, free_port, wait_until
 from .restart_host import GREETER_DIR_ENV
@@ -136,7 +136,7 @@ class HotDeploy(Method):
         wait_until(f"{self.workers} workers serving greeter 1.0", self._all_workers_on_1, START_TIMEOUT)
 
     def upgrade(self) -> UpgradeCommand:
-        _, archive = pack_directory(EXAMPLE_PACKAGES / "greeter-2.0")  # packed before the clock starts
+        archive = pack_directory(EXAMPLE_PACKAGES / "greeter-2.0").data  # packed before the clock starts
         started = time.monotonic()
         response = self._post_archive(archive)
         returned = time.monotonic()
@@ -153,7 +153,7 @@ class HotDeploy(Method):
         return True if response is not None and response.status_code == 200 else None
 
     def _deploy(self, package: str) -> httpx.Response:
-        _, archive = pack_directory(EXAMPLE_PACKAGES / package)
+        archive = pack_directory(EXAMPLE_PACKAGES / package).data
         return self._post_archive(archive)
 
     def _post_archive(self, archive: bytes) -> httpx.Response:

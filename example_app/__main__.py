@@ -28,8 +28,7 @@ import uvicorn
 from httpx_ws import AsyncWebSocketSession, aconnect_ws
 
 from example_app.host import PACKAGES, create_app
-from starlette_hotdeploy import Deployer
-from starlette_hotdeploy._archive import pack_directory
+from starlette_hotdeploy import Deployer, pack_directory
 
 ADMIN = "/_hotdeploy"
 
@@ -102,7 +101,7 @@ async def websocket(client: httpx.AsyncClient, traffic: Traffic, stop: anyio.Eve
 
 async def deploy(admin: httpx.AsyncClient, package: str) -> tuple[int, dict[str, Any]]:
     """Upload a package directory's archive through the admin API."""
-    _, archive = pack_directory(PACKAGES / package)
+    archive = pack_directory(PACKAGES / package).data
     response = await admin.post(
         f"{ADMIN}/packages", content=archive, headers={"content-type": "application/zip"}, timeout=60
     )

@@ -19,7 +19,7 @@ def create_app(deployer: Deployer, *, admin_token: str | None = None) -> Starlet
     """The host's own routes, plus packages under their mounts and the admin API."""
 
     async def home(request: Request) -> JSONResponse:
-        return JSONResponse({"host": "example", "packages": [p["name"] for p in deployer.status()]})
+        return JSONResponse({"host": "example", "packages": [p.name for p in deployer.status()]})
 
     return Starlette(
         routes=[Route("/", home)],

@@ -44,7 +44,7 @@ MAX_UPLOAD = 32 * 1024
 ZIP = "application/zip"
 PROBLEM = "application/problem+json"
 RECORD_KEYS = (
-    "id operation package from_version to_version sha256 started_at finished_at duration_ms"
+    "id operation package from_version to_version sha256 worker started_at decided_at finished_at duration_ms"
     " outcome error error_step steps"
 )
 VERSION_KEYS = "version state in_flight sha256 served terminated loaded_at activated_at error"
@@ -1164,9 +1164,11 @@ async def test_events_stream_the_progress_of_a_deployment(
     assert [(kind, data.get("step", {}).get("name")) for kind, data in events] == [
         ("deployment.started", None),
         *[(kind, step) for step in STEPS for kind in ("step.started", "step.finished")],
+        ("deployment.decided", None),
         ("deployment.finished", None),
     ]
-    started, *steps, finished = (data for _, data in events)
+    started, *steps, decided, finished = (data for _, data in events)
+    assert (decided["deployment"]["outcome"], decided["deployment"]["finished_at"]) == ("succeeded", None)
     assert (started["deployment"]["id"], started["deployment"]["outcome"]) == (record["id"], "pending")
     assert all(step["deployment_id"] == record["id"] for step in steps)
     assert all((s["package"], s["to_version"]) == ("greeter", "1.0") for s in steps[2:])
@@ -1175,8 +1177,13 @@ async def test_events_stream_the_progress_of_a_deployment(
     assert finished["deployment"] == record
 
     assert failure.status_code == 422
-    assert [kind for kind, _ in failed][-3:] == ["step.started", "step.finished", "deployment.finished"]
-    assert failed[-2][1]["step"]["name"] == "load"
-    assert failed[-2][1]["step"]["ok"] is False
+    assert [kind for kind, _ in failed][-4:] == [
+        "step.started",
+        "step.finished",
+        "deployment.decided",
+        "deployment.finished",
+    ]
+    assert failed[-3][1]["step"]["name"] == "load"
+    assert failed[-3][1]["step"]["ok"] is False
     assert failed[-1][1]["deployment"]["outcome"] == "failed"
     assert "syntax error" in failed[-1][1]["deployment"]["error"]

@@ -83,7 +83,7 @@ async def test_upgrade_switches_new_requests_and_records_the_deployment(
     assert all(step.ok and step.duration_ms is not None for step in second.steps[:11])
     assert deployer.deployment(second.id) is second
     assert list(deployer.history)[-2:] == [first, second]
-    assert deployer.status()[0]["active_version"] == "2.0"
+    assert deployer.status()[0].active_version == "2.0"
     # Other paths never see the packages.
     assert (await client.get("/")).text == "host"
 
@@ -572,7 +572,8 @@ async def test_plugins_load_from_the_entry_point_group(
     )
     monkeypatch.syspath_prepend(str(site))
     deployer = Deployer(home=tmp_path / "home")
-    assert deployer.plugins.has_plugin("acme")
+    assert not deployer.plugins.has_plugin("acme")  # constructing does no I/O: scanned at start
     async with deployer.running():
+        assert deployer.plugins.has_plugin("acme")
         with pytest.raises(DeploymentError, match=r"check acme\.hotdeploy_validate vetoed: acme policy"):
             await deployer.deploy(write_package(sources))

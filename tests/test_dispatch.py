@@ -26,9 +26,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import testkit
 from packages import write_package
-from starlette_hotdeploy import Deployer, DeploymentError, HotDeployMiddleware, MountConflict, PackageVersion
-from starlette_hotdeploy._dispatch import attach_routing
+from starlette_hotdeploy import (
+    Deployer,
+    DeploymentError,
+    HotDeployMiddleware,
+    MountConflict,
+    PackageVersion,
+    VersionState,
+)
 from starlette_hotdeploy._mounts import Mount, MountTable
+from starlette_hotdeploy._scope import attach_routing
 
 pytestmark = pytest.mark.anyio
 
@@ -210,6 +217,8 @@ class StubVersion:
 
     def __init__(self, prefix: str) -> None:
         self.state_data: dict[str, Any] = {}
+        self.state = VersionState.ACTIVE  # what a mount accepts
+        self.name, self.version = "stub", "0"
         self.app: ASGIApp = self._answer
         attach_routing(cast(PackageVersion, self), prefix)
 
@@ -464,7 +473,7 @@ async def test_routing_with_1_and_1000_mounts(deployer: Deployer, sources: Path)
         assert await answers(*greeter) == expected
         for i in range(999):  # mounts one and three segments deep
             prefix = f"/s{i}" if i % 2 else f"/d/{i}/x"
-            deployer.mounts.add(stub_mount(prefix, f"stub{i}"))
+            deployer._mount_table.add(stub_mount(prefix, f"stub{i}"))
         assert len(deployer.mounts) == 1000
         assert await answers(*greeter) == expected
         assert await answers(

@@ -425,7 +425,7 @@ async def test_twenty_swaps_under_load_lose_nothing(tmp_path: Path, sources: Pat
     assert drains.drained == {label(index): 0 for index in range(FIRST, LAST)}
     assert loaded == [(label(LAST), VersionState.ACTIVE)]
     assert host_answer == "host"
-    assert deployer.package("greeter").loaded == []
+    assert deployer.package("greeter").loaded == ()
     assert deployer.retired_alive() == []  # no module or app of the 21 versions is left in memory
 
 

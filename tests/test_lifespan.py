@@ -127,4 +127,5 @@ async def test_middleware_makes_a_default_deployer(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("HOTDEPLOY_HOME", str(tmp_path / "from-env"))
     middleware = HotDeployMiddleware(Starlette())
     assert middleware.deployer.home == tmp_path / "from-env"
-    assert middleware.deployer.mounts is middleware._mounts
+    assert middleware.deployer._mount_table is middleware._mounts
+    assert not (tmp_path / "from-env").exists()  # constructing does no I/O: the store opens at start

@@ -46,12 +46,12 @@ async def test_a_restart_restores_the_confirmed_versions(tmp_path: Path, sources
         await deployer.deploy(write_package(sources, version="1.0"))
         await deployer.deploy(write_package(sources, version="2.0"))
         await deployer.deploy(write_package(sources, name="other", version="3.0"))
-        first_ids = [r["id"] for r in deployer.deployments()]
+        first_ids = [r.id for r in deployer.deployments()]
 
     async with worker(home) as (deployer, client):
         # Restored during running(), before any traffic: no deployment involved.
         assert (await answer(client), await answer(client, "/other/")) == ("2.0", "3.0")
-        assert [r["id"] for r in deployer.deployments()] == first_ids  # the history survived too
+        assert [r.id for r in deployer.deployments()] == first_ids  # the history survived too
         assert deployer.package("greeter").lineage == ["1.0", "2.0"]
         record = await deployer.rollback("greeter")  # from the archive kept in the store
         assert record.to_version == "1.0"
@@ -88,8 +88,8 @@ async def test_a_deployment_answers_once_every_worker_serves_it(tmp_path: Path, 
         converge = next(s for s in record.steps if s.name == "converge")
         assert converge.detail == "2 worker(s) serve it"
         (status,) = a.status()
-        assert set(status["workers"].values()) == {"2.0"}
-        assert set(status["workers"]) == {a.worker_id, b.worker_id}
+        assert set(status.workers.values()) == {"2.0"}
+        assert set(status.workers) == {a.worker_id, b.worker_id}
         await a.undeploy("greeter")
         assert (await answer(client_a), await answer(client_b)) == ("404", "404")
 

@@ -1,65 +1,91 @@
-"""The store: archives, desired state with generations, history; all of it survives a reopen."""
+"""SQLiteStore's own behaviour: files on disk, SQLite settings, a fork. The contract every store
+keeps (and SQLite's schema migrations) is in test_store_conformance.py."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import sqlite3
 from pathlib import Path
 
-from starlette_hotdeploy._store import Store
+import pytest
+
+from starlette_hotdeploy._errors import IllegalTransition
+from starlette_hotdeploy._operation import Operation, OperationKind, Phase
+from starlette_hotdeploy._sqlite_store import SQLiteStore
+from starlette_hotdeploy._store import open_store
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_archives_are_kept_by_name_version_and_sha(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    path = store.save_archive("greeter", "1.0", sha(b"one"), b"one")
-    assert path == tmp_path / "archives" / "greeter" / f"1.0-{sha(b'one')[:12]}.zip"
-    assert path.read_bytes() == b"one"
-    assert store.save_archive("greeter", "1.0", sha(b"one"), b"one") == path  # idempotent
-    store.save_archive("greeter", "1.0", sha(b"fixed"), b"fixed")  # same version, new content
-    stored = store.archive("greeter", "1.0")
-    assert stored is not None
-    assert stored.sha256 == sha(b"fixed")
-    assert [a.sha256 for a in store.archives("greeter")] == [sha(b"one"), sha(b"fixed")]
-    assert not list((tmp_path / "archives" / "greeter").glob(".*.tmp"))
-    assert store.archive("greeter", "9.9") is None
+def test_open_store_is_the_sqlite_store_of_the_home(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "home")
+    try:
+        assert isinstance(store, SQLiteStore)
+        assert (tmp_path / "home" / "state.db").is_file()
+        assert (tmp_path / "home" / "archives").is_dir()
+    finally:
+        store.close()
 
 
-def test_desired_state_and_generations_survive_a_reopen(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    assert store.generation() == 0
-    assert store.set_desired("greeter", "1.0", "a" * 64, [("1.0", "a" * 64)]) == 1
-    assert store.set_desired("inventory", "3.0", "b" * 64, [("3.0", "b" * 64)]) == 2
-    assert store.set_desired("greeter", "2.0", "c" * 64, [("1.0", "a" * 64), ("2.0", "c" * 64)]) == 3
-    store.close()
-
-    reopened = Store(tmp_path)
-    desired = reopened.desired()
-    assert list(desired) == ["greeter", "inventory"]
-    assert (desired["greeter"].version, desired["greeter"].generation) == ("2.0", 3)
-    assert desired["greeter"].lineage == [("1.0", "a" * 64), ("2.0", "c" * 64)]
-    assert reopened.remove_desired("inventory") == 4
-    assert list(reopened.desired()) == ["greeter"]
-
-
-def test_prune_keeps_the_newest_and_the_protected(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    for n in range(5):
-        store.save_archive("greeter", f"{n}.0", sha(bytes([n])), bytes([n]))
-    removed = store.prune("greeter", keep=2, protect={("0.0", sha(bytes([0])))})
-    assert [a.version for a in removed] == ["1.0", "2.0"]
-    assert [a.version for a in store.archives("greeter")] == ["0.0", "3.0", "4.0"]
-    assert all(not a.path.exists() for a in removed)
+def test_archives_are_files_named_by_version_and_sha(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path)
+    try:
+        path = store.save_archive("greeter", "1.0", sha(b"one"), b"one")
+        assert path == tmp_path / "archives" / "greeter" / f"1.0-{sha(b'one')[:12]}.zip"
+        assert not list((tmp_path / "archives" / "greeter").glob(".*.tmp"))  # renamed into place
+    finally:
+        store.close()
+    # The index holds paths relative to the home: a home can be moved.
+    db = sqlite3.connect(tmp_path / "state.db")
+    try:
+        assert db.execute("SELECT path FROM archives").fetchall() == [
+            (f"archives/greeter/1.0-{sha(b'one')[:12]}.zip",)
+        ]
+    finally:
+        db.close()
 
 
-def test_history_newest_first(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    for n, package in enumerate(["a", "b", "a"]):
-        store.record({"id": f"d{n}", "package": package, "started_at": float(n), "outcome": "pending"})
-    store.record({"id": "d0", "package": "a", "started_at": 0.0, "outcome": "succeeded"})  # updated
-    assert [r["id"] for r in store.history()] == ["d2", "d1", "d0"]
-    assert [r["id"] for r in store.history(package="a", limit=1)] == ["d2"]
-    assert store.deployment("d0") == {"id": "d0", "package": "a", "started_at": 0.0, "outcome": "succeeded"}
-    assert store.deployment("nope") is None
+def test_wal_with_full_sync_only_while_a_durable_transaction_runs(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path)
+    try:
+        db = store._connection
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        normal, full = 1, 2
+        with store._transaction(durable=True):
+            assert db.execute("PRAGMA synchronous").fetchone() == (full,)
+        assert db.execute("PRAGMA synchronous").fetchone() == (normal,)
+        # A refused durable transaction is rolled back and leaves NORMAL too.
+        operation = Operation(
+            "op1", "greeter", OperationKind.REMOVE, None, None, [], Phase.PREPARE, "w1", 0.0
+        )
+        with pytest.raises(IllegalTransition):
+            store.commit(operation)  # never begun
+        assert not db.in_transaction
+        assert db.execute("PRAGMA synchronous").fetchone() == (normal,)
+    finally:
+        store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_process_gets_its_own_connection(tmp_path: Path) -> None:
+    """gunicorn --preload opens the store in the master: a worker must not share its connection."""
+    store = SQLiteStore(tmp_path)
+    try:
+        store.heartbeat("master", {})
+        pid = os.fork()
+        if pid == 0:  # the child: report by exit status only, never return into pytest
+            status = 1
+            try:
+                inherited = store._connection
+                store.heartbeat("child", {})
+                status = 0 if store._connection is not inherited else 2
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert sorted(w.id for w in store.workers()) == ["child", "master"]
+    finally:
+        store.close()

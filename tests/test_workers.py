@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from starlette_hotdeploy import _archive
-from starlette_hotdeploy._store import Store
+from starlette_hotdeploy._store import open_store
 from workers_support import Server, build_package, running_server, wait_for, worker_pid
 
 WORKERS = 3
@@ -53,7 +53,7 @@ def coordinator_connection(server: Server, name: str) -> Iterator[tuple[httpx.Cl
 
 def prepared_voters(home: Path) -> set[str]:
     """Workers that voted "prepared" on the operation under way (read from the store)."""
-    store = Store(home)
+    store = open_store(home)
     try:
         voters: set[str] = set()
         for operation in store.operations():
@@ -352,7 +352,7 @@ def test_a_graceful_stop_unregisters_the_workers(tmp_path: Path, sources: Path) 
         server.deployed(build_package(sources, "greeter", "1.0"))
         server.wait_for_workers("greeter", "1.0")
         server.stop()
-        store = Store(server.home)
+        store = open_store(server.home)
         try:
             left = [worker.id for worker in store.workers()]
         finally:

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from packages import write_package, zip_directory
-from starlette_hotdeploy._store import Store
+from starlette_hotdeploy._store import open_store
 
 TESTS = Path(__file__).resolve().parent
 T = TypeVar("T")
@@ -229,7 +229,7 @@ class Server:
         wait_for("the server to answer GET /", ready, timeout=30)
 
         def registered() -> bool | None:
-            store = Store(self.home)
+            store = open_store(self.home)
             try:
                 new = [w for w in store.workers() if w.started_at >= started]
             finally:

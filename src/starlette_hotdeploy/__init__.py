@@ -1,14 +1,21 @@
 """Hot deployment of packages for Starlette and ASGI servers."""
 
-from ._archive import ArchiveLimits
+from typing import TYPE_CHECKING
+
+from ._admin import create_admin_app
+from ._archive import ArchiveLimits, Packed, pack_directory
 from ._deployer import Deployer
 from ._deployment import Deployment, Step
 from ._dispatch import HotDeployMiddleware
 from ._errors import (
+    AdminClientError,
+    AdminProblem,
+    AdminUnreachable,
     ArchiveError,
     CheckFailed,
     DeploymentError,
     DeploymentInProgress,
+    DeploymentTimeout,
     HotDeployError,
     LoadError,
     ManifestError,
@@ -16,6 +23,7 @@ from ._errors import (
     NoPreviousVersion,
     NotRunning,
     PackageInUse,
+    RequestAborted,
     StartupError,
     UnknownPackage,
     UnknownVersion,
@@ -23,11 +31,19 @@ from ._errors import (
 from ._hooks import HookSpecs, hookimpl, hookspec
 from ._manifest import Manifest, parse_manifest
 from ._package import Package
-from ._version import PackageVersion, RequestAborted, VersionState
+from ._serve import create_host_app
+from ._version import PackageVersion, VersionState
+
+if TYPE_CHECKING:
+    from ._client import AdminClient
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdminClient",
+    "AdminClientError",
+    "AdminProblem",
+    "AdminUnreachable",
     "ArchiveError",
     "ArchiveLimits",
     "CheckFailed",
@@ -35,6 +51,7 @@ __all__ = [
     "Deployment",
     "DeploymentError",
     "DeploymentInProgress",
+    "DeploymentTimeout",
     "HookSpecs",
     "HotDeployError",
     "HotDeployMiddleware",
@@ -47,6 +64,7 @@ __all__ = [
     "Package",
     "PackageInUse",
     "PackageVersion",
+    "Packed",
     "RequestAborted",
     "StartupError",
     "Step",
@@ -54,7 +72,29 @@ __all__ = [
     "UnknownVersion",
     "VersionState",
     "__version__",
+    "create_admin_app",
+    "create_host_app",
     "hookimpl",
     "hookspec",
+    "pack_directory",
     "parse_manifest",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # AdminClient needs httpx, which only the [cli] extra installs: import it on first use.
+    if name == "AdminClient":
+        try:
+            from ._client import AdminClient
+        except ModuleNotFoundError as exc:
+            if exc.name != "httpx":
+                raise
+            raise ImportError(
+                f'starlette_hotdeploy.{name} needs httpx: pip install "starlette-hotdeploy[cli]"'
+            ) from exc
+        return AdminClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ._deployer import Deployer
-from ._errors import HotDeployError
+from ._errors import HotDeployError, UploadRefused, UploadTooLarge
 from ._openapi import openapi_document
 from ._problems import problem, problem_for
 from ._types import ASGIApp, Receive, Scope, Send
@@ -32,11 +32,8 @@ READ_TOKEN_ENV = "HOTDEPLOY_ADMIN_READ_TOKEN"
 ARCHIVE_TYPES = frozenset(
     {"application/zip", "application/octet-stream", "application/x-zip-compressed", "application/x-wheel+zip"}
 )
+MAX_HISTORY_LIMIT = 10_000
 _READ_METHODS = frozenset({"GET", "HEAD"})
-
-
-class TooLarge(Exception):
-    pass
 
 
 class AdminAuth:
@@ -121,25 +118,27 @@ class AdminAPI:
         return JSONResponse(openapi_document(self.prefix, self.max_upload_bytes))
 
     async def list_packages(self, request: Request) -> Response:
-        return JSONResponse({"packages": await anyio.to_thread.run_sync(self.deployer.status)})
+        packages = await anyio.to_thread.run_sync(self.deployer.status)
+        return JSONResponse({"packages": [p.to_dict() for p in packages]})
 
     async def get_package(self, request: Request) -> Response:
         try:
-            found = self.deployer.status(request.path_params["name"])
+            # In a worker thread: it reads the other workers' heartbeats from the store.
+            found = await anyio.to_thread.run_sync(self.deployer.status, request.path_params["name"])
         except HotDeployError as exc:
             return problem_for(exc)
         if not found:
             return problem(404, "unknown package", f"package {request.path_params['name']!r} is not active")
-        return JSONResponse(found[0])
+        return JSONResponse(found[0].to_dict())
 
     async def deploy(self, request: Request) -> Response:
         try:
             data = await self._archive_from(request)
-        except TooLarge:
+        except UploadTooLarge:
             return problem(
                 413, "archive too large", f"the upload is over the {self.max_upload_bytes}-byte limit"
             )
-        except _BadUpload as exc:
+        except UploadRefused as exc:
             return problem(exc.status, exc.title, str(exc))
         if request.query_params.get("wait", "true").lower() in ("false", "0", "no"):
             try:
@@ -191,15 +190,17 @@ class AdminAPI:
         except ValueError:
             return problem(400, "invalid query", "limit must be a whole number")
         package = request.query_params.get("package") or None
-        records = await anyio.to_thread.run_sync(self.deployer.deployments, max(limit, 0), package)
-        return JSONResponse({"deployments": records})
+        if not 0 <= limit <= MAX_HISTORY_LIMIT:
+            return problem(400, "invalid query", f"limit must be between 0 and {MAX_HISTORY_LIMIT}")
+        records = await anyio.to_thread.run_sync(self.deployer.deployments, limit, package)
+        return JSONResponse({"deployments": [r.to_dict() for r in records]})
 
     async def get_deployment(self, request: Request) -> Response:
         deployment_id = request.path_params["id"]
         record = await anyio.to_thread.run_sync(self.deployer.find_deployment, deployment_id)
         if record is None:
             return problem(404, "unknown deployment", f"no deployment with id {deployment_id!r}")
-        return JSONResponse(record)
+        return JSONResponse(record.to_dict())
 
     async def events(self, request: Request) -> Response:
         return StreamingResponse(
@@ -226,12 +227,12 @@ class AdminAPI:
     async def _archive_from(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_upload_bytes:
-            raise TooLarge
+            raise UploadTooLarge("the upload is over the size limit")
         content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if content_type == "multipart/form-data":
             return await self._archive_from_form(request)
         if content_type and content_type not in ARCHIVE_TYPES:
-            raise _BadUpload(
+            raise UploadRefused(
                 415,
                 "unsupported media type",
                 f"send the archive as application/zip or application/octet-stream (got {content_type}), "
@@ -241,9 +242,9 @@ class AdminAPI:
         async for chunk in request.stream():
             body.extend(chunk)
             if len(body) > self.max_upload_bytes:
-                raise TooLarge
+                raise UploadTooLarge("the upload is over the size limit")
         if not body:
-            raise _BadUpload(
+            raise UploadRefused(
                 400, "invalid archive", "the request body is empty: send the archive (zip or wheel)"
             )
         return bytes(body)
@@ -253,22 +254,22 @@ class AdminAPI:
             form = await request.form(max_files=1, max_fields=10)
         except Exception as exc:  # the multipart parser's errors
             detail = exc.detail if isinstance(exc, HTTPException) else str(exc)
-            raise _BadUpload(400, "invalid upload", f"cannot parse the multipart body: {detail}") from exc
+            raise UploadRefused(400, "invalid upload", f"cannot parse the multipart body: {detail}") from exc
         try:
             files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
             if len(files) != 1:
-                raise _BadUpload(
+                raise UploadRefused(
                     400, "invalid upload", f"a multipart upload must hold one file, got {len(files)}"
                 )
             if files[0].size is not None and files[0].size > self.max_upload_bytes:
-                raise TooLarge
+                raise UploadTooLarge("the upload is over the size limit")
             data = await files[0].read()
         finally:
             await form.close()
         if len(data) > self.max_upload_bytes:
-            raise TooLarge
+            raise UploadTooLarge("the upload is over the size limit")
         if not data:
-            raise _BadUpload(400, "invalid archive", "the uploaded file is empty")
+            raise UploadRefused(400, "invalid archive", "the uploaded file is empty")
         return data
 
 
@@ -281,13 +282,6 @@ async def _http_problem(request: Request, exc: Exception) -> Response:
     if exc.headers:
         response.headers.update(exc.headers)
     return response
-
-
-class _BadUpload(Exception):
-    def __init__(self, status: int, title: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.title = title
 
 
 def create_admin_app(

@@ -107,7 +107,7 @@ def read_source(source: str | os.PathLike[str] | bytes, limits: ArchiveLimits | 
         return source
     path = Path(source)
     if path.is_dir():
-        return pack_directory(path, limits)[1]
+        return pack_directory(path, limits).data
     if not path.is_file():
         raise ArchiveError(f"no such package directory or archive: {path}")
     size = path.stat().st_size
@@ -118,16 +118,32 @@ def read_source(source: str | os.PathLike[str] | bytes, limits: ArchiveLimits | 
     return path.read_bytes()
 
 
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """A package directory zipped in memory: its validated manifest and the archive's bytes."""
+
+    manifest: Manifest
+    data: bytes
+
+    @property
+    def sha256(self) -> str:
+        """The archive's sha256 (hex), as the server records it."""
+        return hashlib.sha256(self.data).hexdigest()
+
+
 def pack_directory(
-    source: str | os.PathLike[str], limits: ArchiveLimits | None = None, *, exclude: Path | None = None
-) -> tuple[Manifest, bytes]:
-    """Validate a package directory and return its manifest and a deterministic zip of it.
+    directory: str | os.PathLike[str],
+    limits: ArchiveLimits | None = None,
+    *,
+    exclude: str | os.PathLike[str] | None = None,
+) -> Packed:
+    """Validate a package directory and zip it deterministically, in memory.
 
     Entries are sorted, timestamps fixed and modes plain, so the same files always give the same
     bytes (and sha256); caches (`__pycache__`, `.git`, ...) and `exclude` (the archive being
     written, say) are left out, and links refused. The modules the manifest names must exist."""
     limits = limits or ArchiveLimits()
-    root = Path(source)
+    root = Path(directory)
     if not root.is_dir():
         raise ArchiveError(f"{root} is not a package directory")
     if not (root / MANIFEST_NAME).is_file():
@@ -147,13 +163,15 @@ def pack_directory(
             info.external_attr = (stat.S_IFREG | 0o644) << 16
             info.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(info, path.read_bytes())
-    return manifest, buffer.getvalue()
+    return Packed(manifest=manifest, data=buffer.getvalue())
 
 
-def _package_files(root: Path, limits: ArchiveLimits, exclude: Path | None) -> list[tuple[str, Path]]:
+def _package_files(
+    root: Path, limits: ArchiveLimits, exclude: str | os.PathLike[str] | None
+) -> list[tuple[str, Path]]:
     """(archive name, path) of every file to pack, sorted by name; links refused, caches and
     `exclude` skipped, limits enforced."""
-    skip = exclude.resolve() if exclude is not None else None
+    skip = Path(exclude).resolve() if exclude is not None else None
     found: list[tuple[str, Path]] = []
     total = 0
     for dirpath, dirnames, filenames in os.walk(root):

@@ -1,8 +1,9 @@
 """The `hotdeploy` command: pack, deploy, inspect and serve packages. See docs/cli.md.
 
 The commands are thin: `pack_directory` builds archives, `AdminClient` talks to the admin API
-(docs/admin-api.md) and turns every failure into a `CliError`, `StepPrinter` shows a
-deployment's steps as they happen, and `render_*` format the tables.
+(docs/admin-api.md), `with_client` turns its errors into `CliError`s with exit codes and hints
+in terms of the command's options, `StepPrinter` shows a deployment's steps as they happen, and
+`render_*` format the tables.
 
 Exit codes: 0 done; 1 the operation failed or was refused (and `pack` found a bad package);
 2 a usage error, or the server could not be reached or understood (connection, token, not
@@ -16,41 +17,49 @@ import hashlib
 import json
 import os
 import secrets
-import stat
-import time
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
-from urllib.parse import quote
 
 import click
 import httpx
 
 from . import __version__
-from . import _archive as archive
 from ._admin import DEFAULT_PREFIX, TOKEN_ENV
-from ._errors import HotDeployError
-from ._manifest import MANIFEST_NAME, Manifest, load_manifest
+from ._archive import ArchiveLimits, pack_directory, read_source
+from ._client import DEFAULT_TIMEOUT, AdminClient
+from ._errors import (
+    AdminClientError,
+    AdminProblem,
+    AdminUnreachable,
+    DeploymentTimeout,
+    HotDeployError,
+    UnreachableReason,
+)
+from ._manifest import MANIFEST_NAME, load_manifest
 from ._serve import HOME_ENV
 
 URL_ENV = "HOTDEPLOY_URL"
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_HOME = ".hotdeploy"
-DEFAULT_TIMEOUT = 300.0
-CONNECT_TIMEOUT = 10.0
-POLL_INTERVAL = 0.1
 HOST_APP = "starlette_hotdeploy._serve:create_host_app"
 
 EXIT_FAILED = 1
 EXIT_SERVER = 2  # also click's exit code for usage errors
 EXIT_TIMEOUT = 3
 
-# Every entry of a packed archive gets the same timestamp and mode, so that packing the same
-# files twice gives the same bytes (and sha256).
-ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)
-ZIP_FILE_MODE = stat.S_IFREG | 0o644
-_SKIPPED_SUFFIXES = (".pyc", ".pyo")
+# `deploy` sends a file as it is: the server applies its own size cap.
+UPLOAD_LIMITS = ArchiveLimits(max_archive_bytes=sys.maxsize)
+
+# The client's hints name its Python arguments; the CLI's name its options instead.
+SERVER_HINTS: dict[UnreachableReason, str] = {
+    "connect": f" (set the URL with --url or ${URL_ENV})",
+    "token_refused": f": check --token or ${TOKEN_ENV}",
+    "no_token": f": pass the admin token with --token or ${TOKEN_ENV}",
+    "not_json": " (it is off unless the server has an admin token; see also --prefix)",
+}
+WAIT_HINT = " (it may still finish: see `hotdeploy history`)"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -76,183 +85,13 @@ class WaitTimeout(CliError):
     exit_code = EXIT_TIMEOUT
 
 
-class Problem(CliError):
-    """The admin API refused an operation: an RFC 9457 problem (`status`, `detail`, ...)."""
-
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        title = body.get("title") or "error"
-        detail = body.get("detail") or title
-        super().__init__(f"{status} {title}: {detail}")
-        self.status = status
-        self.body = body
-
-    @property
-    def deployment(self) -> dict[str, Any] | None:
-        """The failed deployment's record, when the problem carries one."""
-        record = self.body.get("deployment")
-        return record if isinstance(record, dict) else None
-
-
-# -- pack -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Packed:
-    """A package directory zipped in memory."""
-
-    manifest: Manifest
-    data: bytes
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
-
-
-def pack_directory(directory: Path, *, exclude: Path | None = None) -> Packed:
-    """Validate the package at `directory` and zip it deterministically (the library's packer:
-    sorted entries, fixed timestamps, regular-file modes): the same files give the same bytes."""
-    manifest, data = archive.pack_directory(directory, exclude=exclude)
-    return Packed(manifest=manifest, data=data)
-
-
-# -- the admin API client -------------------------------------------------------------------------
-
-
-class AdminClient:
-    """The admin API over HTTP, one method per endpoint. Any answer but a success raises a
-    `CliError`: `Problem` (exit 1) for a refused operation, exit 2 for everything that means the
-    server could not be reached or understood."""
-
-    def __init__(
-        self,
-        url: str,
-        token: str | None,
-        *,
-        prefix: str = DEFAULT_PREFIX,
-        timeout: float = DEFAULT_TIMEOUT,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        self.url = url.rstrip("/")
-        self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
-        self.token = token or None
-        self.timeout = timeout
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        try:
-            self._http = httpx.Client(
-                base_url=self.url,
-                headers=headers,
-                timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)),
-                transport=transport,
-            )
-        except (httpx.InvalidURL, ValueError) as exc:
-            raise ServerError(f"invalid server URL {url!r}: {exc}") from None
-
-    def __enter__(self) -> AdminClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._http.close()
-
-    # The endpoints.
-
-    def packages(self) -> list[dict[str, Any]]:
-        packages = self.request("GET", "/packages").get("packages")
-        if not isinstance(packages, list):
-            raise self._unexpected("GET", "/packages", "no 'packages' list")
-        return packages
-
-    def package(self, name: str) -> dict[str, Any]:
-        return self.request("GET", f"/packages/{quote(name, safe='')}")
-
-    def upload(self, archive: bytes) -> tuple[dict[str, Any], str]:
-        """POST the archive without waiting: (the deployment record, the path to poll)."""
-        response, record = self.send(
-            "POST",
-            self.prefix + "/packages",
-            params={"wait": "false"},
-            content=archive,
-            headers={"Content-Type": "application/zip"},
-        )
-        location = response.headers.get("location") or self._deployment_path(record)
-        return record, location
-
-    def deployment(self, path: str) -> dict[str, Any]:
-        """GET a deployment record by the path the upload answered with (its Location)."""
-        return self.send("GET", path)[1]
-
-    def deployments(self, package: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        params: dict[str, str | int] = {"limit": limit}
-        if package:
-            params["package"] = package
-        deployments = self.request("GET", "/deployments", params=params).get("deployments")
-        if not isinstance(deployments, list):
-            raise self._unexpected("GET", "/deployments", "no 'deployments' list")
-        return deployments
-
-    def rollback(self, name: str) -> dict[str, Any]:
-        return self.request("POST", f"/packages/{quote(name, safe='')}/rollback")
-
-    def activate(self, name: str, version: str) -> dict[str, Any]:
-        return self.request("POST", f"/packages/{quote(name, safe='')}/activate", json={"version": version})
-
-    def undeploy(self, name: str) -> dict[str, Any]:
-        return self.request("DELETE", f"/packages/{quote(name, safe='')}")
-
-    # The transport.
-
-    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        """Call `path` under the admin prefix; the JSON object it answered."""
-        return self.send(method, self.prefix + path, **kwargs)[1]
-
-    def send(self, method: str, path: str, **kwargs: Any) -> tuple[httpx.Response, dict[str, Any]]:
-        """Call `path` (relative to the server URL): the response and its JSON object."""
-        where = f"{method} {self.url}{path}"
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException:
-            raise ServerError(f"{where}: no answer within {self.timeout:g} s") from None
-        except httpx.ConnectError as exc:
-            raise ServerError(
-                f"cannot connect to {self.url} ({exc or type(exc).__name__}): is the server running? "
-                f"(set the URL with --url or ${URL_ENV})"
-            ) from None
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            raise ServerError(f"{where}: {exc or type(exc).__name__}") from None
-        if response.status_code == 401:
-            hint = (
-                f"the server refused the token: check --token or ${TOKEN_ENV}"
-                if self.token
-                else f"no token given: pass the admin token with --token or ${TOKEN_ENV}"
-            )
-            raise ServerError(f"{self.url}: 401 unauthorized: {hint}")
-        if response.status_code == 403:
-            raise ServerError(
-                f"{where}: 403 forbidden: this token may only read; writes need the admin token"
-            )
-        try:
-            body = response.json()
-        except ValueError:  # not JSON, or not UTF-8
-            body = None
-        if not isinstance(body, dict):
-            content_type = response.headers.get("content-type") or "no content type"
-            raise self._unexpected(
-                method, path, f"answered {response.status_code} with {content_type}, not a JSON object"
-            )
-        if response.is_error:
-            raise Problem(response.status_code, body)
-        return response, body
-
-    def _unexpected(self, method: str, path: str, what: str) -> ServerError:
-        return ServerError(
-            f"{method} {self.url}{path} {what}: is the admin API served at {self.url}{self.prefix}? "
-            "(it is off unless the server has an admin token; see also --prefix)"
-        )
-
-    def _deployment_path(self, record: dict[str, Any]) -> str:
-        return f"{self.prefix}/deployments/{quote(str(record.get('id')), safe='')}"
+def cli_error(exc: AdminClientError) -> CliError:
+    """The CLI's error for a client error: its exit code, and hints naming the options."""
+    if isinstance(exc, AdminUnreachable):
+        return ServerError(exc.summary + SERVER_HINTS.get(exc.reason, exc.hint))
+    if isinstance(exc, DeploymentTimeout):
+        return WaitTimeout(exc.summary + WAIT_HINT)
+    return CliError(exc.message)
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -367,38 +206,13 @@ def echo_json(value: Any) -> None:
 # -- deploy -----------------------------------------------------------------------------------------
 
 
-def follow(
-    client: AdminClient,
-    record: dict[str, Any],
-    location: str,
-    *,
-    timeout: float,
-    printer: StepPrinter,
-    interval: float = POLL_INTERVAL,
-) -> dict[str, Any]:
-    """Poll the deployment at `location` until its outcome is known, printing its steps."""
-    deadline = time.monotonic() + timeout
-    printer.update(record)
-    while record.get("outcome") == "pending":
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise WaitTimeout(
-                f"deployment {record.get('id')} is still pending after {timeout:g} s "
-                "(it may still finish: see `hotdeploy history`)"
-            )
-        time.sleep(min(interval, remaining))
-        record = client.deployment(location)
-        printer.update(record)
-    return record
-
-
-def read_source(source: Path) -> tuple[bytes, str]:
-    """The archive to upload and how to name it: a directory is packed in memory."""
+def read_upload(source: Path) -> tuple[bytes, str]:
+    """The archive to upload and how to name it: a directory is packed in memory, like `pack`."""
     if source.is_dir():
         packed = pack_directory(source)
         return packed.data, f"{source} (packed {packed.manifest.name} {packed.manifest.version})"
     try:
-        return source.read_bytes(), str(source)
+        return read_source(source, UPLOAD_LIMITS), str(source)
     except OSError as exc:
         raise CliError(f"cannot read {source}: {exc.strerror or exc}") from None
 
@@ -408,7 +222,7 @@ def run_operation(call: Callable[[], dict[str, Any]]) -> None:
     the steps of the failed deployment and the problem."""
     try:
         record = call()
-    except Problem as exc:
+    except AdminProblem as exc:
         if exc.deployment is not None:
             StepPrinter().update(exc.deployment)
         raise
@@ -439,8 +253,11 @@ def with_client(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(url: str, token: str | None, prefix: str, timeout: float, **kwargs: Any) -> Any:
-        with AdminClient(url, token, prefix=prefix, timeout=timeout, transport=_transport()) as client:
-            return command(client, **kwargs)
+        try:
+            with AdminClient(url, token, prefix=prefix, timeout=timeout, transport=_transport()) as client:
+                return command(client, **kwargs)
+        except AdminClientError as exc:
+            raise cli_error(exc) from None
 
     options = [
         click.option(
@@ -517,18 +334,18 @@ def deploy(client: AdminClient, source: Path, no_wait: bool) -> None:
 
     Exits 0 once the new version is active, 1 if the deployment failed."""
     try:
-        data, label = read_source(source)
+        data, label = read_upload(source)
     except HotDeployError as exc:
         raise CliError(str(exc)) from None
     digest = hashlib.sha256(data).hexdigest()
     if not no_wait:
         click.echo(f"uploading {label}: {len(data)} bytes, sha256:{digest[:12]} to {client.url}")
-    record, location = client.upload(data)
+    record = client.submit(data)
     if no_wait:
         click.echo(record.get("id"))
         return
     click.echo(f"deployment {record.get('id')}")
-    record = follow(client, record, location, timeout=client.timeout, printer=StepPrinter())
+    record = client.wait(record, on_update=StepPrinter().update)
     if record.get("outcome") != "succeeded":
         raise failure(record)
     click.echo(summary(record))

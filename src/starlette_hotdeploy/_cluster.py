@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import anyio
 import anyio.to_thread
 
-from ._store import Operation, Store, Worker
+from ._operation import Operation, OperationKind, Phase, Vote
+from ._store import Store, Worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,15 +52,13 @@ class Cluster:
     ) -> None:
         self.store = store
         self._host = socket.gethostname()
+        # Made when the runtime starts in this process, never at import: workers forked from a
+        # preloading master (gunicorn --preload) each get their own.
         self.worker_id = f"{self._host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
         self.poll_interval = poll_interval
         self.timeout = timeout
-
-    async def call(self, function, *args):  # type: ignore[no-untyped-def]
-        """Run a blocking store call in a worker thread."""
-        return await anyio.to_thread.run_sync(function, *args)
 
     def workers(self) -> list[Worker]:
         """Workers with a recent heartbeat; on this host, also a process that still exists (a
@@ -93,7 +92,7 @@ class Cluster:
         self,
         op_id: str,
         package: str,
-        kind: str,
+        kind: OperationKind,
         version: str | None = None,
         sha256: str | None = None,
         lineage: list[tuple[str, str]] | None = None,
@@ -105,19 +104,21 @@ class Cluster:
             version=version,
             sha256=sha256,
             lineage=lineage or [],
-            phase="prepare",
+            phase=Phase.PREPARE,
             coordinator=self.worker_id,
             created_at=time.time(),
         )
 
-    async def await_votes(self, operation: Operation, wanted: str) -> VoteResult:
-        """Wait until every live worker voted `wanted` (or "failed"), or the timeout."""
+    async def await_votes(self, operation: Operation, wanted: Vote) -> VoteResult:
+        """Wait until every live worker voted `wanted` (or FAILED), or the timeout."""
         deadline = time.monotonic() + self.timeout
         while True:
             live = await self.live()
             votes = await anyio.to_thread.run_sync(self.store.votes, operation.id)
             failed = {
-                w: detail or "failed" for w, (vote, detail) in votes.items() if vote == "failed" and w in live
+                w: detail or "failed"
+                for w, (vote, detail) in votes.items()
+                if vote is Vote.FAILED and w in live
             }
             waiting = sorted(w for w in live if votes.get(w, ("", None))[0] != wanted and w not in failed)
             if failed or not waiting:

@@ -2,86 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import logging
+from typing import TYPE_CHECKING
 
 from starlette.datastructures import URL
 from starlette.responses import RedirectResponse
-from starlette.routing import Mount as StarletteMount
-from starlette.routing import NoMatchFound
 
+from ._scope import mounted_scope, route_path
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
-    from starlette.datastructures import URLPath
-
     from ._deployer import Deployer
-    from ._version import PackageVersion
 
-
-def route_path(scope: Scope) -> str:
-    """The path that routes match on: `path` minus `root_path` (as Starlette computes it)."""
-    path: str = scope["path"]
-    root_path: str = scope.get("root_path", "")
-    if not root_path or not path.startswith(root_path):
-        return path
-    if path == root_path:
-        return ""
-    if path[len(root_path)] == "/":
-        return path[len(root_path) :]
-    return path
-
-
-class VersionRouter:
-    """What `scope["router"]` is for a package's requests: `request.url_for` builds URLs from
-    *this version's* routes under the mount (also while another version is active), then
-    falls back to the host app's routes, like the outermost router of a real `Mount`."""
-
-    __slots__ = ("outer", "route")
-
-    def __init__(self, route: StarletteMount, outer: Any) -> None:
-        self.route = route
-        self.outer = outer
-
-    def url_path_for(self, name: str, /, **path_params: Any) -> URLPath:
-        try:
-            return self.route.url_path_for(name, **path_params)
-        except NoMatchFound:
-            if self.outer is None:
-                raise
-            url: URLPath = self.outer.url_path_for(name, **path_params)
-            return url
-
-
-def attach_routing(version: PackageVersion, prefix: str) -> None:
-    """Give a loaded version its Starlette `Mount` (for url_for) and router."""
-    assert version.app is not None
-    version.route = StarletteMount(prefix, app=version.app)
-    version.router = VersionRouter(version.route, None)
-
-
-def mounted_scope(scope: Scope, prefix: str, version: PackageVersion, host: Any = None) -> Scope:
-    """Turn the request's scope into what the sub-app sees under `Mount(prefix, app=...)`.
-
-    Like Starlette's Router, this updates the scope in place: `path` stays whole, the prefix is
-    appended to `root_path`, and `app_root_path` keeps the top-level root for `url_for`.
-    `host` is where `url_for` falls back to when the scope names no router or app (the
-    middleware wraps a Starlette app directly instead of being added to it).
-    """
-    root_path = scope.get("root_path", "")
-    router: VersionRouter = version.router
-    outer = scope.get("router") or scope.get("app") or host
-    if outer is not router.outer:
-        router = version.router = VersionRouter(version.route, outer)
-    scope["path_params"] = dict(scope.get("path_params", {}))
-    scope["app_root_path"] = scope.get("app_root_path", root_path)
-    scope["root_path"] = root_path + prefix
-    scope["endpoint"] = version.app
-    scope["route"] = version.route
-    scope["router"] = router
-    if version.state_data:
-        # Each version sees its own lifespan state over the host's (uvicorn copies per request too).
-        scope["state"] = {**scope.get("state", {}), **version.state_data}
-    return scope
+logger = logging.getLogger("starlette_hotdeploy")
 
 
 class HotDeployMiddleware:
@@ -116,7 +49,7 @@ class HotDeployMiddleware:
 
         self.app = app
         self.deployer = deployer if deployer is not None else Deployer()
-        self._mounts = self.deployer.mounts
+        self._mounts = self.deployer._mount_table
         self._host = app if hasattr(app, "url_path_for") else None
         self.admin_prefix = admin_prefix.rstrip("/")
         self._admin_under = self.admin_prefix + "/"
@@ -162,7 +95,8 @@ class HotDeployMiddleware:
         await self.app(scope, receive, send)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the host app's lifespan inside the deployer's runtime."""
+        """Run the host app's lifespan inside the deployer's runtime: the stored packages start
+        once the host app's startup completed, and stop before its shutdown begins."""
         phase = "startup"
         replied = False
 
@@ -177,17 +111,19 @@ class HotDeployMiddleware:
         async def send_to_server(message: Message) -> None:
             nonlocal replied
             replied = True
+            if message["type"] == "lifespan.startup.complete":
+                message = await self._restore() or message
             await send(message)
 
         async def speak_for_host() -> None:
             # The host app has no lifespan support (it raised or returned without a word):
             # answer the server for it, so that the packages still get theirs.
-            await send({"type": "lifespan.startup.complete"})
+            await send(await self._restore() or {"type": "lifespan.startup.complete"})
             while (await receive_from_server())["type"] != "lifespan.shutdown":
                 pass
             await send({"type": "lifespan.shutdown.complete"})
 
-        async with self.deployer.running():
+        async with self.deployer.started():
             try:
                 await self.app(scope, receive_from_server, send_to_server)
             except Exception:
@@ -197,3 +133,15 @@ class HotDeployMiddleware:
                 return
             if phase == "startup" and not replied:
                 await speak_for_host()
+
+    async def _restore(self) -> Message | None:
+        """Bring the stored packages back; a failure is the server's startup failure."""
+        try:
+            await self.deployer.restore()
+        except Exception as exc:
+            logger.exception("restoring the deployed packages failed")
+            return {
+                "type": "lifespan.startup.failed",
+                "message": f"starlette-hotdeploy: {type(exc).__name__}: {exc}",
+            }
+        return None

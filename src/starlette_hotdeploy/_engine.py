@@ -1,19 +1,24 @@
-"""Engine: the package versions of this process, and everything done to them.
+"""Engine: the one owner of this process's packages and their versions.
 
-Loading, starting and checking a version beside the current one, the switch, the drain and
-retirement, unloading, and restoring a confirmed version from the store. The Deployer (which
-coordinates an operation) and the Follower (which carries out other workers' operations) both
-act through it.
+Only the engine changes a package's versions in memory, its busy flag, its lineage and what its
+mount points at, through the named methods below; the coordinator (this worker's operations)
+and the follower (other workers' operations) call them and read the rest.
+
+Retirement and warm switch-back exclude each other by construction: a replaced version is
+`draining` until its retirement *decides* (one synchronous step, after the drain) to stop it,
+which moves it to `stopping`; `hold()` takes a draining version back from its retirement in
+one synchronous step too. Whichever comes first wins: a held version is never unloaded, and a
+stopping version is never switched back to (it is cold: it is loaded again from its archive).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 import weakref
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +29,13 @@ import pluggy
 
 from ._archive import ArchiveLimits, Unpacked, clean_staging, unpack
 from ._deployment import Deployment, Step
-from ._dispatch import attach_routing
 from ._errors import (
     CheckFailed,
     DeploymentInProgress,
     HotDeployError,
+    IllegalTransition,
+    LifespanFailed,
+    LifespanTimeout,
     LoadError,
     NotRunning,
     StartupError,
@@ -36,15 +43,38 @@ from ._errors import (
     UnknownVersion,
 )
 from ._hooks import make_plugin_manager, notify, run_checks
-from ._lifespan import LifespanFailed, LifespanTimeout
 from ._loader import collected
 from ._mounts import Mount, MountTable
 from ._package import Package
 from ._probe import probe
+from ._scope import attach_routing
 from ._store import Desired, Store
 from ._version import PackageVersion, VersionState
 
 logger = logging.getLogger("starlette_hotdeploy")
+
+
+@dataclass(eq=False)
+class Retirement:
+    """A replaced version on its way out: drain, then stop and unload (in the background)."""
+
+    package: Package
+    version: PackageVersion
+    record: Deployment | None
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    withdrawn: bool = False  # held for a switch back, or the server is stopping: leave it alone
+    drain: Step | None = None  # the record's drain step, while it runs
+
+    def withdraw(self, why: str) -> None:
+        """Leave the version alone from now on; the record's last step ends here."""
+        self.withdrawn = True
+        self.scope.cancel()
+        record = self.record
+        if record is not None and record.finished_at is None:
+            if self.drain is None:
+                self.drain = record.begin_step(f"drain {self.version.version}")
+            record.end_step(self.drain, detail=why)
+            record.finish()
 
 
 class Engine:
@@ -52,40 +82,72 @@ class Engine:
         self,
         *,
         home: Path,
-        store: Store,
         plugins: pluggy.PluginManager,
         limits: ArchiveLimits,
         check_timeout: float,
         shutdown_timeout: float,
     ) -> None:
         self.home = home
-        self.store = store
         self.plugins = plugins
         self.limits = limits
         self.check_timeout = check_timeout
         self.shutdown_timeout = shutdown_timeout
         self.mounts = MountTable()
-        self.packages: dict[str, Package] = {}
-        self.busy: set[str] = set()  # packages with an operation under way in this process
-        self.task_group: anyio.abc.TaskGroup | None = None
-        self._retiring: dict[PackageVersion, anyio.CancelScope] = {}
+        self._store: Store | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._packages: dict[str, Package] = {}
+        self._busy: set[str] = set()  # packages with an operation under way in this process
+        self._retirements: dict[PackageVersion, Retirement] = {}
+        self._held: set[PackageVersion] = set()  # draining versions taken back for a switch back
         self._unloaded: deque[tuple[str, list[weakref.ref[Any]]]] = deque(maxlen=1000)
+
+    # -- runtime ----------------------------------------------------------------------------
+
+    def open(self, task_group: anyio.abc.TaskGroup, store: Store) -> None:
+        """The runtime started: lifespans and retirements run in `task_group`."""
+        self._task_group = task_group
+        self._store = store
+
+    def close(self) -> None:
+        self._task_group = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._task_group is not None
+
+    def runtime(self) -> anyio.abc.TaskGroup:
+        if self._task_group is None:
+            raise NotRunning(
+                "the deployer is not running: serve the app with lifespan enabled, "
+                "or wrap the calls in `async with deployer.running():`"
+            )
+        return self._task_group
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise NotRunning("the deployer is not running: its store is not open yet")
+        return self._store
+
+    # -- reading ----------------------------------------------------------------------------
 
     def package(self, name: str) -> Package:
         try:
-            return self.packages[name]
+            return self._packages[name]
         except KeyError:
             raise UnknownPackage(f"no package named {name!r} is deployed", package=name) from None
 
-    async def shutdown(self) -> None:
-        """Stop every loaded version (the server is stopping). Idempotent."""
-        for package in list(self.packages.values()):
-            if package.mount is not None:
-                self.mounts.remove(package.prefix)
-                package.mount = None
-            for version in list(package.loaded):
-                self.cancel_retirement(version)
-                await self.stop_and_unload(package, version)
+    def get(self, name: str) -> Package | None:
+        return self._packages.get(name)
+
+    def packages(self) -> list[Package]:
+        return sorted(self._packages.values(), key=lambda p: p.name)
+
+    def is_busy(self, name: str) -> bool:
+        return name in self._busy
+
+    def serving(self) -> dict[str, str]:
+        return {name: p.active.version for name, p in self._packages.items() if p.active is not None}
 
     def retired_alive(self) -> list[str]:
         """Labels of unloaded versions whose app or modules are still referenced (after gc)."""
@@ -94,49 +156,66 @@ class Engine:
             alive = [label for label, refs in self._unloaded if not collected(refs)]
         return alive
 
-    def clean_staging(self) -> None:
-        """Remove what an unpack interrupted by a crash left behind (not a live worker's)."""
-        clean_staging(self.home / "packages")
+    def managers(self, version: PackageVersion | None) -> list[pluggy.PluginManager]:
+        if version is not None and version.plugins is not None:
+            return [self.plugins, version.plugins]
+        return [self.plugins]
 
-    def new_package(self, name: str, prefix: str) -> Package:
-        """A package this process did not know yet, with the versions the store keeps."""
-        package = Package(name=name, prefix=prefix)
-        for stored in self.store.archives(name):
-            package.available[stored.version] = stored.sha256
-        return package
-
-    def runtime(self) -> anyio.abc.TaskGroup:
-        if self.task_group is None:
-            raise NotRunning(
-                "the deployer is not running: serve the app with lifespan enabled, "
-                "or wrap the calls in `async with deployer.running():`"
-            )
-        return self.task_group
+    # -- claiming and membership -------------------------------------------------------------
 
     @contextmanager
-    def claim(self, name: str, record: Deployment) -> Iterator[None]:
-        if name in self.busy:
-            error = DeploymentInProgress(
+    def claim(self, name: str) -> Iterator[None]:
+        """One operation per package at a time in this process."""
+        if name in self._busy:
+            raise DeploymentInProgress(
                 f"another operation on {name} is in progress; retry when it has finished",
                 package=name,
                 step="claim",
             )
-            error.deployment = record
-            record.finish("failed", error)
-            raise error
-        self.busy.add(name)
+        self._busy.add(name)
         try:
             yield
         finally:
-            self.busy.discard(name)
+            self._busy.discard(name)
 
-    def can_rewarm(self, version: PackageVersion) -> bool:
-        return version.state in (VersionState.READY, VersionState.DRAINING) and version in self._retiring
+    def new_package(self, name: str, prefix: str) -> Package:
+        """A package this process did not know yet, with the versions the store keeps (blocking)."""
+        package = Package(name=name, prefix=prefix)
+        for stored in self.store.archives(name):
+            package._available[stored.version] = stored.sha256
+        return package
 
-    async def prepare(self, record: Deployment, package: Package, version: PackageVersion) -> None:
-        """Load, start and check a version beside the current one (no traffic yet)."""
+    def adopt(self, package: Package) -> None:
+        """The package has (or is about to have) an active version here."""
+        self._packages.setdefault(package.name, package)
+
+    def forget(self, package: Package) -> None:
+        if self._packages.get(package.name) is package:
+            del self._packages[package.name]
+
+    def confirm(self, package: Package, version: str, sha256: str, lineage: list[tuple[str, str]]) -> None:
+        """The store's desired state for the package: `version` active, after `lineage`."""
+        package._available[version] = sha256
+        package._lineage = list(lineage)
+
+    def set_lineage(self, package: Package, lineage: list[tuple[str, str]]) -> None:
+        package._lineage = list(lineage)
+
+    def note_available(self, package: Package, archives: list[tuple[str, str]]) -> None:
+        for version, sha256 in archives:
+            package._available[version] = sha256
+
+    def drop_available(self, package: Package, version: str, sha256: str) -> None:
+        if package._available.get(version) == sha256:
+            del package._available[version]
+
+    # -- preparing a version ----------------------------------------------------------------
+
+    async def prepare(self, record: Deployment | None, package: Package, version: PackageVersion) -> None:
+        """Load, start and check a version beside the current one (no traffic yet). On failure
+        the caller discards it."""
         manifest = version.manifest
-        with record.step("manifest"):
+        with maybe_step(record, "manifest"):
             if package.mount is not None and manifest.mount != package.prefix:
                 raise HotDeployError(
                     f"mount changed from {package.prefix!r} to {manifest.mount!r}; a package keeps its "
@@ -146,7 +225,7 @@ class Engine:
                     step="manifest",
                 )
             self.mounts.check(manifest.mount, manifest.name)
-        with record.step("validate"):
+        with maybe_step(record, "validate"):
             await run_checks(
                 "hotdeploy_validate",
                 [self.plugins],
@@ -156,13 +235,13 @@ class Engine:
                 version=manifest.version,
                 step="validate",
             )
-        with record.step("load"):
-            self.load(version)
-        with record.step("start"):
-            await self.start(version)
-        with record.step("check"):
+        with maybe_step(record, "load"):
+            self._load(package, version)
+        with maybe_step(record, "start"):
+            await self._start(version)
+        with maybe_step(record, "check"):
             if manifest.health is not None:
-                await self.health_check(version)
+                await self._health_check(version)
             await run_checks(
                 "hotdeploy_check_before_activate",
                 self.managers(version),
@@ -172,11 +251,11 @@ class Engine:
                 version=manifest.version,
                 step="check",
             )
-        version.state = VersionState.READY
-        package.loaded.append(version)
+        version.transition(VersionState.READY)
 
-    def load(self, version: PackageVersion) -> None:
+    def _load(self, package: Package, version: PackageVersion) -> None:
         manifest = version.manifest
+        package._loaded.append(version)  # from here on, discard() cleans it up
         version.load()
         attach_routing(version, manifest.mount)
         if manifest.hooks:
@@ -191,19 +270,19 @@ class Engine:
                     step="load",
                 ) from exc
 
-    async def start(self, version: PackageVersion) -> None:
+    async def _start(self, version: PackageVersion) -> None:
         manifest = version.manifest
         try:
             await version.start(self.runtime(), manifest.startup_timeout)
         except (LifespanFailed, LifespanTimeout) as exc:
             raise StartupError(
-                f"lifespan startup failed: {exc}",
+                f"lifespan startup failed: {exc.message}",
                 package=manifest.name,
                 version=manifest.version,
                 step="start",
             ) from exc
 
-    async def health_check(self, version: PackageVersion) -> None:
+    async def _health_check(self, version: PackageVersion) -> None:
         manifest = version.manifest
         assert manifest.health is not None
         where = f"GET {manifest.mount}{manifest.health}"
@@ -222,24 +301,70 @@ class Engine:
                 f"health check {where} answered {response.status}" + (f": {body}" if body else ""), **context
             )
 
-    def point(self, package: Package, new: PackageVersion | None, old: PackageVersion | None) -> None:
-        """The switch: one assignment on the request path's mount."""
+    async def unpack_stored(self, name: str, version: str, sha256: str) -> Unpacked:
+        stored = await anyio.to_thread.run_sync(self.store.archive, name, version, sha256)
+        if stored is None:
+            raise UnknownVersion(f"{name} {version}: its archive is no longer in the store", package=name)
+        return await anyio.to_thread.run_sync(unpack, stored.path, self.home / "packages", self.limits)
+
+    async def restore(
+        self, name: str, wanted: Desired, package: Package | None
+    ) -> tuple[PackageVersion | None, Package | None]:
+        """Load and start a confirmed version from its archive (no checks: it passed them).
+
+        If it no longer starts, fall back to the versions before it (the salvage copies)."""
+        candidates = [(wanted.version, wanted.sha256), *reversed(wanted.lineage[:-1])]
+        for version_name, sha256 in candidates:
+            try:
+                unpacked = await self.unpack_stored(name, version_name, sha256)
+                if package is None:
+                    package = await anyio.to_thread.run_sync(self.new_package, name, unpacked.manifest.mount)
+                version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
+                try:
+                    self._load(package, version)
+                    await self._start(version)
+                    version.transition(VersionState.READY)
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await self.discard(package, version)
+                    raise
+                return version, package
+            except Exception:
+                logger.exception("%s %s: cannot restore this version", name, version_name)
+        logger.error("%s: no confirmed version could be restored; the package is not served", name)
+        return None, package
+
+    # -- switching --------------------------------------------------------------------------
+
+    def switch(self, package: Package, new: PackageVersion | None, old: PackageVersion | None) -> None:
+        """The switch: one assignment on the request path's mount (or the unmount, for None)."""
         if new is None:
             self.mounts.remove(package.prefix)
-            package.mount = None
-        elif package.mount is None:
-            mount = Mount(package.prefix, package.name, new)
-            self.mounts.add(mount)
-            package.mount = mount
+            package._mount = None
         else:
-            package.mount.active = new
-        if new is not None:
-            new.state = VersionState.ACTIVE
-            new.activated_at = time.time()
-            if new not in package.loaded:
-                package.loaded.append(new)
-        if old is not None:
-            old.state = VersionState.DRAINING
+            if new.state is VersionState.DRAINING:
+                if new not in self._held:
+                    raise IllegalTransition(
+                        "a draining version is switched back to only while held",
+                        package=new.name,
+                        version=new.version,
+                        step="switch",
+                    )
+                self._held.discard(new)
+            new.transition(VersionState.ACTIVE)
+            if new not in package._loaded:
+                package._loaded.append(new)
+            if package._mount is None:
+                mount = Mount(package.prefix, package.name, new)
+                self.mounts.add(mount)
+                package._mount = mount
+            else:
+                package._mount.point(new)
+        if old is not None and old is not new and old.state is VersionState.ACTIVE:
+            old.transition(VersionState.DRAINING)
+            if new is not None:
+                # Kept warm for a switch back until the operation retires (or releases) it.
+                self._held.add(old)
 
     async def switch_blocking(
         self, package: Package, new: PackageVersion, old: PackageVersion, *, force: bool = False
@@ -261,136 +386,150 @@ class Engine:
                     version=new.version,
                     step="switch",
                 )
-            self.point(package, new, old)
+            self.switch(package, new, old)
         finally:
             mount.gate = None
             gate.set()
 
-    def cancel_retirement(self, version: PackageVersion) -> None:
-        scope = self._retiring.pop(version, None)
-        if scope is not None:
-            scope.cancel()
+    def hold(self, version: PackageVersion) -> bool:
+        """Take a draining version back from its retirement, for a warm switch back.
 
-    def schedule_retirement(
+        True: it stays loaded until `switch()` makes it active or `release()` gives it back.
+        False: its retirement already decided to stop it (or it is not draining): load it cold."""
+        retirement = self._retirements.get(version)
+        if retirement is None or version.state is not VersionState.DRAINING:
+            return False
+        del self._retirements[version]
+        self._held.add(version)
+        retirement.withdraw("taken back by a switch back before it drained")
+        return True
+
+    def release(self, package: Package, version: PackageVersion) -> None:
+        """A held version that was not switched to after all goes back to retirement."""
+        if version in self._held:
+            self._held.discard(version)
+            if version.state is VersionState.DRAINING:
+                self.retire(package, version, None)
+
+    # -- retiring ---------------------------------------------------------------------------
+
+    def retire(
         self, package: Package, old: PackageVersion, record: Deployment | None, delay: float = 0.0
     ) -> None:
-        scope = anyio.CancelScope()
-        self._retiring[old] = scope
-        self.runtime().start_soon(self._retire, package, old, record, scope, delay)
+        """Drain `old`, then stop and unload it, in the background; `record` is finished then."""
+        self._held.discard(old)
+        retirement = Retirement(package, old, record)
+        self._retirements[old] = retirement
+        self.runtime().start_soon(
+            self._retire, retirement, delay, name=f"hotdeploy retire {old.name} {old.version}"
+        )
 
-    async def _retire(
-        self,
-        package: Package,
-        old: PackageVersion,
-        record: Deployment | None,
-        scope: anyio.CancelScope,
-        delay: float,
-    ) -> None:
-        """Drain the replaced version, then shut it down and unload it (in the background)."""
-        terminated = 0
-        with scope:
+    async def _retire(self, retirement: Retirement, delay: float) -> None:
+        package, old, record = retirement.package, retirement.version, retirement.record
+        idle = False
+        with retirement.scope:
             if delay > 0:
                 await anyio.sleep(delay)  # a following worker keeps it warm for the bake
-            with maybe_step(record, f"drain {old.version}") as step:
-                if not await old.wait_idle(old.manifest.drain_timeout):
-                    terminated = await old.terminate()
-                    if step is not None:
-                        step.detail = f"{terminated} still open at the drain timeout were ended"
-            self._retiring.pop(old, None)  # past this point it cannot be switched back to
-        if scope.cancelled_caught:
-            return  # switched back to while it drained
+            if record is not None:
+                retirement.drain = record.begin_step(f"drain {old.version}")
+            idle = await old.wait_idle(old.manifest.drain_timeout)
+        # The decision, in one synchronous step (no await since the check): a hold() that came
+        # first wins; past this line nobody can switch back to it.
+        if retirement.withdrawn:
+            return
+        self._retirements.pop(old, None)
+        old.transition(VersionState.STOPPING)
+        terminated = 0
+        if not idle:
+            terminated = await old.terminate()
+        if record is not None and retirement.drain is not None:
+            detail = f"{terminated} still open at the drain timeout were ended" if terminated else None
+            record.end_step(retirement.drain, detail=detail)
         try:
             with maybe_step(record, f"shutdown {old.version}"):
-                await self.stop_and_unload(package, old)
+                await self._stop_and_unload(package, old, VersionState.RETIRED)
         except Exception:
             logger.exception("%s %s: shutdown failed", old.name, old.version)
+        finally:
+            if record is not None:
+                record.finish()
         await notify("hotdeploy_drained", self.managers(None), {"version": old, "terminated": terminated})
 
-    async def remove_locally(self, package: Package, record: Deployment | None) -> None:
+    async def remove(self, package: Package, record: Deployment | None) -> None:
+        """Unmount a package, drain and stop every version of it, and forget it."""
         with maybe_step(record, "unmount"):
-            if package.mount is not None:
-                self.mounts.remove(package.prefix)
-                package.mount = None
-        for version in list(package.loaded):
-            self.cancel_retirement(version)
+            self.switch(package, None, package.active)
+        for version in list(package._loaded):
+            self._withdraw(version, "ended by the removal of the package")
             with maybe_step(record, f"drain {version.version}") as step:
-                version.state = VersionState.DRAINING
                 if not await version.wait_idle(version.manifest.drain_timeout):
                     count = await version.terminate()
                     if step is not None:
                         step.detail = f"{count} still open at the drain timeout were ended"
             with maybe_step(record, f"shutdown {version.version}"):
-                await self.stop_and_unload(package, version)
-        self.packages.pop(package.name, None)
+                await self._stop_and_unload(package, version, VersionState.RETIRED)
+        self.forget(package)
 
-    async def stop_and_unload(self, package: Package, version: PackageVersion) -> None:
+    async def discard(self, package: Package, version: PackageVersion) -> None:
+        """Throw away a version that failed before or right after the switch (never active)."""
+        self._withdraw(version, "discarded")
+        if version.state is VersionState.DRAINING and not await version.wait_idle(
+            version.manifest.drain_timeout
+        ):
+            await version.terminate()
+        await self._stop_and_unload(package, version, VersionState.FAILED)
+
+    def _withdraw(self, version: PackageVersion, why: str) -> None:
+        """Stop a retirement under way (the caller stops the version itself)."""
+        self._held.discard(version)
+        retirement = self._retirements.pop(version, None)
+        if retirement is not None:
+            retirement.withdraw(why)
+
+    async def _stop_and_unload(self, package: Package, version: PackageVersion, final: VersionState) -> None:
+        if version.state is VersionState.ACTIVE:
+            raise IllegalTransition(
+                "an active version is switched away from before it stops",
+                package=version.name,
+                version=version.version,
+                step="shutdown",
+            )
+        if version.state is not VersionState.STOPPING and VersionState.STOPPING in _reachable(version):
+            version.transition(VersionState.STOPPING)
         try:
-            if version.state not in (VersionState.RETIRED, VersionState.FAILED, VersionState.STAGED):
+            if version.started:
                 try:
                     await version.stop(self.shutdown_timeout)
                 except (LifespanFailed, LifespanTimeout) as exc:
                     logger.warning("%s %s: lifespan shutdown: %s", version.name, version.version, exc)
+            else:
+                version.abort_startup()
         finally:
             refs = version.unload()
-            if version.state is not VersionState.FAILED:
-                version.state = VersionState.RETIRED
-            if version in package.loaded:
-                package.loaded.remove(version)
+            if final in _reachable(version):
+                version.transition(final)
+            if version in package._loaded:
+                package._loaded.remove(version)
             self._unloaded.append((f"{version.name} {version.version}", refs))
 
-    async def discard(self, package: Package, version: PackageVersion) -> None:
-        """Throw away a version that failed before or right after the switch."""
-        if version.started:
-            version.state = VersionState.DRAINING
-            if not await version.wait_idle(version.manifest.drain_timeout):
-                await version.terminate()
-            try:
-                await version.stop(self.shutdown_timeout)
-            except (LifespanFailed, LifespanTimeout) as exc:
-                logger.warning("%s %s: lifespan shutdown: %s", version.name, version.version, exc)
-        else:
-            version.abort_startup()
-        version.state = VersionState.FAILED
-        await self.stop_and_unload(package, version)
+    async def shutdown(self) -> None:
+        """Stop every loaded version (the server is stopping). Idempotent."""
+        for package in list(self._packages.values()):
+            if package.mount is not None:
+                self.switch(package, None, package.active)
+            for version in list(package._loaded):
+                self._withdraw(version, "ended by the server's shutdown")
+                await self._stop_and_unload(package, version, VersionState.RETIRED)
 
-    def managers(self, version: PackageVersion | None) -> list[pluggy.PluginManager]:
-        if version is not None and version.plugins is not None:
-            return [self.plugins, version.plugins]
-        return [self.plugins]
+    def clean_staging(self) -> None:
+        """Remove what an unpack interrupted by a crash left behind (not a live worker's)."""
+        clean_staging(self.home / "packages")
 
-    async def unpack_stored(self, name: str, version: str, sha256: str) -> Unpacked:
-        stored = await anyio.to_thread.run_sync(self.store.archive, name, version, sha256)
-        if stored is None:
-            raise UnknownVersion(f"{name} {version}: its archive is no longer in the store", package=name)
-        return await anyio.to_thread.run_sync(unpack, stored.path, self.home / "packages", self.limits)
 
-    def serving(self) -> dict[str, str]:
-        return {name: p.active.version for name, p in self.packages.items() if p.active is not None}
+def _reachable(version: PackageVersion) -> frozenset[VersionState]:
+    from ._version import TRANSITIONS
 
-    async def restore(
-        self, name: str, wanted: Desired, package: Package | None
-    ) -> tuple[PackageVersion | None, Package | None]:
-        """Load and start a confirmed version from its archive (no checks: it passed them).
-
-        If it no longer starts, fall back to the versions before it (the salvage copies)."""
-        candidates = [(wanted.version, wanted.sha256)] + [pair for pair in reversed(wanted.lineage[:-1])]
-        for version_name, sha256 in candidates:
-            try:
-                unpacked = await self.unpack_stored(name, version_name, sha256)
-                if package is None:
-                    package = await anyio.to_thread.run_sync(self.new_package, name, unpacked.manifest.mount)
-                version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
-                try:
-                    self.load(version)
-                    await self.start(version)
-                except Exception:
-                    await self.discard(package, version)
-                    raise
-                return version, package
-            except Exception:
-                logger.exception("%s %s: cannot restore this version", name, version_name)
-        logger.error("%s: no confirmed version could be restored; the package is not served", name)
-        return None, package
+    return TRANSITIONS[version.state]
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from ._deployment import Deployment
@@ -115,3 +115,104 @@ class DeploymentError(HotDeployError):
         super().__init__(cause.message, package=cause.package, version=cause.version, step=cause.step)
         self.deployment = deployment
         self.cause = cause
+
+
+class RequestAborted(HotDeployError):
+    """A response was still being sent when its version's drain timeout expired; the
+    connection is aborted so the client sees an error, never a body that looks complete."""
+
+
+class IllegalTransition(HotDeployError, AssertionError):
+    """A version or an operation was asked to move to a state its current state cannot reach:
+    a bug in starlette-hotdeploy, never a user error."""
+
+
+# -- internal: turned into a public error (with context) before they reach a caller -------------
+
+
+class LifespanFailed(HotDeployError):
+    """The app reported lifespan startup or shutdown failure (its message is the text)."""
+
+
+class LifespanTimeout(HotDeployError):
+    """Startup or shutdown took longer than allowed."""
+
+
+class UploadRefused(HotDeployError):
+    """An admin upload that cannot be read: `status` and `title` become the problem details."""
+
+    def __init__(self, status: int, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+
+
+class UploadTooLarge(HotDeployError):
+    """An admin upload over the configured size cap (413)."""
+
+
+# -- the admin API client (AdminClient) ----------------------------------------------------------
+
+# Why an admin API call could not be made or understood; a front end such as the CLI picks its
+# own hint by it (`--token` rather than `AdminClient(url, token)`).
+UnreachableReason = Literal[
+    "invalid_url", "timeout", "connect", "transport", "no_token", "token_refused", "forbidden", "not_json"
+]
+
+
+class AdminClientError(HotDeployError):
+    """A call to the admin API over HTTP (`AdminClient`) failed.
+
+    The message is `summary` (what happened) followed by `hint` (what to do about it, in terms of
+    the Python client), kept apart so that a front end can give its own hint."""
+
+    def __init__(self, summary: str, hint: str = "") -> None:
+        super().__init__(summary + hint)
+        self.summary = summary
+        self.hint = hint
+
+
+class AdminUnreachable(AdminClientError):
+    """The admin API could not be reached or understood: an invalid URL, no connection, no answer
+    in time, no token or a refused one (401), a read-only token on a write (403), or an answer that
+    is not a JSON object (the admin API is off, or the prefix is wrong). `status` is the HTTP
+    status when there was an answer."""
+
+    def __init__(
+        self, summary: str, hint: str = "", *, reason: UnreachableReason, status: int | None = None
+    ) -> None:
+        super().__init__(summary, hint)
+        self.reason: UnreachableReason = reason
+        self.status = status
+
+
+class AdminProblem(AdminClientError):
+    """The admin API refused the operation, or it failed: `status`, and `problem`, the RFC 9457
+    problem details (`title`, `detail`, and for a failed deployment its record)."""
+
+    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+        title = problem.get("title") or "error"
+        detail = problem.get("detail") or title
+        super().__init__(f"{status} {title}: {detail}")
+        self.status = status
+        self.problem = problem
+
+    @property
+    def deployment(self) -> dict[str, Any] | None:
+        """The failed deployment's record, when the problem carries one."""
+        record = self.problem.get("deployment")
+        return record if isinstance(record, dict) else None
+
+
+class DeploymentTimeout(AdminClientError):
+    """Gave up waiting for a deployment's outcome after `timeout` seconds; it may still finish.
+    `deployment` is its last record seen (its outcome still "pending")."""
+
+    def __init__(self, deployment: dict[str, Any], timeout: float) -> None:
+        deployment_id = deployment.get("id")
+        super().__init__(
+            f"deployment {deployment_id} is still pending after {timeout:g} s",
+            f" (it may still finish: poll it with AdminClient.deployment({deployment_id!r}))",
+        )
+        self.deployment = deployment
+        self.timeout = timeout

@@ -14,17 +14,10 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from ._errors import LifespanFailed, LifespanTimeout
 from ._types import ASGIApp, Message
 
 logger = logging.getLogger("starlette_hotdeploy")
-
-
-class LifespanFailed(Exception):
-    """The app reported lifespan startup or shutdown failure (its message is the text)."""
-
-
-class LifespanTimeout(Exception):
-    """Startup or shutdown took longer than allowed."""
 
 
 class Lifespan:

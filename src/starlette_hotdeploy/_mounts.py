@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._errors import MountConflict
+from ._errors import IllegalTransition, MountConflict
+from ._version import VersionState
 
 if TYPE_CHECKING:
     import anyio
@@ -15,7 +16,8 @@ if TYPE_CHECKING:
 class Mount:
     """A URL prefix and the package version it points at.
 
-    The switch from one version to another is the single assignment `mount.active = new`.
+    The switch from one version to another is the single assignment in `point()`, which refuses a
+    version that is not `active` with a loaded app: the request path never meets an unloaded one.
     While `gate` is set (the `block` strategy), new requests wait on it before reading `active`.
     """
 
@@ -24,8 +26,20 @@ class Mount:
     def __init__(self, prefix: str, package: str, active: PackageVersion) -> None:
         self.prefix = prefix
         self.package = package
-        self.active: PackageVersion | None = active
+        self.active: PackageVersion | None = None
         self.gate: anyio.Event | None = None
+        self.point(active)
+
+    def point(self, version: PackageVersion) -> None:
+        if version.state is not VersionState.ACTIVE or version.app is None:
+            raise IllegalTransition(
+                f"mount {self.prefix!r} cannot point at a version that is {version.state.value}"
+                + ("" if version.app is not None else " and unloaded"),
+                package=version.name,
+                version=version.version,
+                step="switch",
+            )
+        self.active = version
 
     def __repr__(self) -> str:
         return f"<Mount {self.prefix!r} -> {self.active!r}>"

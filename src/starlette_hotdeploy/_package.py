@@ -1,24 +1,43 @@
-"""Package: everything the deployer knows of one package across its versions."""
+"""Package: everything this process knows of one package across its versions.
+
+Read-only to everyone but the engine, its owner: the engine changes the versions in memory, the
+mount, the lineage and what is available through its named methods; the rest reads these views.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from ._mounts import Mount
-from ._version import PackageVersion, VersionState
+from ._version import PackageVersion
 
 
-@dataclass(eq=False)
 class Package:
-    """A deployed package: its mount, the versions in memory and those on disk."""
+    """A deployed package: its mount, the versions in memory and those in the store."""
 
-    name: str
-    prefix: str
-    mount: Mount | None = None  # set once a first version is active
-    loaded: list[PackageVersion] = field(default_factory=list)  # versions in memory
-    available: dict[str, str] = field(default_factory=dict)  # version -> sha256 of its stored archive
-    _lineage: list[tuple[str, str]] = field(default_factory=list)  # (version, sha256) activated, in order
+    def __init__(self, name: str, prefix: str) -> None:
+        self.name = name
+        self.prefix = prefix
+        self._mount: Mount | None = None  # set once a first version is active
+        self._loaded: list[PackageVersion] = []  # versions in memory, oldest first
+        self._available: dict[str, str] = {}  # version -> sha256 of a version that was active
+        self._lineage: list[tuple[str, str]] = []  # (version, sha256) activated, in order
+
+    def __repr__(self) -> str:
+        return f"<Package {self.name} {self.prefix!r} active={self.active!r}>"
+
+    @property
+    def mount(self) -> Mount | None:
+        return self._mount
+
+    @property
+    def loaded(self) -> tuple[PackageVersion, ...]:
+        return tuple(self._loaded)
+
+    @property
+    def available(self) -> Mapping[str, str]:
+        return MappingProxyType(self._available)
 
     @property
     def lineage(self) -> list[str]:
@@ -35,12 +54,9 @@ class Package:
             return self._lineage[:-1]
         return [pair for pair in self._lineage if pair[0] != version] + [(version, sha256)]
 
-    def set_lineage(self, lineage: list[tuple[str, str]]) -> None:
-        self._lineage = list(lineage)
-
     @property
     def active(self) -> PackageVersion | None:
-        return self.mount.active if self.mount is not None else None
+        return self._mount.active if self._mount is not None else None
 
     @property
     def previous(self) -> str | None:
@@ -48,23 +64,8 @@ class Package:
         return self._lineage[-2][0] if len(self._lineage) >= 2 else None
 
     def loaded_version(self, version: str) -> PackageVersion | None:
-        for candidate in reversed(self.loaded):
-            if candidate.version == version and candidate.state not in (
-                VersionState.RETIRED,
-                VersionState.FAILED,
-            ):
+        """The newest instance of `version` still in memory that can serve (not stopping)."""
+        for candidate in reversed(self._loaded):
+            if candidate.version == version and candidate.state.loaded:
                 return candidate
         return None
-
-    def to_dict(self) -> dict[str, Any]:
-        active = self.active
-        return {
-            "name": self.name,
-            "mount": self.prefix,
-            "active_version": active.version if active is not None else None,
-            "previous_version": self.previous,
-            "versions": [v.to_dict() for v in self.loaded],
-            "available_versions": [
-                {"version": version, "sha256": sha256} for version, sha256 in self.available.items()
-            ],
-        }

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from ._dispatch import mounted_scope
+from ._scope import mounted_scope
 from ._types import Message, Scope
 from ._version import PackageVersion
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -33,8 +34,8 @@ def create_host_app(
 
     async def index(request: Request) -> JSONResponse:
         packages = [
-            {"name": p["name"], "mount": p["mount"], "version": p["active_version"]}
-            for p in deployer.status()
+            {"name": p.name, "mount": p.mount, "version": p.active_version}
+            for p in await anyio.to_thread.run_sync(deployer.status)
         ]
         return JSONResponse({"service": "starlette-hotdeploy package host", "packages": packages})
 

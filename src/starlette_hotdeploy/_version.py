@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from ._errors import HotDeployError
+from ._errors import IllegalTransition, RequestAborted
 from ._lifespan import Lifespan
 from ._loader import Namespace, load_app
 from ._manifest import Manifest
@@ -23,21 +23,43 @@ if TYPE_CHECKING:
 
 
 class VersionState(enum.StrEnum):
-    """Where a version is in its life: staged -> starting -> ready -> active -> draining -> retired,
-    or failed."""
+    """Where a version is in its life (see TRANSITIONS for the legal moves)::
+
+    staged -> starting -> ready -> active -> draining -> stopping -> retired
+                                     ^          |
+                                     +----------+  warm switch back (while held)
+    any state before stopping, and stopping itself, -> failed
+    """
 
     STAGED = "staged"  # unpacked, manifest valid, nothing imported
     STARTING = "starting"  # imported, lifespan startup running
     READY = "ready"  # started and checked, receives no traffic
     ACTIVE = "active"  # the mount points at it
-    DRAINING = "draining"  # replaced; finishing what it had
+    DRAINING = "draining"  # replaced; finishing what it had; may still be switched back to
+    STOPPING = "stopping"  # its retirement decided: lifespan shutdown and unload; never back
     RETIRED = "retired"  # shut down and unloaded
     FAILED = "failed"  # a step failed; discarded
 
+    @property
+    def loaded(self) -> bool:
+        """Its app can still serve (or be switched to)."""
+        return self in _LIVE
 
-class RequestAborted(HotDeployError):
-    """A response was still being sent when its version's drain timeout expired; the
-    connection is aborted so the client sees an error, never a body that looks complete."""
+
+_LIVE = frozenset({VersionState.STARTING, VersionState.READY, VersionState.ACTIVE, VersionState.DRAINING})
+
+TRANSITIONS: dict[VersionState, frozenset[VersionState]] = {
+    VersionState.STAGED: frozenset({VersionState.STARTING, VersionState.STOPPING, VersionState.FAILED}),
+    VersionState.STARTING: frozenset({VersionState.READY, VersionState.STOPPING, VersionState.FAILED}),
+    VersionState.READY: frozenset(
+        {VersionState.ACTIVE, VersionState.DRAINING, VersionState.STOPPING, VersionState.FAILED}
+    ),
+    VersionState.ACTIVE: frozenset({VersionState.DRAINING}),
+    VersionState.DRAINING: frozenset({VersionState.ACTIVE, VersionState.STOPPING, VersionState.FAILED}),
+    VersionState.STOPPING: frozenset({VersionState.RETIRED, VersionState.FAILED}),
+    VersionState.RETIRED: frozenset(),
+    VersionState.FAILED: frozenset(),
+}
 
 
 class PackageVersion:
@@ -51,7 +73,7 @@ class PackageVersion:
         self.manifest = manifest
         self.root = root
         self.sha256 = sha256
-        self.state = VersionState.STAGED
+        self._state = VersionState.STAGED
         self.app: ASGIApp | None = None
         self.state_data: dict[str, Any] = {}  # the lifespan state, copied into each request
         self.namespace: Namespace | None = None
@@ -69,6 +91,10 @@ class PackageVersion:
         self._idle: anyio.Event | None = None
 
     @property
+    def state(self) -> VersionState:
+        return self._state
+
+    @property
     def name(self) -> str:
         return self.manifest.name
 
@@ -83,6 +109,20 @@ class PackageVersion:
     def __repr__(self) -> str:
         return f"<PackageVersion {self.name} {self.version} {self.state.value} in_flight={self.in_flight}>"
 
+    def transition(self, to: VersionState) -> None:
+        """The only way a version changes state: raises IllegalTransition for a move that
+        TRANSITIONS does not allow (a bug, never a user error)."""
+        if to not in TRANSITIONS[self._state]:
+            raise IllegalTransition(
+                f"cannot go from {self.state.value} to {to.value}",
+                package=self.name,
+                version=self.version,
+                step="state",
+            )
+        self._state = to
+        if to is VersionState.ACTIVE:
+            self.activated_at = time.time()
+
     # -- loading and lifespan -------------------------------------------------------------
 
     def load(self) -> ASGIApp:
@@ -96,7 +136,7 @@ class PackageVersion:
     async def start(self, task_group: anyio.abc.TaskGroup, timeout: float) -> None:
         """Run the app's lifespan startup in its own supervisor task (raises on failure)."""
         assert self.app is not None, "load() first"
-        self.state = VersionState.STARTING
+        self.transition(VersionState.STARTING)
         self._lifespan = Lifespan(self.app, f"{self.name} {self.version}")
         self.state_data = self._lifespan.state
         await self._lifespan.start(task_group, timeout)

@@ -1,0 +1,421 @@
+"""Coordinator: this worker's side of an operation it accepted (deploy, rollback, activate,
+remove), carried out on every live worker of the cluster.
+
+    claim ─▶ begin (store: operation PREPARE) ─▶ prepare here ─▶ votes PREPARED everywhere
+          ─▶ switch here ─▶ commit (store: desired state + COMMIT, one transaction)
+          ─▶ votes SWITCHED everywhere ─▶ DONE ─▶ bake (post-activation checks)
+          ─▶ decided ─▶ the previous version retires ─▶ finished
+
+Any failure before the commit aborts the operation: the new version is discarded and nothing
+switched anywhere. A failed post-activation check switches back everywhere (a second operation).
+The engine owns the state; this module only calls its named methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
+
+import anyio
+import anyio.to_thread
+import pluggy
+
+from ._archive import Unpacked, read_source, unpack
+from ._cluster import Cluster
+from ._deployment import Action, Deployment, Outcome
+from ._engine import Engine
+from ._errors import (
+    ArchiveError,
+    CheckFailed,
+    DeploymentError,
+    DeploymentInProgress,
+    HotDeployError,
+    NoPreviousVersion,
+    PackageInUse,
+    UnknownVersion,
+)
+from ._follower import Follower
+from ._hooks import notify, run_checks
+from ._operation import Operation, OperationKind, Phase, Vote
+from ._package import Package
+from ._records import RecordLog
+from ._store import Store
+from ._version import PackageVersion, VersionState
+
+logger = logging.getLogger("starlette_hotdeploy")
+
+Source = str | os.PathLike[str] | bytes
+
+
+class Coordinator:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        cluster: Cluster,
+        store: Store,
+        follower: Follower,
+        records: RecordLog,
+        plugins: pluggy.PluginManager,
+        bake_time: float,
+        keep_versions: int,
+    ) -> None:
+        self.engine = engine
+        self.cluster = cluster
+        self.store = store
+        self.follower = follower
+        self.records = records
+        self.plugins = plugins
+        self.bake_time = bake_time
+        self.keep_versions = keep_versions
+
+    # -- the operations ---------------------------------------------------------------------
+
+    async def deploy(self, source: Source, record: Deployment) -> Deployment:
+        engine = self.engine
+        try:
+            with record.step("unpack") as step:
+                data = await anyio.to_thread.run_sync(read_source, source, engine.limits)
+                unpacked = await anyio.to_thread.run_sync(
+                    unpack, data, engine.home / "packages", engine.limits
+                )
+                manifest = unpacked.manifest
+                await anyio.to_thread.run_sync(
+                    self.store.save_archive, manifest.name, manifest.version, unpacked.sha256, data
+                )
+                step.detail = f"{manifest.name} {manifest.version} sha256:{unpacked.sha256[:12]}"
+        except Exception as exc:
+            error = exc if isinstance(exc, HotDeployError) else ArchiveError(f"{type(exc).__name__}: {exc}")
+            await self._fail(record, error)
+        record.package, record.to_version, record.sha256 = manifest.name, manifest.version, unpacked.sha256
+        with self._claim(manifest.name, record):
+            package = engine.get(manifest.name)
+            if package is None:
+                package = await anyio.to_thread.run_sync(engine.new_package, manifest.name, manifest.mount)
+            return await self._install(record, package, unpacked)
+
+    async def rollback(self, name: str) -> Deployment:
+        package = self.engine.package(name)
+        target = package.previous
+        if target is None:
+            raise NoPreviousVersion(f"{name} has no previous version to roll back to", package=name)
+        return await self._activate(
+            package, target, self.records.new(Action.ROLLBACK, name, to_version=target)
+        )
+
+    async def activate(self, name: str, version: str) -> Deployment:
+        package = self.engine.package(name)
+        await self._refresh_available(package)
+        if package.loaded_version(version) is None and version not in package.available:
+            known = ", ".join(package.available) or "none"
+            raise UnknownVersion(
+                f"{name} has no version {version!r} available (available: {known})",
+                package=name,
+                version=version,
+            )
+        return await self._activate(
+            package, version, self.records.new(Action.ACTIVATE, name, to_version=version)
+        )
+
+    async def undeploy(self, name: str) -> Deployment:
+        package = self.engine.package(name)
+        dependants = sorted(
+            other.name
+            for other in self.engine.packages()
+            if other.active is not None and name in other.active.manifest.requires
+        )
+        if dependants:
+            raise PackageInUse(
+                f"cannot remove {name}: required by {', '.join(dependants)}", package=name, step="undeploy"
+            )
+        active = package.active
+        record = self.records.new(Action.UNDEPLOY, name, from_version=active.version if active else None)
+        with self._claim(name, record), anyio.CancelScope(shield=True):
+            operation = self.cluster.new_operation(record.id, name, OperationKind.REMOVE)
+            await self._begin(operation, record)
+            await self.engine.remove(package, record)
+            await self._commit(operation, record)
+            record.conclude(Outcome.SUCCEEDED)
+            await self.records.save(record)
+        return record
+
+    # -- the pipeline -----------------------------------------------------------------------
+
+    @contextmanager
+    def _claim(self, name: str, record: Deployment) -> Iterator[None]:
+        """The engine's claim on the package; a refusal finishes `record` (and is raised)."""
+        try:
+            claim = self.engine.claim(name)
+            claim.__enter__()
+        except DeploymentInProgress as error:
+            error.deployment = record
+            record.conclude(Outcome.FAILED, error)
+            raise
+        try:
+            yield
+        finally:
+            claim.__exit__(None, None, None)
+
+    async def _activate(self, package: Package, target: str, record: Deployment) -> Deployment:
+        current = package.active
+        record.from_version = current.version if current is not None else None
+        with self._claim(package.name, record):
+            warm = package.loaded_version(target)
+            if warm is not None and warm is current:
+                record.conclude(Outcome.SUCCEEDED)
+                await self.records.save(record)
+                return record
+            if warm is not None and self.engine.hold(warm):
+                # Still loaded and started (draining before its shutdown), and now held: its
+                # retirement can no longer unload it. Switching back is one assignment; the other
+                # workers prepare it (warm or from the archive) first.
+                return await self._install(record, package, None, warm=warm)
+            await self._refresh_available(package)
+            sha256 = package.available.get(target)
+            if sha256 is None:
+                await self._fail(
+                    record,
+                    UnknownVersion(
+                        f"{package.name} {target}: its archive is no longer in the store",
+                        package=package.name,
+                        version=target,
+                    ),
+                )
+            try:
+                unpacked = await self.engine.unpack_stored(package.name, target, sha256)
+            except HotDeployError as exc:
+                await self._fail(record, exc)
+            return await self._install(record, package, unpacked)
+
+    async def _refresh_available(self, package: Package) -> None:
+        """Another worker may have stored versions this one has not seen."""
+        stored = await anyio.to_thread.run_sync(self.store.archives, package.name)
+        self.engine.note_available(package, [(a.version, a.sha256) for a in stored])
+
+    async def _begin(self, operation: Operation, record: Deployment) -> None:
+        """Register a cluster-wide operation; refused while another worker runs one on the package."""
+        live = await self.cluster.live()
+        other = await anyio.to_thread.run_sync(self.store.begin_operation, operation, live)
+        if other is not None:
+            error = DeploymentInProgress(
+                f"another operation on {operation.package} is in progress on worker {other.coordinator}; "
+                "retry when it has finished",
+                package=operation.package,
+                step="claim",
+            )
+            error.deployment = record
+            record.conclude(Outcome.FAILED, error)
+            await self.records.save(record)
+            raise error
+        await self.records.save(record)
+
+    async def _commit(self, operation: Operation, record: Deployment) -> None:
+        """Confirm the change in the store (the desired state), then wait for every live worker
+        to serve it."""
+        with record.step("commit"):
+            await anyio.to_thread.run_sync(self.store.commit, operation)
+        await self.follower.vote(operation, Vote.SWITCHED)
+        with record.step("converge") as step:
+            result = await self.cluster.await_votes(operation, Vote.SWITCHED)
+            live = await self.cluster.live()
+            step.detail = f"{len(live)} worker(s) serve it"
+            if not result.ok:
+                # Committed: they converge when they can; the answer says who lags.
+                step.detail += f"; {result.describe()}"
+                step.ok = False
+        await anyio.to_thread.run_sync(self.store.set_phase, operation.id, Phase.DONE)
+        await self.cluster.heartbeat(self.engine.serving())
+
+    async def _install(
+        self,
+        record: Deployment,
+        package: Package,
+        unpacked: Unpacked | None,
+        *,
+        warm: PackageVersion | None = None,
+    ) -> Deployment:
+        """Prepare a version on every worker, switch to it everywhere, then bake it."""
+        engine = self.engine
+        current = package.active
+        record.from_version = current.version if current is not None else None
+        if warm is not None:
+            version = warm
+        else:
+            assert unpacked is not None
+            if current is not None and current.sha256 == unpacked.sha256:
+                with record.step("unchanged") as step:
+                    step.detail = (
+                        f"{package.name} {unpacked.manifest.version} with this sha256 is already active"
+                    )
+                record.conclude(Outcome.SUCCEEDED)
+                await self.records.save(record)
+                return record
+            version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
+        record.sha256 = version.sha256
+        manifest = version.manifest
+        lineage = package.lineage_after(
+            version.version, version.sha256, rollback=record.operation is Action.ROLLBACK
+        )[-self.keep_versions :]  # older versions' archives are pruned: no rollback to them
+        operation = self.cluster.new_operation(
+            record.id, package.name, OperationKind.ACTIVATE, version.version, version.sha256, lineage
+        )
+        with anyio.CancelScope(shield=True):  # a deployment runs to its outcome; every step is bounded
+            try:
+                await self._begin(operation, record)
+            except BaseException:
+                if warm is not None:
+                    engine.release(package, warm)
+                raise
+            try:
+                if warm is None:
+                    await engine.prepare(record, package, version)
+                else:
+                    with record.step("prepare") as step:
+                        step.detail = "warm: the version was still loaded"
+                await self.follower.vote(operation, Vote.PREPARED)
+                with record.step("prepare workers") as step:
+                    result = await self.cluster.await_votes(operation, Vote.PREPARED)
+                    if not result.ok:
+                        raise CheckFailed(
+                            f"not every worker could prepare it: {result.describe()}",
+                            check="workers",
+                            package=version.name,
+                            version=version.version,
+                            step="prepare workers",
+                        )
+                    step.detail = f"{len(await self.cluster.live())} worker(s) prepared"
+                with record.step("switch") as step:
+                    if warm is not None:
+                        step.detail = "warm: one assignment"
+                        engine.switch(package, version, current)
+                    elif manifest.strategy == "block" and current is not None:
+                        step.detail = "block: new requests held while the previous version finished"
+                        await engine.switch_blocking(package, version, current)
+                    else:
+                        engine.switch(package, version, current)
+            except BaseException as exc:
+                await anyio.to_thread.run_sync(self.store.set_phase, operation.id, Phase.ABORT)
+                if warm is None:
+                    await engine.discard(package, version)
+                elif version.state is not VersionState.ACTIVE:
+                    engine.release(package, version)
+                if not isinstance(exc, Exception):
+                    raise
+                await self._fail(record, _as_error(exc, version))
+            first_install = engine.get(package.name) is None
+            engine.adopt(package)
+            engine.confirm(package, version.version, version.sha256, lineage)
+            await self._commit(operation, record)
+            try:
+                with record.step("bake") as step:
+                    await run_checks(
+                        "hotdeploy_check_after_activate",
+                        engine.managers(version),
+                        {"version": version, "previous": current},
+                        timeout=engine.check_timeout,
+                        package=version.name,
+                        version=version.version,
+                        step="bake",
+                    )
+                    if self.bake_time > 0:
+                        await anyio.sleep(self.bake_time)
+                    step.detail = (
+                        f"post-activation checks passed; previous version kept warm {self.bake_time:g}s"
+                    )
+            except Exception as exc:
+                error = _as_error(exc, version)
+                await self._switch_back(record, package, version, current, operation, first_install, error)
+                raise DeploymentError(record, error) from exc
+            record.decide(Outcome.SUCCEEDED)
+            await self.records.save(record)
+            engine.runtime().start_soon(self._announce, version, current, record)
+            if current is not None and current is not version:
+                engine.retire(package, current, record)  # finishes the record once it is gone
+            else:
+                record.finish()
+            await self._prune(package)
+        return record
+
+    async def _switch_back(
+        self,
+        record: Deployment,
+        package: Package,
+        version: PackageVersion,
+        current: PackageVersion | None,
+        operation: Operation,
+        first_install: bool,
+        error: HotDeployError,
+    ) -> None:
+        """A post-activation check failed: the previous version again, everywhere."""
+        engine = self.engine
+        with record.step("switch back") as step:
+            step.detail = f"back to {current.version}" if current is not None else "unmounted"
+            engine.switch(package, current, version)  # `current` was kept warm since the switch
+        back = self.cluster.new_operation(
+            f"{record.id}-back",
+            package.name,
+            OperationKind.ACTIVATE if current is not None else OperationKind.REMOVE,
+            current.version if current is not None else None,
+            current.sha256 if current is not None else None,
+            operation.lineage[:-1],
+        )
+        await anyio.to_thread.run_sync(self.store.begin_operation, back, await self.cluster.live())
+        await self._commit(back, record)
+        engine.set_lineage(package, operation.lineage[:-1])
+        await engine.discard(package, version)
+        if first_install:
+            engine.forget(package)
+        record.conclude(Outcome.ROLLED_BACK, error)
+        await self.records.save(record)
+        if current is not None:
+            await notify(
+                "hotdeploy_rolled_back",
+                engine.managers(current),
+                {"version": version, "previous": current, "deployment": record},
+            )
+        await notify("hotdeploy_failed", engine.managers(None), {"deployment": record, "error": error})
+
+    async def _announce(self, new: PackageVersion, old: PackageVersion | None, record: Deployment) -> None:
+        await notify(
+            "hotdeploy_activated",
+            self.engine.managers(new),
+            {"version": new, "previous": old, "deployment": record},
+        )
+
+    async def _fail(self, record: Deployment, error: HotDeployError) -> NoReturn:
+        record.conclude(Outcome.FAILED, error)
+        await self.records.save(record)
+        await notify("hotdeploy_failed", self.engine.managers(None), {"deployment": record, "error": error})
+        raise DeploymentError(record, error) from error
+
+    async def _prune(self, package: Package) -> None:
+        protect = set(package.lineage_pairs()[-2:])
+        removed = await anyio.to_thread.run_sync(self.store.prune, package.name, self.keep_versions, protect)
+        for archive in removed:
+            self.engine.drop_available(package, archive.version, archive.sha256)
+            if package.loaded_version(archive.version) is None:
+                directory = (
+                    self.engine.home / "packages" / package.name / f"{archive.version}-{archive.sha256[:12]}"
+                )
+                await anyio.to_thread.run_sync(_remove_tree, directory)
+
+
+def _remove_tree(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _as_error(exc: BaseException, version: PackageVersion) -> HotDeployError:
+    if isinstance(exc, HotDeployError):
+        if exc.package is None:
+            exc.package = version.name
+        if exc.version is None:
+            exc.version = version.version
+        return exc
+    return HotDeployError(
+        f"unexpected {type(exc).__name__}: {exc}", package=version.name, version=version.version
+    )

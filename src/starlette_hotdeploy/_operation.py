@@ -1,0 +1,63 @@
+"""Cluster operations: one change that every live worker carries out, in two phases.
+
+The coordinator (the worker that accepted the change) records an operation in its `PREPARE`
+phase; every live worker prepares the version and votes `PREPARED` or `FAILED`. When all voted
+`PREPARED`, the coordinator moves it to `COMMIT` in the same transaction that changes the desired
+state; every worker switches and votes `SWITCHED`; the coordinator ends it as `DONE`. Any failure
+before the commit ends it as `ABORT`, and nothing switched anywhere.
+
+    PREPARE ──▶ COMMIT ──▶ DONE
+       └──────▶ ABORT
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Phase(enum.StrEnum):
+    PREPARE = "prepare"
+    COMMIT = "commit"
+    DONE = "done"
+    ABORT = "abort"
+
+    @property
+    def active(self) -> bool:
+        """Still under way: followers act on it."""
+        return self in (Phase.PREPARE, Phase.COMMIT)
+
+
+# The only legal moves of an operation's phase (checked by the stores).
+PHASE_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.PREPARE: frozenset({Phase.COMMIT, Phase.ABORT}),
+    Phase.COMMIT: frozenset({Phase.DONE}),
+    Phase.DONE: frozenset(),
+    Phase.ABORT: frozenset(),
+}
+
+
+class Vote(enum.StrEnum):
+    PREPARED = "prepared"  # the version is loaded, started and checked here
+    FAILED = "failed"  # it could not be prepared here (the detail says why)
+    SWITCHED = "switched"  # this worker serves the committed change
+
+
+class OperationKind(enum.StrEnum):
+    ACTIVATE = "activate"  # make (version, sha256) the active version
+    REMOVE = "remove"  # unmount the package and forget it
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """A change every worker carries out: ACTIVATE (version, sha256) or REMOVE."""
+
+    id: str
+    package: str
+    kind: OperationKind
+    version: str | None
+    sha256: str | None
+    lineage: list[tuple[str, str]]
+    phase: Phase
+    coordinator: str
+    created_at: float

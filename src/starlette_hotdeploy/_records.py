@@ -1,0 +1,96 @@
+"""This worker's deployment records: live in memory, published as events, kept in the store.
+
+A record is written to the store when it is accepted (so a `202` survives a crash), again as
+its steps complete (batched by a background writer: one thread hop for many changes, never on
+the critical path), and at once when its outcome is decided and when it finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from ._deployment import Action, Deployment, Step
+from ._events import EventHub
+from ._store import Store
+
+logger = logging.getLogger("starlette_hotdeploy")
+
+
+class RecordLog:
+    def __init__(self, events: EventHub, history_size: int) -> None:
+        self.events = events
+        self.history: deque[Deployment] = deque(maxlen=history_size)
+        self._store: Store | None = None
+        self._worker: str | None = None
+        self._dirty: dict[str, Deployment] = {}
+        self._wake = anyio.Event()
+
+    def open(self, store: Store, worker: str) -> None:
+        self._store = store
+        self._worker = worker
+
+    def new(self, action: Action, package: str | None, **fields: Any) -> Deployment:
+        record = Deployment(operation=action, package=package, worker=self._worker, **fields)
+        record.on_change = self._changed
+        self.history.append(record)
+        self.events.publish({"type": "deployment.started", "deployment": record.to_dict()})
+        return record
+
+    def find(self, deployment_id: str) -> Deployment | None:
+        for record in self.history:
+            if record.id == deployment_id:
+                return record
+        return None
+
+    def _changed(self, record: Deployment, step: Step | None) -> None:
+        if step is None:
+            kind = "deployment.finished" if record.finished_at is not None else "deployment.decided"
+            self.events.publish({"type": kind, "deployment": record.to_dict()})
+        else:
+            kind = "step.started" if step.ok is None else "step.finished"
+            self.events.publish(
+                {
+                    "type": kind,
+                    "deployment_id": record.id,
+                    "package": record.package,
+                    "to_version": record.to_version,
+                    "step": step.to_dict(),
+                }
+            )
+        self._dirty[record.id] = record
+        self._wake.set()
+
+    async def save(self, record: Deployment) -> None:
+        """Write `record` now (acceptance, outcome, end), with whatever else is pending."""
+        self._dirty[record.id] = record
+        await self.flush()
+
+    async def flush(self) -> None:
+        if self._store is None or not self._dirty:
+            return
+        batch = [record.to_dict() for record in self._dirty.values()]
+        self._dirty.clear()
+        store = self._store
+
+        def write() -> None:
+            for data in batch:
+                store.record(data)
+
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(write)
+
+    async def run(self) -> None:
+        """The background writer: steps reach the store within moments, in batches."""
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            try:
+                await self.flush()
+            except Exception:
+                logger.exception("writing deployment records to the store failed")
+            await anyio.sleep(0.05)  # gather the steps of a burst into one write

@@ -1,0 +1,540 @@
+"""SQLiteStore: the `Store` protocol in one SQLite database (stdlib, WAL mode) plus archive files.
+
+The schema is the list `_MIGRATIONS`, applied in order; `PRAGMA user_version` counts the ones a
+database has had. Opening a store applies the missing ones inside `BEGIN IMMEDIATE`, so when
+several workers open a new home at once, one migrates and the others then find nothing to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ._errors import HotDeployError, IllegalTransition
+from ._operation import PHASE_TRANSITIONS, Operation, OperationKind, Phase, Vote
+from ._store import Desired, StoredArchive, Worker, finish_orphaned
+
+_ACTIVE_PHASES = tuple(phase.value for phase in Phase if phase.active)
+_FINISHED_PHASES = tuple(phase.value for phase in Phase if not phase.active)
+_COMMITTED_PHASES = (Phase.COMMIT, Phase.DONE)
+
+
+def _in(values: tuple[str, ...]) -> str:
+    """`(?, ?, …)` for an `IN` over `values`."""
+    return "(" + ", ".join("?" * len(values)) + ")"
+
+
+# -- schema migrations --------------------------------------------------------------------------
+
+
+def _create_tables(db: sqlite3.Connection) -> None:
+    """1: the original schema. IF NOT EXISTS: homes made before user_version was kept have it."""
+    for statement in (
+        """CREATE TABLE IF NOT EXISTS archives (
+            name TEXT NOT NULL, version TEXT NOT NULL, sha256 TEXT NOT NULL,
+            path TEXT NOT NULL, created_at REAL NOT NULL,
+            PRIMARY KEY (name, version, sha256))""",
+        """CREATE TABLE IF NOT EXISTS desired (
+            name TEXT PRIMARY KEY, version TEXT NOT NULL, sha256 TEXT NOT NULL,
+            lineage TEXT NOT NULL, generation INTEGER NOT NULL, updated_at REAL NOT NULL)""",
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        """CREATE TABLE IF NOT EXISTS history (
+            id TEXT PRIMARY KEY, package TEXT, started_at REAL NOT NULL, record TEXT NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS history_started ON history (started_at)",
+        """CREATE TABLE IF NOT EXISTS workers (
+            id TEXT PRIMARY KEY, pid INTEGER NOT NULL, started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL, serving TEXT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS operations (
+            id TEXT PRIMARY KEY, package TEXT NOT NULL, kind TEXT NOT NULL,
+            version TEXT, sha256 TEXT, lineage TEXT, phase TEXT NOT NULL,
+            coordinator TEXT NOT NULL, created_at REAL NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS operations_phase ON operations (phase)",
+        """CREATE TABLE IF NOT EXISTS votes (
+            operation TEXT NOT NULL, worker TEXT NOT NULL, vote TEXT NOT NULL, detail TEXT,
+            PRIMARY KEY (operation, worker))""",
+    ):
+        db.execute(statement)
+
+
+def _add_history_worker_and_finished_at(db: sqlite3.Connection) -> None:
+    """2: who coordinates a record and whether it finished, as columns: unfinished records of a
+    dead worker are then one query away."""
+    db.execute("ALTER TABLE history ADD COLUMN worker TEXT")
+    db.execute("ALTER TABLE history ADD COLUMN finished_at REAL")
+    for record_id, text in db.execute("SELECT id, record FROM history").fetchall():
+        record = json.loads(text)
+        db.execute(
+            "UPDATE history SET worker = ?, finished_at = ? WHERE id = ?",
+            (record.get("worker"), record.get("finished_at"), record_id),
+        )
+    db.execute("CREATE INDEX history_unfinished ON history (worker) WHERE finished_at IS NULL")
+
+
+_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _create_tables,
+    _add_history_worker_and_finished_at,
+]
+
+
+def _schema_version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    if _schema_version(db) == len(_MIGRATIONS):
+        return  # the usual case, without taking the write lock
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        applied = _schema_version(db)  # again: another process may have migrated meanwhile
+        if applied > len(_MIGRATIONS):
+            raise HotDeployError(
+                f"{_db_path(db)}: schema version {applied} is newer than this starlette-hotdeploy "
+                f"knows ({len(_MIGRATIONS)}); upgrade starlette-hotdeploy"
+            )
+        if applied < len(_MIGRATIONS):
+            for migration in _MIGRATIONS[applied:]:
+                migration(db)
+            db.execute(f"PRAGMA user_version = {len(_MIGRATIONS)}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _db_path(db: sqlite3.Connection) -> str:
+    row = db.execute("PRAGMA database_list").fetchone()
+    return str(row[2]) if row else "state.db"
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+_OP_COLUMNS = "id, package, kind, version, sha256, lineage, phase, coordinator, created_at"
+
+
+class SQLiteStore:
+    """The store of one home directory: `home/state.db` and `home/archives/`."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.archives_dir = home / "archives"
+        self.archives_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._connection = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.home / "state.db", check_same_thread=False, isolation_level=None, timeout=30
+        )
+        db.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL survives a crash of the process; the transactions that confirm a state
+        # (`durable=True`) switch to FULL so that they also survive a power loss.
+        db.execute("PRAGMA synchronous=NORMAL")
+        _migrate(db)
+        return db
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        # A connection must not cross a fork (gunicorn --preload builds the app in the master).
+        if os.getpid() != self._pid:
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+            self._connection = self._connect()
+        return self._connection
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+    @contextmanager
+    def _transaction(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        db = self._db  # first: after a fork this replaces the lock too
+        with self._lock:
+            if durable:
+                db.execute("PRAGMA synchronous=FULL")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            finally:
+                if durable:
+                    db.execute("PRAGMA synchronous=NORMAL")
+
+    def _query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        db = self._db
+        with self._lock:
+            return db.execute(sql, args).fetchall()
+
+    def data_version(self) -> int:
+        # SQLite's own counter: it changes when another connection committed, a cheap poll.
+        return int(self._query("PRAGMA data_version")[0][0])
+
+    # -- archives ---------------------------------------------------------------------------
+
+    def save_archive(self, name: str, version: str, sha256: str, data: bytes) -> Path:
+        """Written to a temporary file, fsynced, renamed (never overwritten in place), then
+        indexed."""
+        directory = self.archives_dir / name
+        path = directory / f"{version}-{sha256[:12]}.zip"
+        if not path.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            temporary = directory / f".{path.name}.{os.getpid()}.tmp"
+            with open(temporary, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, path)
+            _fsync_directory(directory)
+        with self._transaction(durable=True) as db:
+            db.execute(
+                "INSERT OR IGNORE INTO archives VALUES (?, ?, ?, ?, ?)",
+                (name, version, sha256, str(path.relative_to(self.home)), time.time()),
+            )
+        return path
+
+    def archive(self, name: str, version: str, sha256: str | None = None) -> StoredArchive | None:
+        rows = self._query(
+            "SELECT name, version, sha256, path, created_at FROM archives WHERE name = ? AND version = ?"
+            + (" AND sha256 = ?" if sha256 else "")
+            + " ORDER BY created_at DESC LIMIT 1",
+            *((name, version, sha256) if sha256 else (name, version)),
+        )
+        return self._archive_row(rows[0]) if rows else None
+
+    def archives(self, name: str) -> list[StoredArchive]:
+        rows = self._query(
+            "SELECT name, version, sha256, path, created_at FROM archives WHERE name = ? ORDER BY created_at",
+            name,
+        )
+        return [self._archive_row(row) for row in rows]
+
+    def _archive_row(self, row: tuple[Any, ...]) -> StoredArchive:
+        return StoredArchive(row[0], row[1], row[2], self.home / row[3], row[4])
+
+    def prune(self, name: str, keep: int, protect: set[tuple[str, str]]) -> list[StoredArchive]:
+        stored = self.archives(name)
+        surplus = [a for a in stored[: max(len(stored) - keep, 0)] if (a.version, a.sha256) not in protect]
+        with self._transaction() as db:
+            for archive in surplus:
+                db.execute(
+                    "DELETE FROM archives WHERE name = ? AND version = ? AND sha256 = ?",
+                    (archive.name, archive.version, archive.sha256),
+                )
+        for archive in surplus:  # after the commit: an indexed archive always has its file
+            archive.path.unlink(missing_ok=True)
+        return surplus
+
+    # -- desired state ----------------------------------------------------------------------
+
+    def desired(self) -> dict[str, Desired]:
+        rows = self._query("SELECT name, version, sha256, lineage, generation FROM desired ORDER BY name")
+        return {
+            row[0]: Desired(row[0], row[1], row[2], [(v, s) for v, s in json.loads(row[3])], row[4])
+            for row in rows
+        }
+
+    def generation(self) -> int:
+        rows = self._query("SELECT value FROM meta WHERE key = 'generation'")
+        return int(rows[0][0]) if rows else 0
+
+    def set_desired(self, name: str, version: str, sha256: str, lineage: list[tuple[str, str]]) -> int:
+        with self._transaction(durable=True) as db:
+            generation = self._bump(db)
+            self._write_desired(db, name, version, sha256, lineage, generation)
+        return generation
+
+    def remove_desired(self, name: str) -> int:
+        with self._transaction(durable=True) as db:
+            generation = self._bump(db)
+            db.execute("DELETE FROM desired WHERE name = ?", (name,))
+        return generation
+
+    @staticmethod
+    def _bump(db: sqlite3.Connection) -> int:
+        db.execute(
+            "INSERT INTO meta VALUES ('generation', 1) ON CONFLICT(key) DO UPDATE SET value = value + 1"
+        )
+        return int(db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+
+    @staticmethod
+    def _write_desired(
+        db: sqlite3.Connection,
+        name: str,
+        version: str | None,
+        sha256: str | None,
+        lineage: list[tuple[str, str]],
+        generation: int,
+    ) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO desired (name, version, sha256, lineage, generation, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (name, version, sha256, json.dumps(lineage), generation, time.time()),
+        )
+
+    # -- history ----------------------------------------------------------------------------
+
+    def record(self, record: dict[str, Any]) -> None:
+        with self._transaction() as db:
+            self._write_record(db, record)
+
+    @staticmethod
+    def _write_record(db: sqlite3.Connection, record: dict[str, Any]) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO history (id, package, started_at, record, worker, finished_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                record["id"],
+                record["package"],
+                record["started_at"],
+                json.dumps(record),
+                record.get("worker"),
+                record.get("finished_at"),
+            ),
+        )
+
+    def history(self, limit: int = 100, package: str | None = None) -> list[dict[str, Any]]:
+        if package:
+            rows = self._query(
+                "SELECT record FROM history WHERE package = ? ORDER BY started_at DESC LIMIT ?",
+                package,
+                limit,
+            )
+        else:
+            rows = self._query("SELECT record FROM history ORDER BY started_at DESC LIMIT ?", limit)
+        return [json.loads(row[0]) for row in rows]
+
+    def deployment(self, deployment_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT record FROM history WHERE id = ?", deployment_id)
+        return json.loads(rows[0][0]) if rows else None
+
+    def finish_orphaned_records(self, live: set[str]) -> int:
+        """A record is orphaned when it is unfinished and its worker is not live: it is finished
+        as "succeeded" if its operation was committed (the change stands), else "interrupted".
+        Its operation, if still under way, is abandoned too, so the two tell the same story (and
+        a coordinator thought dead cannot commit what its record calls interrupted)."""
+        finished = 0
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id, worker FROM history WHERE finished_at IS NULL AND worker IS NOT NULL"
+            ).fetchall()
+            for record_id, worker in rows:
+                if worker in live:
+                    continue
+                operation = self._operation_in(db, record_id)
+                if operation is not None and operation.phase.active and operation.coordinator not in live:
+                    self._abandon(db, operation)
+                else:
+                    committed = operation is not None and operation.phase in _COMMITTED_PHASES
+                    self._finish_record(db, record_id, worker, committed=committed)
+                finished += 1
+        return finished
+
+    def _finish_record(self, db: sqlite3.Connection, record_id: str, worker: str, *, committed: bool) -> None:
+        row = db.execute(
+            "SELECT record FROM history WHERE id = ? AND finished_at IS NULL", (record_id,)
+        ).fetchone()
+        if row is not None:
+            self._write_record(db, finish_orphaned(json.loads(row[0]), worker, committed=committed))
+
+    # -- workers ----------------------------------------------------------------------------
+
+    def heartbeat(self, worker_id: str, serving: dict[str, str]) -> None:
+        now = time.time()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO workers VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, serving = excluded.serving",
+                (worker_id, os.getpid(), now, now, json.dumps(serving)),
+            )
+
+    def remove_worker(self, worker_id: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    def workers(self, max_age: float | None = None) -> list[Worker]:
+        rows = self._query(
+            "SELECT id, pid, started_at, heartbeat_at, serving FROM workers ORDER BY started_at"
+        )
+        now = time.time()
+        return [
+            Worker(row[0], row[1], row[2], row[3], json.loads(row[4]))
+            for row in rows
+            if max_age is None or now - row[3] <= max_age
+        ]
+
+    def forget_workers(self, older_than: float) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM workers WHERE heartbeat_at < ?", (time.time() - older_than,))
+
+    # -- cluster operations -----------------------------------------------------------------
+
+    def begin_operation(self, operation: Operation, live: set[str]) -> Operation | None:
+        if Phase(operation.phase) is not Phase.PREPARE:
+            raise IllegalTransition(
+                f"operation {operation.id} must begin in phase {Phase.PREPARE}, not {operation.phase}",
+                package=operation.package,
+            )
+        with self._transaction() as db:
+            under_way = db.execute(
+                f"SELECT {_OP_COLUMNS} FROM operations WHERE package = ? AND phase IN {_in(_ACTIVE_PHASES)} "
+                "ORDER BY created_at",
+                (operation.package, *_ACTIVE_PHASES),
+            ).fetchall()
+            for row in under_way:
+                other = _operation_from_row(row)
+                if other.coordinator in live:
+                    return other
+                self._abandon(db, other)
+            db.execute(
+                f"INSERT INTO operations ({_OP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    operation.id,
+                    operation.package,
+                    OperationKind(operation.kind).value,
+                    operation.version,
+                    operation.sha256,
+                    json.dumps(operation.lineage),
+                    Phase.PREPARE.value,
+                    operation.coordinator,
+                    operation.created_at,
+                ),
+            )
+        return None
+
+    def abandon(self, operation: Operation) -> None:
+        with self._transaction() as db:
+            stored = self._operation_in(db, operation.id)
+            if stored is not None:
+                self._abandon(db, stored)
+
+    def _abandon(self, db: sqlite3.Connection, operation: Operation) -> None:
+        """A dead coordinator's operation: before its commit nothing changed (ABORT, its record
+        interrupted); after it the change stands (DONE, its record succeeded), only its last
+        steps were not seen. `operation` as stored, read in this transaction."""
+        if not operation.phase.active:
+            return
+        committed = operation.phase is Phase.COMMIT
+        self._move(db, operation, Phase.DONE if committed else Phase.ABORT)
+        self._finish_record(db, operation.id, operation.coordinator, committed=committed)
+
+    def operations(self, since: float = 0.0) -> list[Operation]:
+        rows = self._query(
+            f"SELECT {_OP_COLUMNS} FROM operations WHERE created_at >= ? ORDER BY created_at", since
+        )
+        return [_operation_from_row(row) for row in rows]
+
+    def active_operations(self) -> list[Operation]:
+        rows = self._query(
+            f"SELECT {_OP_COLUMNS} FROM operations WHERE phase IN {_in(_ACTIVE_PHASES)} ORDER BY created_at",
+            *_ACTIVE_PHASES,
+        )
+        return [_operation_from_row(row) for row in rows]
+
+    def operation(self, op_id: str) -> Operation | None:
+        rows = self._query(f"SELECT {_OP_COLUMNS} FROM operations WHERE id = ?", op_id)
+        return _operation_from_row(rows[0]) if rows else None
+
+    @staticmethod
+    def _operation_in(db: sqlite3.Connection, op_id: str) -> Operation | None:
+        row = db.execute(f"SELECT {_OP_COLUMNS} FROM operations WHERE id = ?", (op_id,)).fetchone()
+        return _operation_from_row(row) if row is not None else None
+
+    def vote(self, op_id: str, worker_id: str, vote: Vote, detail: str | None = None) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO votes VALUES (?, ?, ?, ?)",
+                (op_id, worker_id, Vote(vote).value, detail),
+            )
+
+    def votes(self, op_id: str) -> dict[str, tuple[Vote, str | None]]:
+        rows = self._query("SELECT worker, vote, detail FROM votes WHERE operation = ?", op_id)
+        return {row[0]: (Vote(row[1]), row[2]) for row in rows}
+
+    def set_phase(self, op_id: str, phase: Phase) -> None:
+        with self._transaction() as db:
+            operation = self._operation_in(db, op_id)
+            if operation is None:
+                raise IllegalTransition(f"operation {op_id} does not exist: it cannot move to phase {phase}")
+            self._move(db, operation, Phase(phase))
+
+    @staticmethod
+    def _move(db: sqlite3.Connection, operation: Operation, phase: Phase) -> None:
+        """The one place a phase changes: checked against PHASE_TRANSITIONS in the transaction
+        that changes it, so two workers cannot both move an operation from the same phase."""
+        if operation.phase is phase:
+            return
+        if phase not in PHASE_TRANSITIONS[operation.phase]:
+            raise IllegalTransition(
+                f"operation {operation.id} is in phase {operation.phase}: it cannot move to phase {phase}",
+                package=operation.package,
+            )
+        db.execute("UPDATE operations SET phase = ? WHERE id = ?", (phase.value, operation.id))
+
+    def commit(self, operation: Operation) -> int:
+        """The stored operation's change is what is committed: what every worker prepared."""
+        with self._transaction(durable=True) as db:
+            stored = self._operation_in(db, operation.id)
+            if stored is None or stored.phase is not Phase.PREPARE:
+                found = f"is in phase {stored.phase}" if stored is not None else "does not exist"
+                raise IllegalTransition(
+                    f"operation {operation.id} {found}: only one in phase {Phase.PREPARE} can be committed",
+                    package=operation.package,
+                )
+            generation = self._bump(db)
+            if stored.kind is OperationKind.REMOVE:
+                db.execute("DELETE FROM desired WHERE name = ?", (stored.package,))
+            else:
+                self._write_desired(
+                    db, stored.package, stored.version, stored.sha256, stored.lineage, generation
+                )
+            self._move(db, stored, Phase.COMMIT)
+        return generation
+
+    def prune_operations(self, older_than: float) -> None:
+        cutoff = time.time() - older_than
+        finished = f"created_at < ? AND phase IN {_in(_FINISHED_PHASES)}"
+        with self._transaction() as db:
+            db.execute(
+                f"DELETE FROM votes WHERE operation IN (SELECT id FROM operations WHERE {finished})",
+                (cutoff, *_FINISHED_PHASES),
+            )
+            db.execute(f"DELETE FROM operations WHERE {finished}", (cutoff, *_FINISHED_PHASES))
+
+
+def _operation_from_row(row: tuple[Any, ...]) -> Operation:
+    return Operation(
+        id=row[0],
+        package=row[1],
+        kind=OperationKind(row[2]),
+        version=row[3],
+        sha256=row[4],
+        lineage=[(v, s) for v, s in json.loads(row[5] or "[]")],
+        phase=Phase(row[6]),
+        coordinator=row[7],
+        created_at=row[8],
+    )
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make a rename durable (POSIX: the directory entry itself must be synced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

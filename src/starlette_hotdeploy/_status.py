@@ -1,0 +1,92 @@
+"""What `Deployer.status()` answers: typed snapshots, JSON-ready through `to_dict()`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ._package import Package
+from ._version import PackageVersion, VersionState
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStatus:
+    """One version of a package in this worker's memory."""
+
+    version: str
+    state: VersionState
+    in_flight: int
+    sha256: str
+    served: int
+    terminated: int
+    loaded_at: float
+    activated_at: float | None
+    error: str | None
+
+    @classmethod
+    def of(cls, version: PackageVersion) -> VersionStatus:
+        return cls(
+            version.version,
+            version.state,
+            version.in_flight,
+            version.sha256,
+            version.served,
+            version.terminated,
+            version.loaded_at,
+            version.activated_at,
+            version.error,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "state": self.state.value,
+            "in_flight": self.in_flight,
+            "sha256": self.sha256,
+            "served": self.served,
+            "terminated": self.terminated,
+            "loaded_at": self.loaded_at,
+            "activated_at": self.activated_at,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PackageStatus:
+    """A package: its mount, active and previous version, what is loaded and what is stored,
+    and which version each live worker serves."""
+
+    name: str
+    mount: str
+    active_version: str | None
+    previous_version: str | None
+    versions: tuple[VersionStatus, ...]
+    available_versions: Mapping[str, str]  # version -> sha256
+    workers: Mapping[str, str | None]  # worker id -> the version it serves
+
+    @classmethod
+    def of(cls, package: Package, workers: Mapping[str, str | None]) -> PackageStatus:
+        active = package.active
+        return cls(
+            name=package.name,
+            mount=package.prefix,
+            active_version=active.version if active is not None else None,
+            previous_version=package.previous,
+            versions=tuple(VersionStatus.of(v) for v in package.loaded),
+            available_versions=dict(package.available),
+            workers=dict(workers),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "mount": self.mount,
+            "active_version": self.active_version,
+            "previous_version": self.previous_version,
+            "versions": [v.to_dict() for v in self.versions],
+            "available_versions": [
+                {"version": version, "sha256": sha256} for version, sha256 in self.available_versions.items()
+            ],
+            "workers": dict(self.workers),
+        }
