@@ -29,6 +29,7 @@ async def lifespan(app):
     async with anyio.create_task_group() as tg:
         tg.start_soon(anyio.sleep_forever)
         yield {{"owner": f"{{NAME}} {{VERSION}}"}}
+        await testkit.shutdown_gate(f"shutdown {{NAME}} {{VERSION}}")
         tg.cancel_scope.cancel()
     testkit.calls.append(f"shutdown {{NAME}} {{VERSION}}")
 

@@ -80,6 +80,67 @@ async def test_packages_start_after_and_stop_before_the_host(tmp_path: Path, sou
     assert not deployer.is_running
 
 
+async def test_on_restart_stored_packages_start_after_and_stop_before_the_host(
+    tmp_path: Path, sources: Path
+) -> None:
+    @contextlib.asynccontextmanager
+    async def host_lifespan(app: Starlette) -> AsyncIterator[None]:
+        # What the packages had done by now: restored packages must not have started yet.
+        testkit.calls.append(f"host startup ({(deployer.status() and 'packages up') or 'no package'})")
+        yield
+        testkit.calls.append(f"host shutdown ({len(deployer.status())} package(s) served)")
+
+    home = tmp_path / "home"
+    async with Deployer(home=home, entry_points=False).running() as first:
+        await first.deploy(write_package(sources, version="1.0"))
+    testkit.calls.clear()
+
+    deployer = Deployer(home=home, entry_points=False)  # the server restarts on the same home
+    app = Starlette(lifespan=host_lifespan, middleware=[Middleware(HotDeployMiddleware, deployer=deployer)])
+    driver = LifespanDriver(app)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(driver.run)
+        assert await driver.startup() == "lifespan.startup.complete"
+        assert [p.active_version for p in deployer.status()] == ["1.0"]  # restored before the answer
+        assert await driver.shutdown() == "lifespan.shutdown.complete"
+    assert testkit.calls == [
+        "host startup (no package)",
+        "startup greeter 1.0",
+        "shutdown greeter 1.0",
+        "host shutdown (0 package(s) served)",
+    ]
+
+
+async def test_a_host_startup_failure_restores_nothing(tmp_path: Path, sources: Path) -> None:
+    @contextlib.asynccontextmanager
+    async def broken(app: Starlette) -> AsyncIterator[None]:
+        raise RuntimeError("host database unreachable")
+        yield
+
+    home = tmp_path / "home"
+    async with Deployer(home=home, entry_points=False).running() as first:
+        await first.deploy(write_package(sources, version="1.0"))
+    testkit.calls.clear()
+    deployer = Deployer(home=home, entry_points=False)
+    app = Starlette(lifespan=broken, middleware=[Middleware(HotDeployMiddleware, deployer=deployer)])
+    driver = LifespanDriver(app)
+
+    raised: list[BaseException] = []
+
+    async def run() -> None:
+        try:
+            await driver.run()
+        except BaseException as exc:  # Starlette re-raises it after answering "failed"
+            raised.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        assert await driver.startup() == "lifespan.startup.failed"
+    assert testkit.calls == []  # no package started for a host that did not
+    assert not deployer.is_running
+    assert "host database unreachable" in repr(raised)
+
+
 async def test_host_app_without_lifespan_support(tmp_path: Path, sources: Path) -> None:
     async def plain(scope: Scope, receive: Receive, send: Send) -> None:
         assert scope["type"] == "http"  # raises for lifespan, like many raw ASGI apps

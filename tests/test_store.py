@@ -12,8 +12,7 @@ import pytest
 
 from starlette_hotdeploy._errors import IllegalTransition
 from starlette_hotdeploy._operation import Operation, OperationKind, Phase
-from starlette_hotdeploy._sqlite_store import SQLiteStore
-from starlette_hotdeploy._store import open_store
+from starlette_hotdeploy._sqlite_store import SQLiteStore, open_store
 
 
 def sha(data: bytes) -> str:

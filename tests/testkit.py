@@ -9,6 +9,15 @@ import anyio
 
 _events: defaultdict[str, anyio.Event] = defaultdict(anyio.Event)
 calls: list[str] = []
+gated: set[str] = set()  # lifespan shutdowns ("greeter 1.0") that wait for the event of that name
+
+
+async def shutdown_gate(label: str) -> None:
+    """Called by test packages at the start of their lifespan shutdown: when `label` is gated,
+    announce `label:entered` and wait for the event `label`."""
+    if label in gated:
+        event(label + ":entered").set()
+        await event(label).wait()
 
 
 def event(key: str) -> anyio.Event:
@@ -19,3 +28,4 @@ def event(key: str) -> anyio.Event:
 def reset() -> None:
     _events.clear()
     calls.clear()
+    gated.clear()

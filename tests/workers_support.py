@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from packages import write_package, zip_directory
-from starlette_hotdeploy._store import open_store
+from starlette_hotdeploy._sqlite_store import open_store
 
 TESTS = Path(__file__).resolve().parent
 T = TypeVar("T")

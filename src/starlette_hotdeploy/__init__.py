@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 from ._admin import create_admin_app
 from ._archive import ArchiveLimits, Packed, pack_directory
 from ._deployer import Deployer
-from ._deployment import Deployment, Step
+from ._deployment import Action, Deployment, Outcome, Step
 from ._dispatch import HotDeployMiddleware
 from ._errors import (
     AdminClientError,
@@ -17,6 +17,7 @@ from ._errors import (
     DeploymentInProgress,
     DeploymentTimeout,
     HotDeployError,
+    IllegalTransition,
     LoadError,
     ManifestError,
     MountConflict,
@@ -32,6 +33,8 @@ from ._hooks import HookSpecs, hookimpl, hookspec
 from ._manifest import Manifest, parse_manifest
 from ._package import Package
 from ._serve import create_host_app
+from ._status import PackageStatus, VersionStatus
+from ._store import Store
 from ._version import PackageVersion, VersionState
 
 if TYPE_CHECKING:
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "Action",
     "AdminClient",
     "AdminClientError",
     "AdminProblem",
@@ -55,22 +59,27 @@ __all__ = [
     "HookSpecs",
     "HotDeployError",
     "HotDeployMiddleware",
+    "IllegalTransition",
     "LoadError",
     "Manifest",
     "ManifestError",
     "MountConflict",
     "NoPreviousVersion",
     "NotRunning",
+    "Outcome",
     "Package",
     "PackageInUse",
+    "PackageStatus",
     "PackageVersion",
     "Packed",
     "RequestAborted",
     "StartupError",
     "Step",
+    "Store",
     "UnknownPackage",
     "UnknownVersion",
     "VersionState",
+    "VersionStatus",
     "__version__",
     "create_admin_app",
     "create_host_app",

@@ -34,8 +34,9 @@ from ._hooks import ENTRY_POINT_GROUP, make_plugin_manager
 from ._mounts import MountTable
 from ._package import Package
 from ._records import RecordLog
+from ._sqlite_store import open_store
 from ._status import PackageStatus
-from ._store import Store, open_store
+from ._store import Store
 from ._watch import WatchFolder
 
 logger = logging.getLogger("starlette_hotdeploy")

@@ -2,7 +2,9 @@
 
 A record is stored when the deployment is accepted, updated as its steps complete, *decided*
 once (its outcome: what the caller waits for) and *finished* once, after its last step, which
-for a successful switch is the previous version's drain and shutdown.
+for a successful switch is the previous version's drain and shutdown. Deciding or finishing
+twice is a bug and raises AssertionError (not IllegalTransition: _errors.py imports this
+module's type, and this module imports nothing of ours).
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._errors import IllegalTransition
-
 
 class Action(enum.StrEnum):
     """What a deployment was asked to do."""
@@ -28,6 +28,8 @@ class Action(enum.StrEnum):
 
 
 class Outcome(enum.StrEnum):
+    """How a deployment ended (decided once)."""
+
     PENDING = "pending"  # not decided yet
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # nothing changed
@@ -105,7 +107,7 @@ class Deployment:
     def begin_step(self, name: str) -> Step:
         """A step that `end_step` ends (for one that spans several blocks, like a drain)."""
         if self.finished_at is not None:
-            raise IllegalTransition(f"deployment {self.id} is finished: no step {name!r} after it")
+            raise AssertionError(f"deployment {self.id} is finished: no step {name!r} after it")
         step = Step(name=name, started_at=time.time())
         step._start = time.perf_counter()
         self.steps.append(step)
@@ -124,9 +126,7 @@ class Deployment:
     def decide(self, outcome: Outcome, error: BaseException | None = None, step: str | None = None) -> None:
         """The outcome, once: what `deploy()` and the admin API answer with."""
         if self.outcome is not Outcome.PENDING or outcome is Outcome.PENDING:
-            raise IllegalTransition(
-                f"deployment {self.id} is already {self.outcome.value}, not {outcome.value}"
-            )
+            raise AssertionError(f"deployment {self.id} is already {self.outcome.value}, not {outcome.value}")
         self.outcome = outcome
         self.decided_at = time.time()
         if error is not None:
@@ -137,7 +137,7 @@ class Deployment:
     def finish(self) -> None:
         """After the last step (a replaced version's drain and shutdown included), once."""
         if self.outcome is Outcome.PENDING or self.finished_at is not None:
-            raise IllegalTransition(
+            raise AssertionError(
                 f"deployment {self.id} cannot finish: {self.outcome.value}, finished_at={self.finished_at}"
             )
         self.finished_at = time.time()

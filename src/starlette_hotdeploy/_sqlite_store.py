@@ -19,7 +19,7 @@ from typing import Any
 
 from ._errors import HotDeployError, IllegalTransition
 from ._operation import PHASE_TRANSITIONS, Operation, OperationKind, Phase, Vote
-from ._store import Desired, StoredArchive, Worker, finish_orphaned
+from ._store import Desired, Store, StoredArchive, Worker, finish_orphaned
 
 _ACTIVE_PHASES = tuple(phase.value for phase in Phase if phase.active)
 _FINISHED_PHASES = tuple(phase.value for phase in Phase if not phase.active)
@@ -538,3 +538,8 @@ def _fsync_directory(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def open_store(home: Path) -> Store:
+    """The store of a home directory (created if missing): the embedded default, SQLite."""
+    return SQLiteStore(home)

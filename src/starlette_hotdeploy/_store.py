@@ -172,10 +172,3 @@ def _where_it_stopped(record: dict[str, Any]) -> str:
         return "before its first step"
     running = [step for step in steps if step.get("ok") is None]
     return f"during step {(running or steps)[-1].get('name')}"
-
-
-def open_store(home: Path) -> Store:
-    """The store of a home directory (created if missing)."""
-    from ._sqlite_store import SQLiteStore  # here: _sqlite_store imports this module's classes
-
-    return SQLiteStore(home)

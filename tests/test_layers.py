@@ -1,0 +1,79 @@
+"""Layers point down and no module of the package imports itself back (one concept a module)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import starlette_hotdeploy
+
+PACKAGE = Path(starlette_hotdeploy.__file__).parent
+
+# Lower layers never import higher ones (DESIGN.md: request path <- engine <- coordination <- surfaces),
+# under a base of shared vocabulary: types, errors, records, the manifest, the store's interface.
+BASE = {"_types", "_errors", "_deployment", "_events", "_manifest", "_operation", "_store"}
+REQUEST_PATH = {"_dispatch", "_scope", "_mounts", "_version", "_lifespan", "_loader"}
+ENGINE = {"_engine", "_package", "_probe", "_archive", "_hooks"}
+COORDINATION = {"_coordinator", "_follower", "_cluster", "_records", "_sqlite_store"}
+SURFACES = {"_deployer", "_admin", "_cli", "_client", "_serve", "_openapi", "_problems", "_watch", "_status"}
+
+
+def imports() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (module level, lazy and TYPE_CHECKING alike)."""
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.glob("*.py"):
+        name = path.stem
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    found.add(node.module.split(".")[0])
+                else:
+                    found.update(alias.name for alias in node.names)
+        graph[name] = found - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found: list[list[str]] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        for target in sorted(graph.get(node, ())):
+            if target == "__init__":
+                continue
+            if target in path:
+                found.append([*path[path.index(target) :], target])
+            elif len(path) < len(graph):
+                visit(target, [*path, target])
+
+    for start in sorted(graph):
+        if start != "__init__":
+            visit(start, [start])
+    return found
+
+
+def test_no_import_cycle() -> None:
+    assert cycles(imports()) == []
+
+
+def test_the_cycle_finder_finds_one() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}})[0] == ["a", "b", "c", "a"]
+
+
+def test_layers_point_down() -> None:
+    graph = imports()
+    layers = [BASE, REQUEST_PATH, ENGINE, COORDINATION, SURFACES]
+    assert set().union(*layers) | {"__init__"} == set(graph)  # every module has its layer
+    wrong = []
+    for level, modules in enumerate(layers):
+        above = set().union(*layers[level + 1 :])
+        for module in sorted(modules):
+            # The middleware builds the default Deployer and the admin app for its user: the one
+            # sanctioned upward reference, made inside its constructor.
+            allowed = {"_deployer", "_admin"} if module == "_dispatch" else set()
+            wrong += [f"{module} -> {target}" for target in sorted(graph[module] & above - allowed)]
+    assert wrong == []
+
+
+def test_the_engine_never_imports_the_middleware() -> None:
+    assert "_dispatch" not in imports()["_engine"]
