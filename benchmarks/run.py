@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.run            # the full run (about 6-8 minutes on 2 cores)
     .venv/bin/python -m benchmarks.run --quick    # short phases, fewer rounds (about 2 minutes)
 
-Options: `--only upgrade,dispatch,dispatch-uvicorn,swaps`, `--workers N` (scenario 1),
+Options: `--only upgrade,dispatch,dispatch-uvicorn,swaps,soak`, `--workers N` (scenario 1),
 `--no-wrk` (built-in httpx load), `--no-setup` (do not install anything).
 
 Results go to benchmarks/results/<scenario>.json; the plots to docs/ (with `--quick`, to
@@ -28,7 +28,7 @@ from .common import RESULTS, ROOT, machine, write_results
 # The scenario modules are imported in the functions below, after the set-up: they need the
 # packages of benchmarks/requirements.txt (httpx-ws, matplotlib).
 
-SCENARIOS = ("upgrade", "dispatch", "dispatch-uvicorn", "swaps")
+SCENARIOS = ("upgrade", "dispatch", "dispatch-uvicorn", "swaps", "soak")
 
 
 def run_upgrade(quick: bool, use_wrk: bool, workers: int) -> None:
@@ -66,6 +66,17 @@ def run_swaps() -> None:
     """In a process of its own, so that its memory numbers start from a fresh interpreter."""
     print("200 swaps in a row ...", flush=True)
     subprocess.run([sys.executable, "-m", "benchmarks.many_swaps", "--swaps", "200"], cwd=ROOT, check=True)
+
+
+def run_soak(quick: bool) -> None:
+    """Swaps and rollbacks under traffic on 1, then 2 workers (benchmarks/soak.py)."""
+    from . import soak
+
+    swaps = 40 if quick else 200
+    results = anyio.run(
+        soak.run_all, soak.SoakConfig(swaps=swaps), [1, 2], lambda line: print(line, flush=True)
+    )
+    write_results("soak", {"results": results})
 
 
 def busy_note() -> None:
@@ -111,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     if "swaps" in chosen:
         busy_note()
         run_swaps()
+    if "soak" in chosen:
+        busy_note()
+        run_soak(args.quick)
 
     from . import plots  # matplotlib is imported only now, after the set-up installed it
 

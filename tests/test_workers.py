@@ -273,8 +273,45 @@ def test_an_interrupted_deployment_is_not_left_pending(interrupted: tuple[Server
     response = server.admin.get(server.url + "/_hotdeploy/deployments", params={"package": "greeter"})
     assert response.status_code == 200, response.text
     outcomes = [(d["to_version"], d["outcome"]) for d in response.json()["deployments"]]
-    assert outcomes[0][0] == "3.0"
+    assert outcomes[0] == ("3.0", "interrupted")  # killed before its commit: nothing changed
     assert "pending" not in {outcome for _, outcome in outcomes}, outcomes
+    latest = response.json()["deployments"][0]
+    assert latest["finished_at"] is not None
+    assert "stopped during step" in latest["error"]
+    assert "nothing changed" in latest["error"]
+
+
+def test_an_accepted_deployment_survives_a_crash_as_interrupted(tmp_path: Path) -> None:
+    """A `202` from `?wait=false` is in the store at once: after a SIGKILL and a restart, its
+    record answers, finished, with the outcome it reached."""
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    server = Server(tmp_path, "uvicorn", 1)
+    try:
+        server.start()
+        server.deployed(build_package(sources, "greeter", "1.0", checks=True))
+        (server.markers / "pause-all").touch()
+        response = server.admin.post(
+            server.url + "/_hotdeploy/packages",
+            params={"wait": "false"},
+            content=build_package(sources, "greeter", "2.0", checks=True),
+            headers={"Content-Type": "application/zip"},
+        )
+        assert response.status_code == 202, response.text
+        location = response.headers["location"]
+        wait_for("the worker to pause in its check", lambda: paused_pids(server) or None, 15)
+        server.kill()
+        (server.markers / "pause-all").unlink()
+        server.start()
+        record = server.admin.get(server.url + location)
+        assert record.status_code == 200, record.text
+        assert (record.json()["to_version"], record.json()["outcome"]) == ("2.0", "interrupted")
+        assert record.json()["finished_at"] is not None
+        assert "stopped during step check" in record.json()["error"]
+        assert_everyone_serves(server, "greeter", "1.0")
+    finally:
+        server.kill()
+        server.admin.close()
 
 
 @contextmanager

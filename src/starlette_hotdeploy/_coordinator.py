@@ -138,7 +138,11 @@ class Coordinator:
         with self._claim(name, record), anyio.CancelScope(shield=True):
             operation = self.cluster.new_operation(record.id, name, OperationKind.REMOVE)
             await self._begin(operation, record)
-            await self.engine.remove(package, record)
+            try:
+                await self.engine.remove(package, record)
+            except Exception as exc:
+                await anyio.to_thread.run_sync(self.store.set_phase, operation.id, Phase.ABORT)
+                await self._fail(record, _as_error_for(exc, name))
             await self._commit(operation, record)
             record.conclude(Outcome.SUCCEEDED)
             await self.records.save(record)
@@ -214,9 +218,10 @@ class Coordinator:
             raise error
         await self.records.save(record)
 
-    async def _commit(self, operation: Operation, record: Deployment) -> None:
+    async def _commit(self, operation: Operation, record: Deployment, *, done: bool = True) -> None:
         """Confirm the change in the store (the desired state), then wait for every live worker
-        to serve it."""
+        to serve it. Without `done`, the operation stays open (no other worker may start one on
+        the package) until the caller ends it: through the bake."""
         with record.step("commit"):
             await anyio.to_thread.run_sync(self.store.commit, operation)
         await self.follower.vote(operation, Vote.SWITCHED)
@@ -228,6 +233,10 @@ class Coordinator:
                 # Committed: they converge when they can; the answer says who lags.
                 step.detail += f"; {result.describe()}"
                 step.ok = False
+        if done:
+            await self._done(operation)
+
+    async def _done(self, operation: Operation) -> None:
         await anyio.to_thread.run_sync(self.store.set_phase, operation.id, Phase.DONE)
         await self.cluster.heartbeat(self.engine.serving())
 
@@ -310,7 +319,7 @@ class Coordinator:
             first_install = engine.get(package.name) is None
             engine.adopt(package)
             engine.confirm(package, version.version, version.sha256, lineage)
-            await self._commit(operation, record)
+            await self._commit(operation, record, done=False)
             try:
                 with record.step("bake") as step:
                     await run_checks(
@@ -329,8 +338,10 @@ class Coordinator:
                     )
             except Exception as exc:
                 error = _as_error(exc, version)
+                await self._done(operation)
                 await self._switch_back(record, package, version, current, operation, first_install, error)
                 raise DeploymentError(record, error) from exc
+            await self._done(operation)
             record.decide(Outcome.SUCCEEDED)
             await self.records.save(record)
             engine.runtime().start_soon(self._announce, version, current, record)
@@ -364,8 +375,18 @@ class Coordinator:
             current.sha256 if current is not None else None,
             operation.lineage[:-1],
         )
-        await anyio.to_thread.run_sync(self.store.begin_operation, back, await self.cluster.live())
-        await self._commit(back, record)
+        other = await anyio.to_thread.run_sync(self.store.begin_operation, back, await self.cluster.live())
+        if other is not None:
+            # Another worker began an operation in the instant since this one ended: the switch
+            # back stands here; the store's desired state is theirs to decide.
+            logger.warning(
+                "%s: switch back not recorded: operation %s of %s under way",
+                package.name,
+                other.id,
+                other.coordinator,
+            )
+        else:
+            await self._commit(back, record)
         engine.set_lineage(package, operation.lineage[:-1])
         await engine.discard(package, version)
         if first_install:
@@ -407,6 +428,12 @@ class Coordinator:
 
 def _remove_tree(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def _as_error_for(exc: BaseException, package: str) -> HotDeployError:
+    if isinstance(exc, HotDeployError):
+        return exc
+    return HotDeployError(f"unexpected {type(exc).__name__}: {exc}", package=package)
 
 
 def _as_error(exc: BaseException, version: PackageVersion) -> HotDeployError:

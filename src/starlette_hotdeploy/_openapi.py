@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._deployment import Action, Outcome
+from ._version import VersionState
+
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
 
 
@@ -68,15 +71,17 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                     "type": "object",
                     "properties": {
                         "id": {"type": "string"},
-                        "operation": {"enum": ["deploy", "rollback", "activate", "undeploy"]},
+                        "operation": {"enum": [action.value for action in Action]},
                         "package": {"type": ["string", "null"]},
                         "from_version": {"type": ["string", "null"]},
                         "to_version": {"type": ["string", "null"]},
                         "sha256": {"type": ["string", "null"]},
+                        "worker": {"type": ["string", "null"]},
                         "started_at": {"type": "number"},
+                        "decided_at": {"type": ["number", "null"]},
                         "finished_at": {"type": ["number", "null"]},
                         "duration_ms": {"type": ["number", "null"]},
-                        "outcome": {"enum": ["pending", "succeeded", "failed", "rolled_back"]},
+                        "outcome": {"enum": [outcome.value for outcome in Outcome]},
                         "error": {"type": ["string", "null"]},
                         "error_step": {"type": ["string", "null"]},
                         "steps": {"type": "array", "items": {"$ref": "#/components/schemas/Step"}},
@@ -86,9 +91,7 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                     "type": "object",
                     "properties": {
                         "version": {"type": "string"},
-                        "state": {
-                            "enum": ["staged", "starting", "ready", "active", "draining", "retired", "failed"]
-                        },
+                        "state": {"enum": [state.value for state in VersionState]},
                         "in_flight": {"type": "integer"},
                         "sha256": {"type": "string"},
                         "served": {"type": "integer"},
@@ -205,7 +208,11 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                     "summary": "Deployment history, newest first",
                     "parameters": [
                         {"name": "package", "in": "query", "schema": {"type": "string"}},
-                        {"name": "limit", "in": "query", "schema": {"type": "integer", "default": 100}},
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "default": 100, "minimum": 0, "maximum": 10_000},
+                        },
                     ],
                     "responses": {"200": _json("DeploymentList", "The history"), **_problems(400, 401)},
                 }

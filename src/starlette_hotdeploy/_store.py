@@ -10,7 +10,7 @@ The desired state says which version of each package is active, with a generatio
 grows by one on every change; it changes only when a deployment is confirmed, in one transaction,
 so a crash at any point leaves either the old or the new confirmed state.
 
-`open_store` returns the SQLite implementation (_sqlite_store.py); any other implementation must
+`_sqlite_store.open_store` returns the SQLite implementation; any other implementation must
 pass tests/test_store_conformance.py, and finishes a dead worker's records with `finish_orphaned`.
 """
 
