@@ -54,6 +54,7 @@ class _Runtime:
     coordinator: Coordinator
     background: anyio.CancelScope
     background_done: anyio.Event
+    background_started: bool = False  # restore() ran: heartbeats, follower, records, watch folder
 
 
 class Deployer:
@@ -220,6 +221,7 @@ class Deployer:
         traffic), then follow the other workers' changes in the background."""
         runtime = self._running()
         await runtime.follower.converge()
+        runtime.background_started = True
         self._engine.runtime().start_soon(self._run_background, runtime, name="hotdeploy background")
 
     async def _run_background(self, runtime: _Runtime) -> None:
@@ -250,7 +252,7 @@ class Deployer:
             return
         self._stopped = True
         runtime.background.cancel()
-        if runtime.background.cancel_called and not runtime.background_done.is_set():
+        if runtime.background_started and not runtime.background_done.is_set():
             with anyio.move_on_after(5):
                 await runtime.background_done.wait()  # a heartbeat in flight must not outlive leave()
         await runtime.follower.discard_prepared()
