@@ -10,6 +10,7 @@ import anyio
 import anyio.lowlevel
 import httpx
 import pytest
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 import testkit
 from packages import DEPLOY_STEPS, write_package, zip_directory
@@ -436,14 +437,15 @@ async def test_operations_on_one_package_are_refused_while_one_runs(
     assert await version_of(client) == "1.0"
 
 
-async def gate_closed(deployer: Deployer) -> None:
-    """Wait until the block strategy's gate is up (bounded: the deploy reaches it in a few steps)."""
-    for _ in range(100_000):
-        mount = deployer.package("greeter").mount
-        if mount is not None and mount.gate is not None:
-            return
-        await anyio.lowlevel.checkpoint()
-    raise AssertionError("the gate never closed")
+async def gate_closed(deployer: Deployer, events: MemoryObjectReceiveStream[dict[str, Any]]) -> None:
+    """Wait until the block strategy's gate is up: the "switch" step has started (the gate goes
+    up before that step's first await)."""
+    async for event in events:
+        if event["type"] == "step.started" and event["step"]["name"] == "switch":
+            break
+    mount = deployer.package("greeter").mount
+    assert mount is not None
+    assert mount.gate is not None
 
 
 async def test_block_strategy_holds_new_requests_until_the_old_version_is_idle(
@@ -455,13 +457,13 @@ async def test_block_strategy_holds_new_requests_until_the_old_version_is_idle(
     async def get(name: str, path: str) -> None:
         answers[name] = (await client.get(path)).json()["version"]
 
-    async with anyio.create_task_group() as tg:
+    async with anyio.create_task_group() as tg, deployer.events.subscribe() as events:
         tg.start_soon(get, "in flight", "/greeter/hold?key=old")
         await testkit.event("old:entered").wait()
         tg.start_soon(
             deployer.deploy, write_package(sources, version="2.0", manifest_extra='strategy = "block"\n')
         )
-        await gate_closed(deployer)
+        await gate_closed(deployer, events)
         tg.start_soon(get, "held", "/greeter/")
         await anyio.wait_all_tasks_blocked()
         assert "held" not in answers  # held, not rejected

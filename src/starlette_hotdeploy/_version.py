@@ -246,16 +246,3 @@ class PackageVersion:
             cancel.cancel()
         await self.wait_idle(grace)
         return count
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "state": self.state.value,
-            "in_flight": self.in_flight,
-            "sha256": self.sha256,
-            "served": self.served,
-            "terminated": self.terminated,
-            "loaded_at": self.loaded_at,
-            "activated_at": self.activated_at,
-            "error": self.error,
-        }
