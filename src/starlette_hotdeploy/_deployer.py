@@ -104,7 +104,6 @@ class Deployer:
         self.watch = Path(watch) if watch is not None else None
         self.events = EventHub()
         self._entry_points = entry_points
-        self._given_store = store
         self._store: Store | None = store
         self._cluster_timeout = cluster_timeout
         self._records = RecordLog(self.events, history_size)
