@@ -61,14 +61,17 @@ class Traffic:
         self.stop = anyio.Event()
 
     async def run(self) -> None:
-        for _ in range(20_000):  # bounded; stopped long before
+        for _ in range(20_000):  # bounded (20 s at most); stopped long before
             if self.stop.is_set():
                 return
             response = await self.client.get("/greeter/")
             self.answers.append(
                 response.json()["version"] if response.status_code == 200 else str(response.status_code)
             )
-            await anyio.lowlevel.checkpoint()  # let the deployment's tasks run between requests
+            # Paced like a client's think time, ordering nothing: in-process requests never wait
+            # for I/O, and back to back they held off the deployment's worker-thread calls until
+            # the traffic ended (measured: a deploy took 26 s under such a loop, 5 ms without).
+            await anyio.sleep(0.001)
 
     @property
     def failures(self) -> list[str]:

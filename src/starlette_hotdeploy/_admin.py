@@ -142,7 +142,7 @@ class AdminAPI:
             return problem(exc.status, exc.title, str(exc))
         if request.query_params.get("wait", "true").lower() in ("false", "0", "no"):
             try:
-                record = self.deployer.submit(data)
+                record = await self.deployer.submit(data)
             except HotDeployError as exc:
                 return problem_for(exc)
             return JSONResponse(

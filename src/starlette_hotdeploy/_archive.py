@@ -21,6 +21,10 @@ STAGING_PREFIX = ".staging-"
 SKIPPED_DIRS = frozenset({"__pycache__", ".git", ".hg", ".svn", ".venv", ".mypy_cache", ".pytest_cache"})
 
 
+# What a deployment starts from: a directory or a .zip/.whl path, or the archive bytes.
+Source = str | os.PathLike[str] | bytes
+
+
 @dataclass(frozen=True, slots=True)
 class ArchiveLimits:
     """Caps that keep a hostile or broken archive from exhausting the disk or memory."""
@@ -100,7 +104,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def read_source(source: str | os.PathLike[str] | bytes, limits: ArchiveLimits | None = None) -> bytes:
+def read_source(source: Source, limits: ArchiveLimits | None = None) -> bytes:
     """The archive bytes of a source: bytes as given, a file's content, a directory packed."""
     limits = limits or ArchiveLimits()
     if isinstance(source, bytes):

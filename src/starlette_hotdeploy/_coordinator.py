@@ -14,18 +14,16 @@ The engine owns the state; this module only calls its named methods.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import NoReturn
 
 import anyio
 import anyio.to_thread
-import pluggy
 
-from ._archive import Unpacked, read_source, unpack
+from ._archive import Source, Unpacked, read_source, unpack
 from ._cluster import Cluster
 from ._deployment import Action, Deployment, Outcome
 from ._engine import Engine
@@ -49,8 +47,6 @@ from ._version import PackageVersion, VersionState
 
 logger = logging.getLogger("starlette_hotdeploy")
 
-Source = str | os.PathLike[str] | bytes
-
 
 class Coordinator:
     def __init__(
@@ -61,7 +57,6 @@ class Coordinator:
         store: Store,
         follower: Follower,
         records: RecordLog,
-        plugins: pluggy.PluginManager,
         bake_time: float,
         keep_versions: int,
     ) -> None:
@@ -70,7 +65,6 @@ class Coordinator:
         self.store = store
         self.follower = follower
         self.records = records
-        self.plugins = plugins
         self.bake_time = bake_time
         self.keep_versions = keep_versions
 
@@ -153,17 +147,14 @@ class Coordinator:
     @contextmanager
     def _claim(self, name: str, record: Deployment) -> Iterator[None]:
         """The engine's claim on the package; a refusal finishes `record` (and is raised)."""
-        try:
-            claim = self.engine.claim(name)
-            claim.__enter__()
-        except DeploymentInProgress as error:
-            error.deployment = record
-            record.conclude(Outcome.FAILED, error)
-            raise
-        try:
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(self.engine.claim(name))
+            except DeploymentInProgress as error:
+                error.deployment = record
+                record.conclude(Outcome.FAILED, error)
+                raise
             yield
-        finally:
-            claim.__exit__(None, None, None)
 
     async def _activate(self, package: Package, target: str, record: Deployment) -> Deployment:
         current = package.active

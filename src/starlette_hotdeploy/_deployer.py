@@ -22,9 +22,9 @@ import anyio.abc
 import anyio.to_thread
 import pluggy
 
-from ._archive import ArchiveLimits
+from ._archive import ArchiveLimits, Source
 from ._cluster import Cluster
-from ._coordinator import Coordinator, Source
+from ._coordinator import Coordinator
 from ._deployment import Action, Deployment
 from ._engine import Engine
 from ._errors import HotDeployError, NotRunning
@@ -41,7 +41,7 @@ from ._watch import WatchFolder
 
 logger = logging.getLogger("starlette_hotdeploy")
 
-__all__ = ["Deployer", "Source"]
+__all__ = ["Deployer"]
 
 
 @dataclass(eq=False)
@@ -196,7 +196,6 @@ class Deployer:
                     store=store,
                     follower=follower,
                     records=self._records,
-                    plugins=self.plugins,
                     bake_time=self.bake_time,
                     keep_versions=self.keep_versions,
                 )
@@ -305,7 +304,8 @@ class Deployer:
     def deployments(self, limit: int = 100, package: str | None = None) -> list[Deployment]:
         """The history of every worker, newest first. Blocking."""
         stored = self._open_store().history(limit, package)
-        return [self._records.find(r["id"]) or Deployment.from_dict(r) for r in stored]
+        live = {record.id: record for record in self._records.history}
+        return [live.get(r["id"]) or Deployment.from_dict(r) for r in stored]
 
     def retired_alive(self) -> list[str]:
         """Labels of unloaded versions whose app or modules are still referenced (after gc)."""
@@ -326,15 +326,16 @@ class Deployer:
             await self._records.save(record)
         return await coordinator.deploy(source, record)
 
-    def submit(self, source: Source) -> Deployment:
-        """Start `deploy(source)` in the background and return its record at once (its outcome
-        is "pending" until the deployment ends). The record reaches the store at once."""
+    async def submit(self, source: Source) -> Deployment:
+        """Start `deploy(source)` in the background and return its record once it is in the
+        store (its outcome is "pending" until the deployment ends): a crash from then on leaves
+        a record that says `interrupted`, never none."""
         runtime = self._running()
         record = self._records.new(Action.DEPLOY, None)
+        await self._records.save(record)
 
         async def run() -> None:
             try:
-                await self._records.save(record)
                 await runtime.coordinator.deploy(source, record)
             except HotDeployError:
                 pass  # the record holds the outcome and the error

@@ -462,10 +462,9 @@ class Engine:
         for version in list(package._loaded):
             self._withdraw(version, "ended by the removal of the package")
             with maybe_step(record, f"drain {version.version}") as step:
-                if not await version.wait_idle(version.manifest.drain_timeout):
-                    count = await version.terminate()
-                    if step is not None:
-                        step.detail = f"{count} still open at the drain timeout were ended"
+                ended = await _drain(version)
+                if step is not None and ended:
+                    step.detail = f"{ended} still open at the drain timeout were ended"
             with maybe_step(record, f"shutdown {version.version}"):
                 await self._stop_and_unload(package, version, VersionState.RETIRED)
         self.forget(package)
@@ -473,10 +472,8 @@ class Engine:
     async def discard(self, package: Package, version: PackageVersion) -> None:
         """Throw away a version that failed before or right after the switch (never active)."""
         self._withdraw(version, "discarded")
-        if version.state is VersionState.DRAINING and not await version.wait_idle(
-            version.manifest.drain_timeout
-        ):
-            await version.terminate()
+        if version.state is VersionState.DRAINING:
+            await _drain(version)
         await self._stop_and_unload(package, version, VersionState.FAILED)
 
     def _withdraw(self, version: PackageVersion, why: str) -> None:
@@ -494,7 +491,7 @@ class Engine:
                 version=version.version,
                 step="shutdown",
             )
-        if version.state is not VersionState.STOPPING and VersionState.STOPPING in _reachable(version):
+        if version.can_become(VersionState.STOPPING):
             version.transition(VersionState.STOPPING)
         try:
             if version.started:
@@ -506,7 +503,7 @@ class Engine:
                 version.abort_startup()
         finally:
             refs = version.unload()
-            if final in _reachable(version):
+            if version.can_become(final):
                 version.transition(final)
             if version in package._loaded:
                 package._loaded.remove(version)
@@ -526,10 +523,11 @@ class Engine:
         clean_staging(self.home / "packages")
 
 
-def _reachable(version: PackageVersion) -> frozenset[VersionState]:
-    from ._version import TRANSITIONS
-
-    return TRANSITIONS[version.state]
+async def _drain(version: PackageVersion) -> int:
+    """Wait for the version's in-flight work; at its drain timeout end what is left (the count)."""
+    if await version.wait_idle(version.manifest.drain_timeout):
+        return 0
+    return await version.terminate()
 
 
 @contextmanager

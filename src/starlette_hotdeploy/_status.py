@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ._package import Package
@@ -39,17 +39,7 @@ class VersionStatus:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "state": self.state.value,
-            "in_flight": self.in_flight,
-            "sha256": self.sha256,
-            "served": self.served,
-            "terminated": self.terminated,
-            "loaded_at": self.loaded_at,
-            "activated_at": self.activated_at,
-            "error": self.error,
-        }
+        return {**asdict(self), "state": self.state.value}
 
 
 @dataclass(frozen=True, slots=True)

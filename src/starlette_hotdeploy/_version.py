@@ -109,10 +109,13 @@ class PackageVersion:
     def __repr__(self) -> str:
         return f"<PackageVersion {self.name} {self.version} {self.state.value} in_flight={self.in_flight}>"
 
+    def can_become(self, to: VersionState) -> bool:
+        return to in TRANSITIONS[self._state]
+
     def transition(self, to: VersionState) -> None:
         """The only way a version changes state: raises IllegalTransition for a move that
         TRANSITIONS does not allow (a bug, never a user error)."""
-        if to not in TRANSITIONS[self._state]:
+        if not self.can_become(to):
             raise IllegalTransition(
                 f"cannot go from {self.state.value} to {to.value}",
                 package=self.name,
