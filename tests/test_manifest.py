@@ -36,6 +36,16 @@ def toml(**overrides: str) -> str:
     return "".join(f"{key} = {value}\n" for key, value in fields.items() if value)
 
 
+@pytest.mark.parametrize(
+    ("written", "normal"),
+    [("/%70robe", "/probe"), ("/api//orders/", "/api/orders"), ("/%7Eme", "/~me"), ("//a///b", "/a/b")],
+)
+def test_mount_is_normalised_as_servers_decode_paths(written: str, normal: str) -> None:
+    # uvicorn percent-decodes the path before routing: `/%70robe` is `/probe` for every request,
+    # so it must also be `/probe` for the overlap checks.
+    assert parse_manifest(toml(mount=f'"{written}"')).mount == normal
+
+
 def test_minimal_manifest_gets_defaults() -> None:
     manifest = parse_manifest(toml())
     assert manifest.to_dict() == {
@@ -48,7 +58,9 @@ def test_minimal_manifest_gets_defaults() -> None:
         "strategy": "drain",
         "drain_timeout": 30.0,
         "startup_timeout": 30.0,
+        "load_timeout": None,
         "hooks": None,
+        "shadow_host_routes": False,
     }
     assert (manifest.app_module, manifest.app_attribute, manifest.app_is_factory) == (
         "greeter.app",
@@ -126,7 +138,11 @@ def test_each_required_key_is_required(key: str) -> None:
         ("mount", '"/a/../b"', "literal URL prefix"),
         ("mount", '"/.."', "literal URL prefix"),
         ("mount", '"/items/{item_id}"', "literal URL prefix"),
-        ("mount", '"/a//b"', "literal URL prefix"),
+        ("mount", '"/a%2Fb"', "literal URL prefix"),
+        ("mount", '"/a%2520"', "literal URL prefix"),
+        ("mount", '"/%ff"', "not UTF-8"),
+        ("load_timeout", "0", "positive number of seconds"),
+        ("shadow_host_routes", '"yes"', "true or false"),
         ("mount", '"/a b"', "literal URL prefix"),
         ("health", '"healthz"', "must be a path starting with '/'"),
         ("requires", '"inventory>=1"', "must be a table"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +28,17 @@ _SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@%-]+")
 
 _REQUIRED = ("name", "version", "app", "mount")
 _KNOWN = frozenset(
-    (*_REQUIRED, "health", "requires", "strategy", "drain_timeout", "startup_timeout", "hooks")
+    (
+        *_REQUIRED,
+        "health",
+        "requires",
+        "strategy",
+        "drain_timeout",
+        "startup_timeout",
+        "load_timeout",
+        "hooks",
+        "shadow_host_routes",
+    )
 )
 
 
@@ -44,7 +55,9 @@ class Manifest:
     strategy: Strategy = "drain"
     drain_timeout: float = 30.0
     startup_timeout: float = 30.0
+    load_timeout: float | None = None  # None: the server's default
     hooks: str | None = None
+    shadow_host_routes: bool = False  # the mount may cover routes of the host app on purpose
 
     @property
     def app_module(self) -> str:
@@ -73,7 +86,9 @@ class Manifest:
             "strategy": self.strategy,
             "drain_timeout": self.drain_timeout,
             "startup_timeout": self.startup_timeout,
+            "load_timeout": self.load_timeout,
             "hooks": self.hooks,
+            "shadow_host_routes": self.shadow_host_routes,
         }
 
 
@@ -146,6 +161,12 @@ def validate_manifest(raw: dict[str, Any]) -> Manifest:
 
     drain_timeout = _seconds(raw, "drain_timeout", 30.0, name)
     startup_timeout = _seconds(raw, "startup_timeout", 30.0, name)
+    load_timeout = _optional_seconds(raw, "load_timeout", name)
+    shadow_host_routes = raw.get("shadow_host_routes", False)
+    if not isinstance(shadow_host_routes, bool):
+        raise ManifestError(
+            f"must be true or false, got {shadow_host_routes!r}", key="shadow_host_routes", package=name
+        )
 
     hooks = raw.get("hooks")
     if hooks is not None:
@@ -163,7 +184,9 @@ def validate_manifest(raw: dict[str, Any]) -> Manifest:
         strategy=strategy,
         drain_timeout=drain_timeout,
         startup_timeout=startup_timeout,
+        load_timeout=load_timeout,
         hooks=hooks,
+        shadow_host_routes=shadow_host_routes,
     )
 
 
@@ -175,15 +198,29 @@ def _string(raw: dict[str, Any], key: str, package: str | None) -> str:
 
 
 def _mount(value: str, package: str) -> str:
+    """The mount in the form requests are matched in: servers percent-decode the path before
+    routing (`/%70robe` arrives as `/probe`), and duplicate slashes are one."""
     if not value.startswith("/"):
         raise ManifestError(f"{value!r} must start with '/'", key="mount", package=package)
-    mount = value.rstrip("/")
-    if not mount:
+    try:
+        segments = [urllib.parse.unquote(part, errors="strict") for part in value.split("/") if part]
+    except UnicodeDecodeError:
+        raise ManifestError(
+            f"{value!r} has a percent-escape that is not UTF-8", key="mount", package=package
+        ) from None
+    if not segments:
         raise ManifestError(
             "'/' is the host app's; choose a prefix such as '/orders'", key="mount", package=package
         )
-    for segment in mount[1:].split("/"):
-        if not segment or segment in (".", "..") or not _SEGMENT.fullmatch(segment) or "{" in segment:
+    mount = "/" + "/".join(segments)
+    for segment in segments:
+        if (
+            segment in (".", "..")
+            or not _SEGMENT.fullmatch(segment)
+            or "{" in segment
+            or "%" in segment
+            or "/" in segment
+        ):
             raise ManifestError(
                 f"{value!r} must be a literal URL prefix such as '/orders' or '/api/orders'",
                 key="mount",
@@ -210,6 +247,10 @@ def _requires(value: Any, package: str) -> dict[str, SpecifierSet]:
                 f"{spec!r} is not a PEP 440 specifier", key=f"requires.{other}", package=package
             ) from None
     return requires
+
+
+def _optional_seconds(raw: dict[str, Any], key: str, package: str) -> float | None:
+    return None if raw.get(key) is None else _seconds(raw, key, 0.0, package)
 
 
 def _seconds(raw: dict[str, Any], key: str, default: float, package: str) -> float:
