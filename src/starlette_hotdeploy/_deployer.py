@@ -70,6 +70,8 @@ class Deployer:
         bake_time: seconds the previous version stays warm after a switch, so a failed
             post-activation check can switch back at once.
         check_timeout: seconds each check (hook or health request) may take.
+        load_timeout: seconds a package's import (and factory call) may take, unless its
+            manifest sets `load_timeout`.
         shutdown_timeout: seconds a version's lifespan shutdown may take.
         limits: caps for unpacking archives.
         keep_versions: archives kept per package (the active one and the one a rollback goes
@@ -90,6 +92,7 @@ class Deployer:
         store: Store | None = None,
         bake_time: float = 0.0,
         check_timeout: float = 10.0,
+        load_timeout: float = 30.0,
         shutdown_timeout: float = 30.0,
         limits: ArchiveLimits | None = None,
         history_size: int = 1000,
@@ -112,6 +115,7 @@ class Deployer:
             plugins=self.plugins,
             limits=limits or ArchiveLimits(),
             check_timeout=check_timeout,
+            load_timeout=load_timeout,
             shutdown_timeout=shutdown_timeout,
         )
         self._runtime: _Runtime | None = None

@@ -85,12 +85,14 @@ class Engine:
         plugins: pluggy.PluginManager,
         limits: ArchiveLimits,
         check_timeout: float,
+        load_timeout: float = 30.0,
         shutdown_timeout: float,
     ) -> None:
         self.home = home
         self.plugins = plugins
         self.limits = limits
         self.check_timeout = check_timeout
+        self.load_timeout = load_timeout  # unless the manifest sets its own
         self.shutdown_timeout = shutdown_timeout
         self.mounts = MountTable()
         self._store: Store | None = None
