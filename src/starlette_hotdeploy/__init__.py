@@ -25,9 +25,11 @@ from ._errors import (
     NotRunning,
     PackageInUse,
     RequestAborted,
+    SignatureError,
     StartupError,
     UnknownPackage,
     UnknownVersion,
+    VersionConflict,
 )
 from ._hooks import HookSpecs, hookimpl, hookspec
 from ._manifest import Manifest, parse_manifest
@@ -73,11 +75,13 @@ __all__ = [
     "PackageVersion",
     "Packed",
     "RequestAborted",
+    "SignatureError",
     "StartupError",
     "Step",
     "Store",
     "UnknownPackage",
     "UnknownVersion",
+    "VersionConflict",
     "VersionState",
     "VersionStatus",
     "__version__",

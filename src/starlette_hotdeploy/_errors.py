@@ -74,7 +74,20 @@ class CheckFailed(HotDeployError):
 
 
 class MountConflict(HotDeployError):
-    """Two different packages asked for overlapping URL prefixes."""
+    """Two different packages asked for overlapping URL prefixes, or a mount would shadow a
+    route of the host app."""
+
+
+class VersionConflict(HotDeployError):
+    """A different archive was deployed under a version number that already has one."""
+
+
+class SignatureError(HotDeployError):
+    """Trusted keys are configured and the archive's signature is missing, malformed, or not
+    made by one of them. Nothing of the archive was unpacked."""
+
+    def __init__(self, message: str, *, package: str | None = None) -> None:
+        super().__init__(message, package=package, step="signature")
 
 
 class DeploymentInProgress(HotDeployError):

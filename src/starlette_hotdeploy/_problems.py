@@ -18,9 +18,11 @@ from ._errors import (
     NoPreviousVersion,
     NotRunning,
     PackageInUse,
+    SignatureError,
     StartupError,
     UnknownPackage,
     UnknownVersion,
+    VersionConflict,
 )
 
 PROBLEM_TYPE = "application/problem+json"
@@ -29,6 +31,8 @@ PROBLEM_TYPE = "application/problem+json"
 _STATUS: list[tuple[type[HotDeployError], int, str]] = [
     (ManifestError, 400, "invalid manifest"),
     (ArchiveError, 400, "invalid archive"),
+    (SignatureError, 403, "signature refused"),
+    (VersionConflict, 409, "version conflict"),
     (DeploymentInProgress, 409, "deployment in progress"),
     (MountConflict, 409, "mount conflict"),
     (NoPreviousVersion, 409, "no previous version"),
