@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import threading
 import zipfile
 from pathlib import Path
 
@@ -163,3 +164,27 @@ def zip_directory(directory: Path, target: Path) -> Path:
             if path.is_file() and "__pycache__" not in path.parts:
                 archive.write(path, path.relative_to(directory).as_posix())
     return target
+
+
+# -- gates for package code that runs in a worker thread (imports, factories) ----------------------
+# A package's import runs in a worker thread, where testkit's anyio events cannot be awaited.
+# Packages and tests share this module (a third-party import for a package), so package code
+# can pause on a threading.Event that the test sets.
+
+_gates: dict[str, threading.Event] = {}
+_gates_lock = threading.Lock()
+
+
+def thread_gate(key: str) -> threading.Event:
+    """The threading.Event named `key` (created on first use, from any thread)."""
+    with _gates_lock:
+        return _gates.setdefault(key, threading.Event())
+
+
+def release_thread_gates() -> None:
+    """Open every gate (no package thread stays paused) and forget them."""
+    with _gates_lock:
+        gates = list(_gates.values())
+        _gates.clear()
+    for gate in gates:
+        gate.set()

@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import json
 import math
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from starlette.routing import Route
 import testkit
 from packages import DEPLOY_STEPS, write_package, zip_directory
 from starlette_hotdeploy import ArchiveLimits, Deployer, HotDeployMiddleware, PackageVersion, hookimpl
+from starlette_hotdeploy._sqlite_store import SQLiteStore
 from starlette_hotdeploy._types import Message
 
 pytestmark = pytest.mark.anyio
@@ -44,7 +46,8 @@ MAX_UPLOAD = 32 * 1024
 ZIP = "application/zip"
 PROBLEM = "application/problem+json"
 RECORD_KEYS = (
-    "id operation package from_version to_version sha256 worker started_at decided_at finished_at duration_ms"
+    "id operation package from_version to_version sha256 worker signer downgrade forced started_at decided_at"
+    " finished_at duration_ms"
     " outcome error error_step steps"
 )
 VERSION_KEYS = "version state in_flight sha256 served terminated loaded_at activated_at error"
@@ -460,14 +463,20 @@ FAILURES: dict[str, Failure] = {
     "multipart without a file": refused(
         400,
         "invalid upload",
-        "a multipart upload must hold one file, got 0",
+        "a multipart upload must hold one archive file (and optionally a part named 'signature'), got 0",
         lambda _: multipart({}, {"note": "x"}),
     ),
     "multipart with two files": refused(
         400,
         "invalid upload",
-        "Too many files",
+        "must hold one archive file (and optionally a part named 'signature'), got 2",
         lambda s: multipart({"a": archive(s, "2.0"), "b": archive(s, "3.0")}),
+    ),
+    "multipart with three files": refused(
+        400,
+        "invalid upload",
+        "Too many files",
+        lambda s: multipart({"a": archive(s, "2.0"), "b": archive(s, "3.0"), "signature": b"x"}),
     ),
     "unsupported media type": refused(
         415, "unsupported media type", "got text/plain", lambda s: (archive(s, "2.0"), "text/plain"), seen=()
@@ -1187,3 +1196,59 @@ async def test_events_stream_the_progress_of_a_deployment(
     assert failed[-3][1]["step"]["ok"] is False
     assert failed[-1][1]["deployment"]["outcome"] == "failed"
     assert "syntax error" in failed[-1][1]["deployment"]["error"]
+
+
+# -- no blocking call on the event loop ---------------------------------------------------------
+
+
+class LoopGuardedStore(SQLiteStore):
+    """The SQLite store, failing any call made on the event loop's thread (a blocking call there
+    stalls every request of every package)."""
+
+    loop_thread: threading.Thread | None = None
+    offences: list[str] = []  # noqa: RUF012 - set per test
+
+    def __getattribute__(self, name: str) -> Any:
+        attribute = super().__getattribute__(name)
+        if not callable(attribute) or name.startswith("_"):
+            return attribute
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() is type(self).loop_thread:
+                type(self).offences.append(name)
+            return attribute(*args, **kwargs)
+
+        return guarded
+
+
+async def test_the_admin_api_makes_no_blocking_call_on_the_event_loop(tmp_path: Path, sources: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    store = LoopGuardedStore(home)
+    LoopGuardedStore.offences = []
+    deployer = Deployer(home=home, store=store, entry_points=False)
+    app = Starlette()
+    app.add_middleware(HotDeployMiddleware, deployer=deployer, admin_token=TOKEN)
+    async with deployer.running():
+        LoopGuardedStore.loop_thread = threading.current_thread()
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=headers) as admin:
+            for version in ("1.0", "2.0"):
+                response = await admin.post(f"{PREFIX}/packages", content=archive(sources, version))
+                assert response.status_code == 201, response.text
+            record = response.json()
+            calls = [
+                ("GET", "/packages", None),
+                ("GET", "/packages/greeter", None),
+                ("GET", "/deployments?limit=5", None),
+                ("GET", f"/deployments/{record['id']}", None),
+                ("POST", "/packages/greeter/rollback", None),
+                ("POST", "/packages/greeter/activate", {"version": "2.0"}),
+                ("DELETE", "/packages/greeter", None),
+            ]
+            for method, path, body in calls:
+                response = await admin.request(method, PREFIX + path, json=body)
+                assert response.status_code < 300, (path, response.text)
+        LoopGuardedStore.loop_thread = None
+    assert LoopGuardedStore.offences == []

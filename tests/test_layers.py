@@ -11,11 +11,22 @@ PACKAGE = Path(starlette_hotdeploy.__file__).parent
 
 # Lower layers never import higher ones (DESIGN.md: request path <- engine <- coordination <- surfaces),
 # under a base of shared vocabulary: types, errors, records, the manifest, the store's interface.
-BASE = {"_types", "_errors", "_deployment", "_events", "_manifest", "_operation", "_store"}
+BASE = {"_types", "_errors", "_detail", "_deployment", "_events", "_manifest", "_operation", "_store"}
 REQUEST_PATH = {"_dispatch", "_scope", "_mounts", "_version", "_lifespan", "_loader"}
-ENGINE = {"_engine", "_package", "_probe", "_archive", "_hooks"}
+ENGINE = {"_engine", "_package", "_probe", "_archive", "_hooks", "_host_routes", "_signing"}
 COORDINATION = {"_coordinator", "_follower", "_cluster", "_records", "_sqlite_store"}
-SURFACES = {"_deployer", "_admin", "_cli", "_client", "_serve", "_openapi", "_problems", "_watch", "_status"}
+SURFACES = {
+    "_deployer",
+    "_admin",
+    "_cli",
+    "_client",
+    "_serve",
+    "_openapi",
+    "_problems",
+    "_watch",
+    "_status",
+    "_route",
+}
 
 
 def imports() -> dict[str, set[str]]:

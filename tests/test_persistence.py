@@ -134,7 +134,7 @@ async def test_the_watch_folder_deploys_complete_archives(tmp_path: Path, source
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     async with worker(tmp_path / "home") as (deployer, client):
-        folder = WatchFolder(inbox, deployer.deploy)
+        folder = WatchFolder(inbox, deployer._deploy_dropped)
         good = zip_directory(write_package(sources, version="1.0"), inbox / "greeter-1.0.zip")
         partial = inbox / "greeter-2.0.zip.part"  # an upload still being written
         partial.write_bytes(good.read_bytes()[:100])

@@ -34,6 +34,7 @@ from ._errors import (
 from ._hooks import HookSpecs, hookimpl, hookspec
 from ._manifest import Manifest, parse_manifest
 from ._package import Package
+from ._route import HotDeployRoute, hotdeploy_lifespan
 from ._serve import create_host_app
 from ._status import PackageStatus, VersionStatus
 from ._store import Store
@@ -61,6 +62,7 @@ __all__ = [
     "HookSpecs",
     "HotDeployError",
     "HotDeployMiddleware",
+    "HotDeployRoute",
     "IllegalTransition",
     "LoadError",
     "Manifest",
@@ -89,6 +91,7 @@ __all__ = [
     "create_host_app",
     "hookimpl",
     "hookspec",
+    "hotdeploy_lifespan",
     "pack_directory",
     "parse_manifest",
 ]

@@ -6,12 +6,17 @@ optional read-only token may only GET. See docs/admin-api.md.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import json
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import anyio
+from packaging.version import InvalidVersion, Version
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -33,7 +38,44 @@ ARCHIVE_TYPES = frozenset(
     {"application/zip", "application/octet-stream", "application/x-zip-compressed", "application/x-wheel+zip"}
 )
 MAX_HISTORY_LIMIT = 10_000
+MAX_VERSION_LENGTH = 128
+MAX_JSON_BYTES = 64 * 1024
+MAX_SIGNATURE_BYTES = 16 * 1024  # an SSH signature is well under 1 KiB
+SIGNATURE_HEADER = "hotdeploy-signature"  # base64 of the `.sig` file, for a raw upload
 _READ_METHODS = frozenset({"GET", "HEAD"})
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # as the manifest allows, bounded
+_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+class BadQuery(Exception):
+    """A query parameter or path parameter out of its bounds: 400, naming it."""
+
+
+@dataclass(slots=True)
+class Upload:
+    archive: bytes
+    signature: bytes | None
+
+
+def flag(request: Request, name: str, default: bool) -> bool:
+    value = request.query_params.get(name)
+    if value is None:
+        return default
+    try:
+        return _BOOLEANS[value.lower()]
+    except KeyError:
+        raise BadQuery(f"{name} must be true or false, got {value[:40]!r}") from None
+
+
+def package_name(request: Request) -> str:
+    name = str(request.path_params["name"])
+    if not _NAME.fullmatch(name):
+        raise BadQuery(
+            f"{name[:80]!r} is not a package name (lowercase letters, digits and underscores, "
+            "starting with a letter, at most 64 characters)"
+        )
+    return name
 
 
 class AdminAuth:
@@ -123,33 +165,45 @@ class AdminAPI:
 
     async def get_package(self, request: Request) -> Response:
         try:
+            name = package_name(request)
             # In a worker thread: it reads the other workers' heartbeats from the store.
-            found = await anyio.to_thread.run_sync(self.deployer.status, request.path_params["name"])
+            found = await anyio.to_thread.run_sync(self.deployer.status, name)
+        except BadQuery as exc:
+            return problem(400, "invalid package name", str(exc))
         except HotDeployError as exc:
             return problem_for(exc)
         if not found:
-            return problem(404, "unknown package", f"package {request.path_params['name']!r} is not active")
+            return problem(404, "unknown package", f"package {name!r} is not active")
         return JSONResponse(found[0].to_dict())
 
     async def deploy(self, request: Request) -> Response:
         try:
-            data = await self._archive_from(request)
+            wait = flag(request, "wait", True)
+            force = flag(request, "force", False)
+            shadow = flag(request, "shadow_host_routes", False)
+            upload = await self._upload_from(request)
+        except BadQuery as exc:
+            return problem(400, "invalid query", str(exc))
         except UploadTooLarge:
             return problem(
                 413, "archive too large", f"the upload is over the {self.max_upload_bytes}-byte limit"
             )
         except UploadRefused as exc:
             return problem(exc.status, exc.title, str(exc))
-        if request.query_params.get("wait", "true").lower() in ("false", "0", "no"):
+        if not wait:
             try:
-                record = await self.deployer.submit(data)
+                record = await self.deployer.submit(
+                    upload.archive, signature=upload.signature, force=force, shadow_host_routes=shadow
+                )
             except HotDeployError as exc:
                 return problem_for(exc)
             return JSONResponse(
                 record.to_dict(), status_code=202, headers={"Location": self._location(record.id)}
             )
         try:
-            record = await self.deployer.deploy(data)
+            record = await self.deployer.deploy(
+                upload.archive, signature=upload.signature, force=force, shadow_host_routes=shadow
+            )
         except HotDeployError as exc:
             return problem_for(exc)
         return JSONResponse(
@@ -158,38 +212,56 @@ class AdminAPI:
 
     async def rollback(self, request: Request) -> Response:
         try:
-            record = await self.deployer.rollback(request.path_params["name"])
+            record = await self.deployer.rollback(package_name(request))
+        except BadQuery as exc:
+            return problem(400, "invalid package name", str(exc))
         except HotDeployError as exc:
             return problem_for(exc)
         return JSONResponse(record.to_dict())
 
     async def activate(self, request: Request) -> Response:
         try:
-            body = await request.json()
+            body = json.loads(await _bounded_body(request, MAX_JSON_BYTES))
+        except UploadRefused as exc:
+            return problem(exc.status, exc.title, str(exc))
         except (json.JSONDecodeError, UnicodeDecodeError):
             return problem(400, "invalid body", 'send JSON such as {"version": "1.0"}')
         version = body.get("version") if isinstance(body, dict) else None
         if not isinstance(version, str) or not version:
             return problem(400, "invalid body", 'send JSON such as {"version": "1.0"}: "version" is missing')
+        if len(version) > MAX_VERSION_LENGTH or not _is_version(version):
+            return problem(
+                400,
+                "invalid body",
+                f"version {version[:40]!r}{'…' if len(version) > 40 else ''} is not a PEP 440 version "
+                f"of at most {MAX_VERSION_LENGTH} characters",
+            )
         try:
-            record = await self.deployer.activate(request.path_params["name"], version)
+            record = await self.deployer.activate(package_name(request), version)
+        except BadQuery as exc:
+            return problem(400, "invalid package name", str(exc))
         except HotDeployError as exc:
             return problem_for(exc)
         return JSONResponse(record.to_dict())
 
     async def undeploy(self, request: Request) -> Response:
         try:
-            record = await self.deployer.undeploy(request.path_params["name"])
+            record = await self.deployer.undeploy(package_name(request))
+        except BadQuery as exc:
+            return problem(400, "invalid package name", str(exc))
         except HotDeployError as exc:
             return problem_for(exc)
         return JSONResponse(record.to_dict())
 
     async def list_deployments(self, request: Request) -> Response:
+        raw_limit = request.query_params.get("limit", "100")
         try:
-            limit = int(request.query_params.get("limit", "100"))
+            limit = int(raw_limit) if len(raw_limit) <= 12 else -1
         except ValueError:
             return problem(400, "invalid query", "limit must be a whole number")
         package = request.query_params.get("package") or None
+        if package is not None and not _NAME.fullmatch(package):
+            return problem(400, "invalid query", f"package {package[:80]!r} is not a package name")
         if not 0 <= limit <= MAX_HISTORY_LIMIT:
             return problem(400, "invalid query", f"limit must be between 0 and {MAX_HISTORY_LIMIT}")
         records = await anyio.to_thread.run_sync(self.deployer.deployments, limit, package)
@@ -197,6 +269,8 @@ class AdminAPI:
 
     async def get_deployment(self, request: Request) -> Response:
         deployment_id = request.path_params["id"]
+        if not _ID.fullmatch(deployment_id):
+            return problem(404, "unknown deployment", f"no deployment with id {deployment_id[:80]!r}")
         record = await anyio.to_thread.run_sync(self.deployer.find_deployment, deployment_id)
         if record is None:
             return problem(404, "unknown deployment", f"no deployment with id {deployment_id!r}")
@@ -224,13 +298,13 @@ class AdminAPI:
     def _location(self, deployment_id: str) -> str:
         return f"{self.prefix}/deployments/{deployment_id}"
 
-    async def _archive_from(self, request: Request) -> bytes:
+    async def _upload_from(self, request: Request) -> Upload:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_upload_bytes:
             raise UploadTooLarge("the upload is over the size limit")
         content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if content_type == "multipart/form-data":
-            return await self._archive_from_form(request)
+            return await self._upload_from_form(request)
         if content_type and content_type not in ARCHIVE_TYPES:
             raise UploadRefused(
                 415,
@@ -238,6 +312,7 @@ class AdminAPI:
                 f"send the archive as application/zip or application/octet-stream (got {content_type}), "
                 "or as multipart/form-data with one file",
             )
+        signature = _signature_header(request.headers.get(SIGNATURE_HEADER))
         body = bytearray()
         async for chunk in request.stream():
             body.extend(chunk)
@@ -247,19 +322,34 @@ class AdminAPI:
             raise UploadRefused(
                 400, "invalid archive", "the request body is empty: send the archive (zip or wheel)"
             )
-        return bytes(body)
+        return Upload(bytes(body), signature)
 
-    async def _archive_from_form(self, request: Request) -> bytes:
+    async def _upload_from_form(self, request: Request) -> Upload:
+        """One archive file, and optionally its signature as a part named `signature`."""
         try:
-            form = await request.form(max_files=1, max_fields=10)
+            form = await request.form(max_files=2, max_fields=10)
         except Exception as exc:  # the multipart parser's errors
             detail = exc.detail if isinstance(exc, HTTPException) else str(exc)
             raise UploadRefused(400, "invalid upload", f"cannot parse the multipart body: {detail}") from exc
         try:
-            files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+            signature: bytes | None = None
+            files = []
+            for field, value in form.multi_items():
+                if field == "signature":
+                    raw = (
+                        await value.read(MAX_SIGNATURE_BYTES + 1) if isinstance(value, UploadFile) else value
+                    )
+                    signature = raw.encode() if isinstance(raw, str) else raw
+                    if len(signature) > MAX_SIGNATURE_BYTES:
+                        raise UploadRefused(400, "invalid signature", "the signature part is too large")
+                elif isinstance(value, UploadFile):
+                    files.append(value)
             if len(files) != 1:
                 raise UploadRefused(
-                    400, "invalid upload", f"a multipart upload must hold one file, got {len(files)}"
+                    400,
+                    "invalid upload",
+                    f"a multipart upload must hold one archive file (and optionally a part named "
+                    f"'signature'), got {len(files)}",
                 )
             if files[0].size is not None and files[0].size > self.max_upload_bytes:
                 raise UploadTooLarge("the upload is over the size limit")
@@ -270,7 +360,37 @@ class AdminAPI:
             raise UploadTooLarge("the upload is over the size limit")
         if not data:
             raise UploadRefused(400, "invalid archive", "the uploaded file is empty")
-        return data
+        return Upload(data, signature)
+
+
+async def _bounded_body(request: Request, limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise UploadRefused(413, "body too large", f"a JSON body of at most {limit} bytes is expected")
+    return bytes(body)
+
+
+def _signature_header(value: str | None) -> bytes | None:
+    if value is None:
+        return None
+    if len(value) > MAX_SIGNATURE_BYTES * 2:
+        raise UploadRefused(400, "invalid signature", f"the {SIGNATURE_HEADER} header is too large")
+    try:
+        return base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise UploadRefused(
+            400, "invalid signature", f"the {SIGNATURE_HEADER} header must be the base64 of the .sig file"
+        ) from None
+
+
+def _is_version(text: str) -> bool:
+    try:
+        Version(text)
+    except InvalidVersion:
+        return False
+    return True
 
 
 async def _http_problem(request: Request, exc: Exception) -> Response:

@@ -17,6 +17,7 @@ import logging
 import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -33,12 +34,16 @@ from ._errors import (
     DeploymentError,
     DeploymentInProgress,
     HotDeployError,
+    MountConflict,
     NoPreviousVersion,
     PackageInUse,
     UnknownVersion,
+    VersionConflict,
 )
 from ._follower import Follower
 from ._hooks import notify, run_checks
+from ._host_routes import host_routes, shadowed
+from ._manifest import Manifest
 from ._operation import Operation, OperationKind, Phase, Vote
 from ._package import Package
 from ._records import RecordLog
@@ -46,6 +51,15 @@ from ._store import Store
 from ._version import PackageVersion, VersionState
 
 logger = logging.getLogger("starlette_hotdeploy")
+
+
+@dataclass(frozen=True, slots=True)
+class DeployOptions:
+    """What the caller of a deploy says about the archive."""
+
+    signature: bytes | None = None  # the archive's SSH signature (checked against trusted keys)
+    force: bool = False  # replace a different archive deployed under the same version number
+    shadow_host_routes: bool = False  # the mount may cover routes of the host app
 
 
 class Coordinator:
@@ -70,28 +84,114 @@ class Coordinator:
 
     # -- the operations ---------------------------------------------------------------------
 
-    async def deploy(self, source: Source, record: Deployment) -> Deployment:
+    async def deploy(
+        self, source: Source, record: Deployment, options: DeployOptions | None = None
+    ) -> Deployment:
         engine = self.engine
+        options = options or DeployOptions()
+        unpacked: Unpacked | None = None
         try:
             with record.step("unpack") as step:
                 data = await anyio.to_thread.run_sync(read_source, source, engine.limits)
+                if engine.trusted_keys is not None:
+                    # Before anything of the archive is read: an untrusted one is never unpacked.
+                    signer = await anyio.to_thread.run_sync(
+                        engine.trusted_keys.verify, data, options.signature
+                    )
+                    record.signer = signer.describe()
                 unpacked = await anyio.to_thread.run_sync(
                     unpack, data, engine.home / "packages", engine.limits
                 )
                 manifest = unpacked.manifest
+                record.package, record.to_version = manifest.name, manifest.version
+                await self._check_replacement(record, manifest, unpacked.sha256, options)
+                self._check_host_routes(manifest, options)
                 await anyio.to_thread.run_sync(
                     self.store.save_archive, manifest.name, manifest.version, unpacked.sha256, data
                 )
                 step.detail = f"{manifest.name} {manifest.version} sha256:{unpacked.sha256[:12]}"
+                if record.signer is not None:
+                    step.detail += f", signed by {record.signer}"
         except Exception as exc:
             error = exc if isinstance(exc, HotDeployError) else ArchiveError(f"{type(exc).__name__}: {exc}")
+            if unpacked is not None:
+                await self._forget_upload(unpacked.manifest.name, unpacked.manifest.version, unpacked.sha256)
             await self._fail(record, error)
         record.package, record.to_version, record.sha256 = manifest.name, manifest.version, unpacked.sha256
-        with self._claim(manifest.name, record):
-            package = engine.get(manifest.name)
-            if package is None:
-                package = await anyio.to_thread.run_sync(engine.new_package, manifest.name, manifest.mount)
-            return await self._install(record, package, unpacked)
+        try:
+            with self._claim(manifest.name, record):
+                package = engine.get(manifest.name)
+                if package is None:
+                    package = await anyio.to_thread.run_sync(
+                        engine.new_package, manifest.name, manifest.mount
+                    )
+                current = package.active
+                if current is not None and manifest.parsed_version < current.manifest.parsed_version:
+                    record.downgrade = True
+                return await self._install(record, package, unpacked)
+        except DeploymentError:
+            if record.outcome is Outcome.FAILED:
+                await self._forget_upload(manifest.name, manifest.version, unpacked.sha256)
+            raise
+
+    async def _check_replacement(
+        self, record: Deployment, manifest: Manifest, sha256: str, options: DeployOptions
+    ) -> None:
+        """A different archive under a version number that already has one is refused unless
+        forced: two different "1.0" would make every record and status ambiguous."""
+        known = {
+            a.sha256
+            for a in await anyio.to_thread.run_sync(self.store.archives, manifest.name)
+            if a.version == manifest.version
+        }
+        package = self.engine.get(manifest.name)
+        if package is not None:
+            known |= {v.sha256 for v in package.loaded if v.version == manifest.version}
+        known.discard(sha256)
+        if not known:
+            return
+        if options.force:
+            record.forced = True
+            return
+        others = ", ".join(sorted(s[:12] for s in known))
+        raise VersionConflict(
+            f"{manifest.name} {manifest.version} was deployed before from a different archive "
+            f"(sha256 {others}; this one is {sha256[:12]}): give it a new version number, or replace "
+            "it on purpose with force (hotdeploy deploy --force, or ?force=true)",
+            package=manifest.name,
+            version=manifest.version,
+            step="unpack",
+        )
+
+    def _check_host_routes(self, manifest: Manifest, options: DeployOptions) -> None:
+        """A mount over a route of the host app would take its requests without a word."""
+        host = self.engine.host_app
+        if host is None or manifest.shadow_host_routes or options.shadow_host_routes:
+            return
+        hit = shadowed(manifest.mount, host_routes(host))
+        if hit:
+            raise MountConflict(
+                f"mount {manifest.mount!r} would shadow the host app's {hit[0].describe()}"
+                + (f" (and {len(hit) - 1} more)" if len(hit) > 1 else "")
+                + "; choose another mount, or say it is intended: shadow_host_routes = true in "
+                "hotdeploy.toml, or deploy with shadow_host_routes (?shadow_host_routes=true, "
+                "hotdeploy deploy --shadow-host-routes)",
+                package=manifest.name,
+                version=manifest.version,
+                step="manifest",
+            )
+
+    async def _forget_upload(self, name: str, version: str, sha256: str) -> None:
+        """A deployment that failed before its commit leaves neither archive nor unpacked copy
+        behind (unless that archive was active once: then it stays available)."""
+        await anyio.to_thread.run_sync(self.store.discard_archive, name, version, sha256)
+        if await anyio.to_thread.run_sync(self.store.archive, name, version, sha256) is not None:
+            return  # it was active once: it stays available
+        package = self.engine.get(name)
+        if package is not None and any(v.sha256 == sha256 for v in package.loaded):
+            return
+        directory = self.engine.home / "packages" / name / f"{version}-{sha256[:12]}"
+        await anyio.to_thread.run_sync(_remove_tree, directory)
 
     async def rollback(self, name: str) -> Deployment:
         package = self.engine.package(name)
@@ -382,6 +482,7 @@ class Coordinator:
         await engine.discard(package, version)
         if first_install:
             engine.forget(package)
+        error.message = engine.redact(error.message)
         record.conclude(Outcome.ROLLED_BACK, error)
         await self.records.save(record)
         if current is not None:
@@ -400,6 +501,7 @@ class Coordinator:
         )
 
     async def _fail(self, record: Deployment, error: HotDeployError) -> NoReturn:
+        error.message = self.engine.redact(error.message)
         record.conclude(Outcome.FAILED, error)
         await self.records.save(record)
         await notify("hotdeploy_failed", self.engine.managers(None), {"deployment": record, "error": error})

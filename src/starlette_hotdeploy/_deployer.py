@@ -24,7 +24,7 @@ import pluggy
 
 from ._archive import ArchiveLimits, Source
 from ._cluster import Cluster
-from ._coordinator import Coordinator
+from ._coordinator import Coordinator, DeployOptions
 from ._deployment import Action, Deployment
 from ._engine import Engine
 from ._errors import HotDeployError, NotRunning
@@ -34,6 +34,7 @@ from ._hooks import ENTRY_POINT_GROUP, make_plugin_manager
 from ._mounts import MountTable
 from ._package import Package
 from ._records import RecordLog
+from ._signing import TrustedKeys
 from ._sqlite_store import open_store
 from ._status import PackageStatus
 from ._store import Store
@@ -78,6 +79,9 @@ class Deployer:
             to are always kept).
         watch: a hot-deploy folder: archives dropped there are deployed.
         cluster_timeout: seconds the coordinator of a change waits for the other workers.
+        trusted_keys: OpenSSH ed25519 public keys (paths to `.pub` or `allowed_signers` files, or
+            key lines; default `$HOTDEPLOY_TRUSTED_KEYS`, separated by os.pathsep): when given,
+            only archives signed by one of them are deployed (see docs/security.md).
 
     Constructing it does no I/O: the store is opened, entry points are scanned and the worker's
     identity is made when the runtime starts (`running()`, or the server's lifespan).
@@ -99,6 +103,7 @@ class Deployer:
         keep_versions: int = 5,
         watch: str | os.PathLike[str] | None = None,
         cluster_timeout: float = 60.0,
+        trusted_keys: Iterable[str | os.PathLike[str]] | None = None,
     ) -> None:
         self.home = Path(home if home is not None else os.environ.get("HOTDEPLOY_HOME", ".hotdeploy"))
         self.plugins: pluggy.PluginManager = make_plugin_manager(plugins, entry_points=False)
@@ -109,7 +114,6 @@ class Deployer:
         self._entry_points = entry_points
         self._store: Store | None = store
         self._cluster_timeout = cluster_timeout
-        self._records = RecordLog(self.events, history_size)
         self._engine = Engine(
             home=self.home,
             plugins=self.plugins,
@@ -118,6 +122,10 @@ class Deployer:
             load_timeout=load_timeout,
             shutdown_timeout=shutdown_timeout,
         )
+        if trusted_keys is None:
+            trusted_keys = [k for k in os.environ.get("HOTDEPLOY_TRUSTED_KEYS", "").split(os.pathsep) if k]
+        self._trusted_key_specs = list(trusted_keys)
+        self._records = RecordLog(self.events, history_size, tidy=self._engine.redact)
         self._runtime: _Runtime | None = None
         self._stopped = True  # until running()
 
@@ -138,6 +146,14 @@ class Deployer:
     def _mount_table(self) -> MountTable:
         """The request path's own table (for the middleware only)."""
         return self._engine.mounts
+
+    def _attach_host(self, app: object) -> None:
+        """The app the packages sit beside: a mount that would shadow one of its routes is refused."""
+        self._engine.host_app = app
+
+    def _redact(self, text: str) -> str:
+        """`text` fit for an error detail: bounded, paths relative to the home."""
+        return self._engine.redact(text)
 
     @property
     def history(self) -> tuple[Deployment, ...]:
@@ -186,6 +202,10 @@ class Deployer:
             self._stopped = False
             try:
                 store = await anyio.to_thread.run_sync(self._open_store)
+                if self._trusted_key_specs:
+                    self._engine.trusted_keys = await anyio.to_thread.run_sync(
+                        TrustedKeys.load, self._trusted_key_specs
+                    )
                 if self._entry_points:
                     await anyio.to_thread.run_sync(
                         self.plugins.load_setuptools_entrypoints, ENTRY_POINT_GROUP
@@ -235,7 +255,9 @@ class Deployer:
                     tasks.start_soon(runtime.follower.follow, name="hotdeploy follower")
                     tasks.start_soon(self._records.run, name="hotdeploy records")
                     if self.watch is not None:
-                        folder = WatchFolder(self.watch, self.deploy, lock_path=self.home / "watch.lock")
+                        folder = WatchFolder(
+                            self.watch, self._deploy_dropped, lock_path=self.home / "watch.lock"
+                        )
                         tasks.start_soon(folder.run, name="hotdeploy watch folder")
         finally:
             runtime.background_done.set()
@@ -317,30 +339,54 @@ class Deployer:
 
     # -- operations -------------------------------------------------------------------------
 
-    async def deploy(self, source: Source, *, record: Deployment | None = None) -> Deployment:
+    async def deploy(
+        self,
+        source: Source,
+        *,
+        signature: bytes | None = None,
+        force: bool = False,
+        shadow_host_routes: bool = False,
+        record: Deployment | None = None,
+    ) -> Deployment:
         """Install or upgrade a package from a directory, a .zip or .whl path, or archive bytes.
 
         Returns the deployment record once every live worker serves the new version (and its
         post-activation checks passed); raises DeploymentError, with the record, if anything
         failed. The old version keeps serving in every failure case. The record finishes later,
-        once the replaced version drained and shut down."""
+        once the replaced version drained and shut down.
+
+        `signature`: the archive's SSH signature (required when trusted keys are configured).
+        `force`: replace a different archive already deployed under the same version number.
+        `shadow_host_routes`: the mount may cover routes of the host app on purpose."""
         coordinator = self._running().coordinator
         if record is None:
             record = self._records.new(Action.DEPLOY, None)
             await self._records.save(record)
-        return await coordinator.deploy(source, record)
+        options = DeployOptions(signature, force, shadow_host_routes)
+        return await coordinator.deploy(source, record, options)
 
-    async def submit(self, source: Source) -> Deployment:
+    async def _deploy_dropped(self, path: Path, signature: bytes | None) -> Deployment:
+        return await self.deploy(path, signature=signature)
+
+    async def submit(
+        self,
+        source: Source,
+        *,
+        signature: bytes | None = None,
+        force: bool = False,
+        shadow_host_routes: bool = False,
+    ) -> Deployment:
         """Start `deploy(source)` in the background and return its record once it is in the
         store (its outcome is "pending" until the deployment ends): a crash from then on leaves
         a record that says `interrupted`, never none."""
         runtime = self._running()
         record = self._records.new(Action.DEPLOY, None)
         await self._records.save(record)
+        options = DeployOptions(signature, force, shadow_host_routes)
 
         async def run() -> None:
             try:
-                await runtime.coordinator.deploy(source, record)
+                await runtime.coordinator.deploy(source, record, options)
             except HotDeployError:
                 pass  # the record holds the outcome and the error
             except Exception:

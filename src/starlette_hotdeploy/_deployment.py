@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._detail import shorten
+
 
 class Action(enum.StrEnum):
     """What a deployment was asked to do."""
@@ -75,6 +77,9 @@ class Deployment:
     sha256: str | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     worker: str | None = None  # the worker that coordinates it
+    signer: str | None = None  # who signed the archive, when trusted keys are configured
+    downgrade: bool = False  # a deploy to a lower version than the active one
+    forced: bool = False  # replaced a different archive under the same version number
     started_at: float = field(default_factory=time.time)
     decided_at: float | None = None
     finished_at: float | None = None
@@ -87,6 +92,8 @@ class Deployment:
     on_change: Callable[[Deployment, Step | None], None] | None = field(
         default=None, repr=False, compare=False
     )
+    # What error text may say (bounded, no absolute server paths): set by whoever makes records.
+    tidy: Callable[[str], str] = field(default=shorten, repr=False, compare=False)
 
     def _changed(self, step: Step | None) -> None:
         if self.on_change is not None:
@@ -99,7 +106,7 @@ class Deployment:
         try:
             yield step
         except BaseException as exc:
-            self.end_step(step, ok=False, detail=step.detail or str(exc) or type(exc).__name__)
+            self.end_step(step, ok=False, detail=self.tidy(step.detail or str(exc) or type(exc).__name__))
             raise
         else:
             self.end_step(step)
@@ -130,7 +137,7 @@ class Deployment:
         self.outcome = outcome
         self.decided_at = time.time()
         if error is not None:
-            self.error = str(error)
+            self.error = self.tidy(str(error))
             self.error_step = step or getattr(error, "step", None)
         self._changed(None)
 
@@ -168,6 +175,9 @@ class Deployment:
             "to_version": self.to_version,
             "sha256": self.sha256,
             "worker": self.worker,
+            "signer": self.signer,
+            "downgrade": self.downgrade,
+            "forced": self.forced,
             "started_at": self.started_at,
             "decided_at": self.decided_at,
             "finished_at": self.finished_at,
@@ -189,6 +199,9 @@ class Deployment:
             sha256=data.get("sha256"),
             id=data["id"],
             worker=data.get("worker"),
+            signer=data.get("signer"),
+            downgrade=bool(data.get("downgrade", False)),
+            forced=bool(data.get("forced", False)),
             started_at=data["started_at"],
             # Records written before `decided_at` existed were decided when they finished.
             decided_at=data.get("decided_at", data.get("finished_at")),

@@ -32,6 +32,9 @@ class HotDeployMiddleware:
     `$HOTDEPLOY_HOME` or `./.hotdeploy`); reach it as `middleware.deployer`. The middleware also
     runs the deployer for the lifetime of the server's lifespan: packages start after the host app
     started and are shut down before it shuts down.
+
+    Only middleware added outside it wraps the packages (docs/operations.md, "Where the middleware
+    sits"); `HotDeployRoute` serves them from the host's own routing table instead.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class HotDeployMiddleware:
         self.app = app
         self.deployer = deployer if deployer is not None else Deployer()
         self._mounts = self.deployer._mount_table
+        self.deployer._attach_host(app)  # its routes: a package mount must not shadow them
         self._host = app if hasattr(app, "url_path_for") else None
         self.admin_prefix = admin_prefix.rstrip("/")
         self._admin_under = self.admin_prefix + "/"
@@ -62,6 +66,16 @@ class HotDeployMiddleware:
         )
         if self.admin is not None:
             self._mounts.reserve(self.admin_prefix, "the admin API")
+
+    def takes(self, path: str) -> bool:
+        """Whether `__call__` serves a request for the route path `path` itself (the admin API, or
+        a package past its mount's prefix) instead of passing it to the wrapped app. The bare
+        prefix is left out: behind a router, `redirect_slashes` redirects it, as for a `Mount`.
+        HotDeployRoute matches on this: keep it in step with `__call__`, which inlines it for speed."""
+        if self.admin is not None and (path == self.admin_prefix or path.startswith(self._admin_under)):
+            return True
+        mount = self._mounts.match(path)
+        return mount is not None and len(path) != len(mount.prefix)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

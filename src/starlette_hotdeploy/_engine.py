@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -29,6 +29,7 @@ import pluggy
 
 from ._archive import ArchiveLimits, Unpacked, clean_staging, unpack
 from ._deployment import Deployment, Step
+from ._detail import Redactor
 from ._errors import (
     CheckFailed,
     DeploymentInProgress,
@@ -43,13 +44,17 @@ from ._errors import (
     UnknownVersion,
 )
 from ._hooks import make_plugin_manager, notify, run_checks
-from ._loader import collected
+from ._loader import audited, collected, what_raised
 from ._mounts import Mount, MountTable
 from ._package import Package
-from ._probe import probe
+from ._probe import ProbeCrashed, probe
 from ._scope import attach_routing
 from ._store import Desired, Store
+from ._types import ASGIApp
 from ._version import PackageVersion, VersionState
+
+if TYPE_CHECKING:
+    from ._signing import TrustedKeys
 
 logger = logging.getLogger("starlette_hotdeploy")
 
@@ -93,6 +98,9 @@ class Engine:
         self.limits = limits
         self.check_timeout = check_timeout
         self.load_timeout = load_timeout  # unless the manifest sets its own
+        self.redact = Redactor(home)  # what error details may say of the server's paths
+        self.trusted_keys: TrustedKeys | None = None  # set: only signed archives are accepted
+        self.host_app: object | None = None  # the app the packages sit beside (its routes)
         self.shutdown_timeout = shutdown_timeout
         self.mounts = MountTable()
         self._store: Store | None = None
@@ -238,7 +246,7 @@ class Engine:
                 step="validate",
             )
         with maybe_step(record, "load"):
-            self._load(package, version)
+            await self._load(package, version)
         with maybe_step(record, "start"):
             await self._start(version)
         with maybe_step(record, "check"):
@@ -255,22 +263,32 @@ class Engine:
             )
         version.transition(VersionState.READY)
 
-    def _load(self, package: Package, version: PackageVersion) -> None:
+    async def _load(self, package: Package, version: PackageVersion) -> None:
+        """Import the version's app and hooks module in a worker thread, bounded by its
+        `load_timeout` (the event loop serves everything else meanwhile; see _loader)."""
         manifest = version.manifest
         package._loaded.append(version)  # from here on, discard() cleans it up
-        version.load()
+        version.open_namespace()
+        timeout = manifest.load_timeout or self.load_timeout
+        stage = [f"importing {manifest.app_module!r}"]  # what the thread is doing, for the timeout
+        try:
+            with anyio.fail_after(timeout):
+                app, plugins = await anyio.to_thread.run_sync(
+                    _import_version, version, stage, abandon_on_cancel=True
+                )
+        except TimeoutError:
+            raise LoadError(
+                f"{stage[0]} did not finish within {timeout:g}s; the thread is abandoned (Python "
+                "cannot stop it): it runs on until the import returns and keeps what it holds, its "
+                "namespace is closed and what it installs is removed; restart the worker if it "
+                "never returns",
+                package=manifest.name,
+                version=manifest.version,
+                step="load",
+            ) from None
+        # Set on the event loop, only now: an abandoned thread's result is never kept.
+        version.app, version.plugins = app, plugins
         attach_routing(version, manifest.mount)
-        if manifest.hooks:
-            try:
-                module = version.namespace.import_module(manifest.hooks)  # type: ignore[union-attr]
-                version.plugins = make_plugin_manager([module], entry_points=False)
-            except Exception as exc:
-                raise LoadError(
-                    f"cannot load the package's hooks module {manifest.hooks!r}: {type(exc).__name__}: {exc}",
-                    package=manifest.name,
-                    version=manifest.version,
-                    step="load",
-                ) from exc
 
     async def _start(self, version: PackageVersion) -> None:
         manifest = version.manifest
@@ -278,7 +296,7 @@ class Engine:
             await version.start(self.runtime(), manifest.startup_timeout)
         except (LifespanFailed, LifespanTimeout) as exc:
             raise StartupError(
-                f"lifespan startup failed: {exc.message}",
+                exc.message,
                 package=manifest.name,
                 version=manifest.version,
                 step="start",
@@ -295,8 +313,8 @@ class Engine:
             raise CheckFailed(
                 f"health check {where} did not answer within {self.check_timeout:g}s", **context
             ) from None
-        except Exception as exc:
-            raise CheckFailed(f"health check {where} raised {type(exc).__name__}: {exc}", **context) from exc
+        except ProbeCrashed as exc:
+            raise CheckFailed(f"health check {where} raised {exc}", **context) from exc
         if not 200 <= response.status < 300:
             body = response.text.strip()[:200]
             raise CheckFailed(
@@ -323,7 +341,7 @@ class Engine:
                     package = await anyio.to_thread.run_sync(self.new_package, name, unpacked.manifest.mount)
                 version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
                 try:
-                    self._load(package, version)
+                    await self._load(package, version)
                     await self._start(version)
                     version.transition(VersionState.READY)
                 except BaseException:
@@ -500,7 +518,7 @@ class Engine:
                 try:
                     await version.stop(self.shutdown_timeout)
                 except (LifespanFailed, LifespanTimeout) as exc:
-                    logger.warning("%s %s: lifespan shutdown: %s", version.name, version.version, exc)
+                    logger.warning("%s %s: %s", version.name, version.version, exc.message)
             else:
                 version.abort_startup()
         finally:
@@ -523,6 +541,33 @@ class Engine:
     def clean_staging(self) -> None:
         """Remove what an unpack interrupted by a crash left behind (not a live worker's)."""
         clean_staging(self.home / "packages")
+
+
+def _import_version(version: PackageVersion, stage: list[str]) -> tuple[ASGIApp, pluggy.PluginManager | None]:
+    """Blocking, in a worker thread: the version's app and its own plugin manager (manifest
+    `hooks`), audited (see _loader.audited). Raises LoadError only."""
+    namespace = version.namespace
+    assert namespace is not None
+    manifest = version.manifest
+
+    def load() -> tuple[ASGIApp, pluggy.PluginManager | None]:
+        app = version.load()
+        if not manifest.hooks:
+            return app, None
+        stage[0] = f"importing the hooks module {manifest.hooks!r}"
+        try:
+            module = namespace.import_module(manifest.hooks)
+            return app, make_plugin_manager([module], entry_points=False)
+        except BaseException as exc:  # a worker thread: nothing here is ours to let through
+            raise LoadError(
+                f"cannot load the package's hooks module {manifest.hooks!r}: "
+                f"{what_raised(exc, namespace.root)}",
+                package=manifest.name,
+                version=manifest.version,
+                step="load",
+            ) from exc
+
+    return audited(namespace, load)
 
 
 async def _drain(version: PackageVersion) -> int:

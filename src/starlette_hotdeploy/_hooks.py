@@ -8,6 +8,10 @@ Any implementation may be a plain function or a coroutine function.
 
 pluggy is synchronous: calling an async implementation returns a coroutine, which we await.
 We never use `firstresult` (a coroutine object would count as a result).
+
+Hooks are package code (a package's own `hooks` module) or plugin code: any BaseException they
+raise (SystemExit, KeyboardInterrupt...), but anyio's cancellation, is a veto of a check or a
+logged failure of a notification, never something that reaches the server.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import anyio
 import pluggy
 
 from ._errors import CheckFailed
+from ._loader import describe, is_cancellation
 from ._manifest import Manifest
 
 if TYPE_CHECKING:
@@ -126,9 +131,11 @@ async def run_checks(
                     version=version,
                     step=step,
                 ) from None
-            except Exception as exc:
+            except BaseException as exc:
+                if is_cancellation(exc):
+                    raise
                 raise CheckFailed(
-                    f"check {label} raised {type(exc).__name__}: {exc}",
+                    f"check {label} raised {describe(exc)}",
                     check=label,
                     package=package,
                     version=version,
@@ -152,5 +159,9 @@ async def notify(hook_name: str, managers: Sequence[pluggy.PluginManager], kwarg
                 result = impl.function(**args)
                 if inspect.isawaitable(result):
                     await result
-            except Exception:
-                logger.exception("%s.%s raised", _plugin_label(pm, impl), hook_name)
+            except BaseException as exc:
+                if is_cancellation(exc):
+                    raise
+                logger.error(
+                    "%s.%s raised %s", _plugin_label(pm, impl), hook_name, describe(exc), exc_info=exc
+                )

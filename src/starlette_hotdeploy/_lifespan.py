@@ -4,6 +4,11 @@ Starlette does not run the lifespans of mounted apps; we do, one supervisor task
 The lifespan must be entered and exited in the same task (an anyio task group opened in it
 requires that), so startup and shutdown are requests sent to that task, never run in the
 caller's.
+
+The supervisor runs in the deployer's runtime task group: whatever the app raises there, any
+BaseException but anyio's cancellation, would end that group and the server with it. It is
+caught and becomes the startup or shutdown failure of this one version (or is logged, while the
+version serves).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import anyio
 import anyio.abc
 
 from ._errors import LifespanFailed, LifespanTimeout
+from ._loader import describe, is_cancellation
 from ._types import ASGIApp, Message
 
 logger = logging.getLogger("starlette_hotdeploy")
@@ -37,7 +43,7 @@ class Lifespan:
         self._sent_startup_reply = False
 
     async def start(self, task_group: anyio.abc.TaskGroup, timeout: float) -> None:
-        """Run startup in a new supervisor task; return once it completed."""
+        """Run startup in a new supervisor task; return once it completed (raise if it did not)."""
         task_group.start_soon(self._supervise, name=f"hotdeploy lifespan {self.label}")
         with anyio.move_on_after(timeout) as scope:
             await self._started.wait()
@@ -45,6 +51,11 @@ class Lifespan:
             self._cancel.cancel()
             raise LifespanTimeout(f"lifespan startup did not complete within {timeout:g}s")
         if self._startup_error is not None:
+            # An app that reported the failure usually raises right after (Starlette does): let
+            # the supervisor finish, so the message names what it raised.
+            self._cancel.cancel()
+            with anyio.move_on_after(1):
+                await self._finished.wait()
             raise LifespanFailed(self._startup_error)
 
     async def stop(self, timeout: float) -> None:
@@ -82,30 +93,18 @@ class Lifespan:
             if kind == "lifespan.startup.complete":
                 self._started.set()
             elif kind == "lifespan.startup.failed":
-                self._startup_error = _last_line(message.get("message")) or "lifespan startup failed"
+                self._startup_error = _failed("startup", message.get("message"))
                 self._started.set()
             elif kind == "lifespan.shutdown.failed":
-                self._shutdown_error = _last_line(message.get("message")) or "lifespan shutdown failed"
+                self._shutdown_error = _failed("shutdown", message.get("message"))
 
         try:
             with self._cancel:
                 await self.app(scope, receive, send)
-        except Exception as exc:
-            if not self._started.is_set():
-                if step == "startup":
-                    # Raised before asking for a message: like uvicorn's "auto" mode, treat the
-                    # app as one without lifespan support (a plain ASGI app asserting "http").
-                    self.supported = False
-                    logger.debug("%s: no lifespan support (%r)", self.label, exc)
-                else:
-                    self._startup_error = f"{type(exc).__name__}: {exc}"
-            elif self._startup_error is not None:
-                pass  # already reported with lifespan.startup.failed
-            elif step == "shutdown":
-                if self._shutdown_error is None:
-                    self._shutdown_error = f"{type(exc).__name__}: {exc}"
-            else:
-                logger.exception("%s: lifespan task crashed while serving", self.label)
+        except BaseException as exc:
+            if is_cancellation(exc):
+                raise  # the runtime is stopping: ours, not the app's
+            self._crashed(exc, step)
         finally:
             if not self._started.is_set():
                 if self.supported and self._startup_error is None and not self._cancel.cancel_called:
@@ -113,6 +112,35 @@ class Lifespan:
                     self.supported = False
                 self._started.set()
             self._finished.set()
+
+    def _crashed(self, exc: BaseException, step: str) -> None:
+        """The app raised `exc` (anything but cancellation) while in `step`: record or log it."""
+        # SystemExit, KeyboardInterrupt...: always a crash, and a more precise account than the
+        # message the app may have sent just before (Starlette sends one, then re-raises).
+        crash = not isinstance(exc, Exception)
+        if not self._started.is_set():
+            if step == "startup" and not crash:
+                # Raised before asking for a message: like uvicorn's "auto" mode, treat the app
+                # as one without lifespan support (a plain ASGI app asserting "http").
+                self.supported = False
+                logger.debug("%s: no lifespan support (%r)", self.label, exc)
+            else:
+                self._startup_error = f"lifespan startup raised {describe(exc)}"
+        elif self._startup_error is not None:
+            if crash:
+                self._startup_error = f"lifespan startup raised {describe(exc)}"
+        elif step == "shutdown":
+            if self._shutdown_error is None or crash:
+                self._shutdown_error = f"lifespan shutdown raised {describe(exc)}"
+        else:
+            logger.error(
+                "%s: lifespan task crashed while serving: %s", self.label, describe(exc), exc_info=exc
+            )
+
+
+def _failed(step: str, text: str | None) -> str:
+    line = _last_line(text)
+    return f"lifespan {step} failed: {line}" if line else f"lifespan {step} failed"
 
 
 def _last_line(text: str | None) -> str | None:

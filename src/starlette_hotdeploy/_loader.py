@@ -1,16 +1,56 @@
-"""Isolated import and unload of one package version.
+"""Isolated import and unload of one package version, and the boundary around package code.
 
-Every version gets a private top-level module, its *namespace* (`_hotdeploy_orders_2_0_0_n3`),
-whose `__path__` is the version's directory: `orders.models` of that version is imported as
-`<namespace>.orders.models`. The package's own absolute imports (`import orders`, also run lazily
-inside a function) must land in the same version, so every module of the version executes with
-its own `__builtins__`, whose `__import__` rewrites the package's top-level names to the
-namespace. Third-party imports are untouched and shared.
+Namespaces. Every version gets a private top-level module, its *namespace*
+(`_hotdeploy_orders_2_0_0_n3`), whose `__path__` is the version's directory: `orders.models` of
+that version is imported as `<namespace>.orders.models`. The package's own absolute imports
+(`import orders`, also run lazily inside a function) must land in the same version, so every
+module of the version executes with its own `__builtins__`, whose `__import__` rewrites the
+package's top-level names to the namespace. Third-party imports are untouched and shared.
+
+The boundary. Package code must not take the server down. Wherever the deployer runs it (the
+import and factory here, the lifespan, the hooks, the health probe), any BaseException it raises
+(SystemExit, KeyboardInterrupt, GeneratorExit, an exception group...) becomes a failure of that
+deployment whose message names it (`describe`). Only anyio's cancellation goes through
+(`is_cancellation`): that one is the deployer's own, not the package's.
+
+Off the event loop, bounded. The engine runs `load_app` (and the package's hooks module) in a
+worker thread under the manifest's `load_timeout`, so a slow import stalls nothing else. Python
+cannot kill a thread: at the timeout the deployment fails and the thread is *abandoned*:
+
+- it runs on until its import returns, and keeps what it holds (memory, sockets, file handles,
+  its frames and the half-imported modules); a busy loop keeps taking its share of the GIL;
+- its namespace is closed at once: its modules leave `sys.modules`, its `__builtins__` is
+  emptied (the next builtin it looks up or import it makes fails), new imports under the
+  namespace no longer resolve, and whatever it installed is removed again when it returns
+  (`audited`); its result is thrown away, so it can never become a version's app;
+- the import lock of the module it is executing stays held. For the version's own modules that
+  is harmless (nothing else imports them); a thread stuck inside a *third-party* module's first
+  import blocks every other import of that module in the process;
+- anyio's asyncio worker threads are not daemon threads: at exit the interpreter waits for the
+  thread, so a server stopped while an import is stuck exits when it returns (or is killed).
+
+What a load may not touch. `audited` records `sys.modules` (names and objects) and the real
+`builtins.__dict__` before a load and compares them after it, whether it succeeded or not: an
+entry of `sys.modules` outside the version's own namespace that was removed or replaced, or a
+builtin that was added, removed or replaced, is put back and the load refused. New third-party
+imports are allowed and kept. Other versions load and unload at the same time in other threads,
+so entries of a namespace that is no longer open are ignored (it was unloaded), and so are
+modules that were still being imported when the snapshot was taken (a failing import removes
+its module). Another *open* version's module being replaced is what this is for, and is caught.
+When loads overlap, who did it cannot be told apart: every load that overlapped the change is
+refused, and says so.
+
+It is a tripwire, not a sandbox: package code runs in the server's process with its rights. It
+can still patch attributes of shared modules (`json.dumps = evil`, a class's methods), change
+`sys.path`, `sys.meta_path`, logging or the environment, start threads, or do any of it later
+(in a request or its lifespan) when no load is being watched. None of that is detected or
+undone. Deploy only code you trust.
 """
 
 from __future__ import annotations
 
 import builtins
+import functools
 import gc
 import importlib
 import importlib.abc
@@ -21,20 +61,28 @@ import itertools
 import logging
 import re
 import sys
+import threading
+import time
 import types
 import typing
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import anyio
 
 from ._errors import LoadError
 from ._manifest import Manifest
 from ._types import ASGIApp
 
+logger = logging.getLogger("starlette_hotdeploy")
+
 _PREFIX = "_hotdeploy_"
 _counter = itertools.count(1)
 _namespaces: dict[str, Namespace] = {}
+T = TypeVar("T")
 
 
 class Namespace:
@@ -53,6 +101,10 @@ class Namespace:
 
     def __repr__(self) -> str:
         return f"<Namespace {self.name} root={self.root}>"
+
+    @property
+    def is_open(self) -> bool:
+        return self._loaded
 
     def _import(
         self,
@@ -90,18 +142,22 @@ class Namespace:
             return importlib.import_module(dotted)
         return importlib.import_module(f"{self.name}.{dotted}")
 
+    def owns(self, module_name: str) -> bool:
+        return module_name == self.name or module_name.startswith(self.name + ".")
+
     def close(self) -> None:
-        """Remove every module of this version from the interpreter's caches."""
+        """Remove every module of this version from the interpreter's caches. Idempotent: an
+        abandoned import thread calls it again when it returns, for what it installed since."""
         _namespaces.pop(self.name, None)
-        prefix = self.name + "."
-        for key in [k for k in sys.modules if k == self.name or k.startswith(prefix)]:
-            del sys.modules[key]
+        # list() copies in one step: imports in other threads change these dicts meanwhile.
+        for key in [k for k in list(sys.modules) if self.owns(k)]:
+            sys.modules.pop(key, None)
         root = str(self.root)
-        for key in [k for k in sys.path_importer_cache if k.startswith(root)]:
-            del sys.path_importer_cache[key]
+        for key in [k for k in list(sys.path_importer_cache) if k.startswith(root)]:
+            sys.path_importer_cache.pop(key, None)
         manager = logging.Logger.manager
-        for key in [k for k in manager.loggerDict if k == self.name or k.startswith(prefix)]:
-            del manager.loggerDict[key]
+        for key in [k for k in list(manager.loggerDict) if self.owns(k)]:
+            manager.loggerDict.pop(key, None)
         # typing caches generic aliases (list[Order]) with strong references to the classes.
         for clear in getattr(typing, "_cleanups", ()):
             clear()
@@ -165,6 +221,59 @@ def _top_level_names(root: Path) -> frozenset[str]:
     return frozenset(names)
 
 
+# -- the boundary: naming what package code raised ------------------------------------------------
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """The running backend's cancellation (or a group of nothing else): the deployer's own, to
+    propagate untouched. Call it from async code only (it asks the running backend)."""
+    cancelled = anyio.get_cancelled_exc_class()
+    if isinstance(exc, cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(cancelled)[1] is None
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    """'RuntimeError: boom', 'SystemExit(3)', 'KeyboardInterrupt': for messages. Never raises,
+    though the exception's `__str__` and `__repr__` are package code too."""
+    name = type(exc).__name__
+    try:
+        if isinstance(exc, BaseExceptionGroup):
+            inner = ", ".join(describe(e) for e in exc.exceptions[:3])
+            more = ", ..." if len(exc.exceptions) > 3 else ""
+            return f"{name}({inner}{more})"
+        if isinstance(exc, Exception):
+            text = _text(exc)
+            return f"{name}: {text}" if text else name
+        args = ", ".join(_clip(repr(arg)) for arg in exc.args)
+        return f"{name}({args})" if exc.args else name
+    except BaseException:  # an evil __repr__: the name will do
+        return name
+
+
+def what_raised(exc: BaseException, inside: Path | None = None) -> str:
+    """What follows 'raised' in a load error: 'RuntimeError (app.py:2): no database' for an
+    Exception (its message last), 'SystemExit(3) (app.py:4)' for the others."""
+    where = _where(exc, inside)
+    if isinstance(exc, Exception) and not isinstance(exc, BaseExceptionGroup):
+        text = _text(exc)
+        return f"{type(exc).__name__}{where}: {text}" if text else f"{type(exc).__name__}{where}"
+    return f"{describe(exc)}{where}"
+
+
+def _text(exc: BaseException) -> str:
+    try:
+        return _clip(str(exc))
+    except BaseException:  # an evil __str__
+        return ""
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _where(exc: BaseException, inside: Path | None = None) -> str:
     """' (file.py:12)': the innermost frame in the package's directory `inside`, else the
     innermost frame, for error messages."""
@@ -182,8 +291,14 @@ def _where(exc: BaseException, inside: Path | None = None) -> str:
     return in_package or innermost
 
 
+# -- importing the app (blocking: the engine runs this in a worker thread) ----------------------------
+
+
 def load_app(namespace: Namespace, manifest: Manifest) -> ASGIApp:
-    """Import the manifest's `app` from the namespace and check that it is an ASGI app."""
+    """Import the manifest's `app` from the namespace and check that it is an ASGI app.
+
+    Whatever the package raises comes out as a LoadError (it runs in a worker thread: there is
+    no cancellation to let through)."""
     context = {"package": manifest.name, "version": manifest.version, "step": "load"}
     try:
         module = namespace.import_module(manifest.app_module)
@@ -197,32 +312,49 @@ def load_app(namespace: Namespace, manifest: Manifest) -> ASGIApp:
         raise LoadError(
             f"syntax error in {manifest.app_module!r}{_where(exc)}: {exc.msg}", **context
         ) from exc
-    except Exception as exc:
+    except BaseException as exc:
         raise LoadError(
-            f"importing {manifest.app_module!r} raised {type(exc).__name__}{_where(exc, namespace.root)}: {exc}",
-            **context,
+            f"importing {manifest.app_module!r} raised {what_raised(exc, namespace.root)}", **context
         ) from exc
+    try:
+        target = _resolve(module, manifest)
+        if manifest.app_is_factory:
+            target = _call_factory(target, namespace, manifest)
+        _check_asgi(target, manifest)
+    except LoadError:
+        raise
+    except BaseException as exc:  # a module __getattr__, a __signature__ property...
+        raise LoadError(
+            f"resolving {manifest.app!r} raised {what_raised(exc, namespace.root)}", **context
+        ) from exc
+    return typing.cast(ASGIApp, target)
 
+
+def _resolve(module: types.ModuleType, manifest: Manifest) -> Any:
     target: Any = module
     for part in manifest.app_attribute.split("."):
         try:
             target = getattr(target, part)
         except AttributeError:
             raise LoadError(
-                f"module {manifest.app_module!r} has no attribute {manifest.app_attribute!r}", **context
+                f"module {manifest.app_module!r} has no attribute {manifest.app_attribute!r}",
+                package=manifest.name,
+                version=manifest.version,
+                step="load",
             ) from None
-    if manifest.app_is_factory:
-        if not callable(target):
-            raise LoadError(f"{manifest.app!r}: {manifest.app_attribute} is not callable", **context)
-        try:
-            target = target()
-        except Exception as exc:
-            raise LoadError(
-                f"factory {manifest.app!r} raised {type(exc).__name__}{_where(exc, namespace.root)}: {exc}",
-                **context,
-            ) from exc
-    _check_asgi(target, manifest)
-    return typing.cast(ASGIApp, target)
+    return target
+
+
+def _call_factory(factory: Any, namespace: Namespace, manifest: Manifest) -> Any:
+    context = {"package": manifest.name, "version": manifest.version, "step": "load"}
+    if not callable(factory):
+        raise LoadError(f"{manifest.app!r}: {manifest.app_attribute} is not callable", **context)
+    try:
+        return factory()
+    except BaseException as exc:
+        raise LoadError(
+            f"factory {manifest.app!r} raised {what_raised(exc, namespace.root)}", **context
+        ) from exc
 
 
 def _check_asgi(app: object, manifest: Manifest) -> None:
@@ -245,6 +377,185 @@ def _check_asgi(app: object, manifest: Manifest) -> None:
             "is it an ASGI application?",
             **context,
         ) from None
+    why = _not_async(app)
+    if why is not None:
+        # It would pass every check and answer 500 to every request.
+        raise LoadError(
+            f"{manifest.app!r} is {why}; an ASGI app is `async def app(scope, receive, send)`", **context
+        )
+
+
+def _not_async(app: object) -> str | None:
+    """What makes `app` not an async callable, or None. Functions, partials and objects whose
+    `__call__` is written in Python are checked; C callables cannot be told, and pass."""
+    partial = ""
+    while isinstance(app, functools.partial):
+        app, partial = app.func, "a partial of "
+    if inspect.isfunction(app) or inspect.ismethod(app):
+        if inspect.iscoroutinefunction(app):
+            return None
+        if inspect.isasyncgenfunction(app):
+            return f"{partial}an async generator function"
+        return f"{partial}a plain (sync) function"
+    call = inspect.getattr_static(type(app), "__call__", None)  # static: runs no descriptor
+    if inspect.isfunction(call) and not inspect.iscoroutinefunction(call):
+        return f"{partial}an instance of {type(app).__name__} whose __call__ is a plain (sync) function"
+    return None
+
+
+# -- what a load may not touch ------------------------------------------------------------------------
+
+_MISSING = object()
+_IGNORED_BUILTINS = frozenset({"_"})  # the interactive interpreter's last result
+
+
+@dataclass(eq=False)
+class _Audit:
+    """One load under way; what its audit put back when it ended (see _Audits)."""
+
+    started: int
+    ended: int | None = None
+    undone: str = ""
+    heard: list[str] = field(default_factory=list)  # what overlapping loads put back
+    overlapped: bool = False  # another load still ran when this one ended
+
+
+@dataclass
+class _Audits:
+    """Loads under way and what their audits put back. Loads that overlap share the blame: a
+    change one of them made may be found (and put back) by the audit of another."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    clock: itertools.count[int] = field(default_factory=itertools.count)
+    running: set[_Audit] = field(default_factory=set)
+    undid: list[_Audit] = field(default_factory=list)  # ended, and put something back
+
+    def begin(self) -> _Audit:
+        with self.lock:
+            audit = _Audit(next(self.clock))
+            self.running.add(audit)
+            return audit
+
+    def end(self, audit: _Audit, undo: Callable[[], str]) -> None:
+        """Run `undo` (atomically with the other audits'); note what overlapping loads undid."""
+        with self.lock:
+            audit.undone = undo()
+            audit.ended = next(self.clock)
+            self.running.discard(audit)
+            audit.overlapped = bool(self.running)
+            audit.heard = [o.undone for o in self.undid if o.ended is not None and o.ended > audit.started]
+            if audit.undone:
+                self.undid.append(audit)
+            # Keep only what a load still running may have to hear about.
+            oldest = min((a.started for a in self.running), default=audit.ended)
+            self.undid = [a for a in self.undid if a.ended is not None and a.ended > oldest]
+
+
+_audits = _Audits()
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    modules: dict[str, types.ModuleType]  # (or whatever else was put there)
+    builtins: dict[str, object]
+
+    @classmethod
+    def take(cls) -> _Snapshot:
+        # .copy() is one step for the GIL: other threads import meanwhile.
+        modules = {name: m for name, m in sys.modules.copy().items() if not _initializing(m)}
+        return cls(modules, builtins.__dict__.copy())
+
+    def undo(self, namespace: Namespace) -> str:
+        """Put back what was removed or replaced since; say what ('' if nothing)."""
+        changes: dict[str, list[str]] = {"replaced": [], "removed": [], "added": []}
+        now = sys.modules.copy()
+        for name, module in self.modules.items():
+            current: object = now.get(name, _MISSING)
+            if current is module or not _watched(name, namespace):
+                continue
+            changes["removed" if current is _MISSING else "replaced"].append(f"sys.modules[{name!r}]")
+            sys.modules[name] = module
+        real = builtins.__dict__
+        current_builtins = real.copy()
+        for name, value in self.builtins.items():
+            current = current_builtins.get(name, _MISSING)
+            if current is value or name in _IGNORED_BUILTINS:
+                continue
+            changes["removed" if current is _MISSING else "replaced"].append(f"builtins.{name}")
+            real[name] = value
+        for name in current_builtins.keys() - self.builtins.keys() - _IGNORED_BUILTINS:
+            changes["added"].append(f"builtins.{name}")
+            real.pop(name, None)
+        return ", ".join(f"{verb} {_and(sorted(names))}" for verb, names in changes.items() if names)
+
+
+def _initializing(module: object) -> bool:
+    """Still being imported, in some thread: if that import fails, the module goes away."""
+    try:
+        if not issubclass(type(module), types.ModuleType):  # type(): no __class__ property runs
+            return False
+        spec = module.__dict__.get("__spec__")
+        return bool(getattr(spec, "_initializing", False))
+    except BaseException:  # anything may sit in sys.modules (a worker thread: nothing to let through)
+        return False
+
+
+def _watched(module_name: str, namespace: Namespace) -> bool:
+    """Whether the load of `namespace` may not remove or replace this entry of sys.modules: any
+    but its own, and those of namespaces closed meanwhile (they were unloaded)."""
+    if not module_name.startswith(_PREFIX):
+        return True
+    return not namespace.owns(module_name) and module_name.partition(".")[0] in _namespaces
+
+
+def _and(items: Sequence[str], limit: int = 4) -> str:
+    shown = list(items[:limit])
+    if len(items) > limit:
+        shown.append(f"{len(items) - limit} more")
+    return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
+
+
+def audited(namespace: Namespace, load: Callable[[], T]) -> T:
+    """Run `load` (blocking; in a worker thread) and refuse it, with a LoadError, if it touched
+    `sys.modules` or the builtins (see the module docstring); whatever it touched is put back.
+
+    If the namespace was closed meanwhile (the load overran its timeout and was abandoned),
+    what the import installed under it since is removed, and the late outcome only logged."""
+    began = time.monotonic()
+    audit = _audits.begin()
+    before = _Snapshot.take()
+    result: Any = _MISSING
+    error: BaseException | None = None
+    try:
+        result = load()
+    except BaseException as exc:  # a worker thread: nothing here is ours to let through
+        error = exc
+    _audits.end(audit, lambda: before.undo(namespace))
+    context = {"package": namespace.package, "version": namespace.version, "step": "load"}
+    if not namespace.is_open:
+        namespace.close()  # again: its modules and loggers from after the first close
+        logger.warning(
+            "%s %s: the abandoned import returned after %.1fs (%s); its modules were removed%s",
+            namespace.package,
+            namespace.version,
+            time.monotonic() - began,
+            "failed" if error is not None else "too late",
+            f"; it {audit.undone}, undone" if audit.undone else "",
+        )
+    if audit.undone:
+        shared = "; loads overlapped, so another may have done it" if audit.overlapped or audit.heard else ""
+        raise LoadError(f"the import {audit.undone}; undone{shared}", **context) from error
+    if audit.heard:
+        raise LoadError(
+            f"while this version loaded, another load's import {audit.heard[0]} (undone); "
+            "loads overlapped, so either may have done it",
+            **context,
+        ) from error
+    if error is not None:
+        if isinstance(error, LoadError):
+            raise error
+        raise LoadError(f"loading raised {what_raised(error, namespace.root)}", **context) from error
+    return typing.cast(T, result)
 
 
 def collected(refs: Sequence[weakref.ref[Any]], *, collect: bool = True) -> bool:

@@ -77,6 +77,9 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                         "to_version": {"type": ["string", "null"]},
                         "sha256": {"type": ["string", "null"]},
                         "worker": {"type": ["string", "null"]},
+                        "signer": {"type": ["string", "null"]},
+                        "downgrade": {"type": "boolean"},
+                        "forced": {"type": "boolean"},
                         "started_at": {"type": "number"},
                         "decided_at": {"type": ["number", "null"]},
                         "finished_at": {"type": ["number", "null"]},
@@ -133,9 +136,32 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                 "post": {
                     "summary": "Install or upgrade a package from an archive (zip or wheel)",
                     "description": f"The body is the archive (at most {max_upload_bytes} bytes), or a "
-                    "multipart upload with one file. Answers once the outcome is known, unless wait=false.",
+                    "multipart upload with one archive file and optionally its SSH signature as a part "
+                    "named `signature`. With trusted keys configured, an archive without a valid "
+                    "signature is refused with 403 before anything is unpacked. Answers once the "
+                    "outcome is known, unless wait=false.",
                     "parameters": [
-                        {"name": "wait", "in": "query", "schema": {"type": "boolean", "default": True}}
+                        {"name": "wait", "in": "query", "schema": {"type": "boolean", "default": True}},
+                        {
+                            "name": "force",
+                            "in": "query",
+                            "description": "replace a different archive deployed under the same version "
+                            "number (else 409)",
+                            "schema": {"type": "boolean", "default": False},
+                        },
+                        {
+                            "name": "shadow_host_routes",
+                            "in": "query",
+                            "description": "the mount may cover routes of the host app (else 409)",
+                            "schema": {"type": "boolean", "default": False},
+                        },
+                        {
+                            "name": "Hotdeploy-Signature",
+                            "in": "header",
+                            "description": "base64 of the archive's `.sig` file (ssh-keygen -Y sign "
+                            "-n hotdeploy), for a raw upload",
+                            "schema": {"type": "string"},
+                        },
                     ],
                     "requestBody": {
                         "required": True,
@@ -145,7 +171,10 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                             "multipart/form-data": {
                                 "schema": {
                                     "type": "object",
-                                    "properties": {"file": {"type": "string", "format": "binary"}},
+                                    "properties": {
+                                        "file": {"type": "string", "format": "binary"},
+                                        "signature": {"type": "string", "format": "binary"},
+                                    },
                                 }
                             },
                         },

@@ -1,4 +1,7 @@
-"""In-process HTTP requests to a version that receives no traffic yet (the `health` check)."""
+"""In-process HTTP requests to a version that receives no traffic yet (the `health` check).
+
+The app is package code: whatever it raises (SystemExit too), but anyio's cancellation, comes
+out as `ProbeCrashed`, so that the check fails instead of the server."""
 
 from __future__ import annotations
 
@@ -6,11 +9,19 @@ from dataclasses import dataclass
 
 import anyio
 
+from ._loader import describe, is_cancellation
 from ._scope import mounted_scope
 from ._types import Message, Scope
 from ._version import PackageVersion
 
 _MAX_BODY = 64 * 1024
+
+
+class ProbeCrashed(Exception):
+    """The app raised while answering; the message describes it ('SystemExit(3)')."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(describe(cause))
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,8 +35,11 @@ class ProbeResponse:
 
 
 async def probe(version: PackageVersion, path: str, timeout: float) -> ProbeResponse:
-    """GET `path` (relative to the mount) from the version's app, in this process."""
-    assert version.app is not None
+    """GET `path` (relative to the mount) from the version's app, in this process.
+
+    Raises TimeoutError past `timeout`, ProbeCrashed if the app raised."""
+    app = version.app
+    assert app is not None
     prefix = version.manifest.mount
     full_path = prefix + path
     scope: Scope = {
@@ -67,7 +81,14 @@ async def probe(version: PackageVersion, path: str, timeout: float) -> ProbeResp
             if not message.get("more_body", False):
                 done.set()
 
-    with anyio.fail_after(timeout):
-        await version.app(scope, receive, send)
+    with anyio.move_on_after(timeout) as deadline:
+        try:
+            await app(scope, receive, send)
+        except BaseException as exc:
+            if is_cancellation(exc):
+                raise  # the deadline's (caught just below), or the caller's
+            raise ProbeCrashed(exc) from exc
     done.set()
+    if deadline.cancelled_caught:
+        raise TimeoutError(f"GET {full_path} did not answer within {timeout:g}s")
     return ProbeResponse(status=status, body=bytes(body))

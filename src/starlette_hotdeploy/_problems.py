@@ -6,6 +6,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from ._detail import shorten
 from ._errors import (
     ArchiveError,
     CheckFailed,
@@ -60,7 +61,7 @@ def status_of(error: HotDeployError) -> tuple[int, str]:
 
 
 def problem(status: int, title: str, detail: str, **extensions: Any) -> JSONResponse:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    body = {"type": "about:blank", "title": title, "status": status, "detail": shorten(detail)}
     body.update({k: v for k, v in extensions.items() if v is not None})
     headers = {"WWW-Authenticate": 'Bearer realm="hotdeploy"'} if status == 401 else None
     return JSONResponse(body, status_code=status, media_type=PROBLEM_TYPE, headers=headers)

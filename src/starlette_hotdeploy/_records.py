@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
 from ._deployment import Action, Deployment, Step
+from ._detail import shorten
 from ._events import EventHub
 from ._store import Store
 
@@ -22,7 +24,8 @@ logger = logging.getLogger("starlette_hotdeploy")
 
 
 class RecordLog:
-    def __init__(self, events: EventHub, history_size: int) -> None:
+    def __init__(self, events: EventHub, history_size: int, tidy: Callable[[str], str] = shorten) -> None:
+        self._tidy = tidy
         self.events = events
         self.history: deque[Deployment] = deque(maxlen=history_size)
         self._store: Store | None = None
@@ -36,6 +39,7 @@ class RecordLog:
 
     def new(self, action: Action, package: str | None, **fields: Any) -> Deployment:
         record = Deployment(operation=action, package=package, worker=self._worker, **fields)
+        record.tidy = self._tidy
         record.on_change = self._changed
         self.history.append(record)
         self.events.publish({"type": "deployment.started", "deployment": record.to_dict()})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import sys
 import time
 import weakref
 from contextlib import suppress
@@ -128,13 +129,20 @@ class PackageVersion:
 
     # -- loading and lifespan -------------------------------------------------------------
 
-    def load(self) -> ASGIApp:
-        """Import the version under a private namespace and resolve its ASGI app."""
+    def open_namespace(self) -> Namespace:
+        """Give the version its private module namespace (before `load`; `unload` closes it)."""
         namespace = Namespace(self.manifest, self.root)
         namespace.open()
         self.namespace = namespace
-        self.app = load_app(namespace, self.manifest)
-        return self.app
+        return namespace
+
+    def load(self) -> ASGIApp:
+        """Import the app in the version's namespace and return it. Blocking, and it keeps
+        nothing on the version: the engine runs it in a worker thread and sets `app` once it
+        returned, so an import abandoned at its timeout can never become this version's app."""
+        namespace = self.namespace
+        assert namespace is not None, "open_namespace() first"
+        return load_app(namespace, self.manifest)
 
     async def start(self, task_group: anyio.abc.TaskGroup, timeout: float) -> None:
         """Run the app's lifespan startup in its own supervisor task (raises on failure)."""
@@ -166,8 +174,6 @@ class PackageVersion:
             with suppress(TypeError):
                 refs.append(weakref.ref(self.app))
         if self.namespace is not None:
-            import sys
-
             prefix = self.namespace.name
             refs.extend(
                 weakref.ref(module)

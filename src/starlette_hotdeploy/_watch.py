@@ -5,7 +5,8 @@ outcome is written beside it: `NAME.deployed` (the deployment record, JSON) or `
 (the error). "Complete" means its size and modification time did not change between two scans
 and it opens as a zip; dotfiles and `*.part` / `*.tmp` names are never read, so an upload that
 writes to a temporary name and renames at the end is picked up at once. An archive is deployed
-again when it is replaced (newer than its outcome file).
+again when it is replaced (newer than its outcome file). A signature `NAME.sig` beside an
+archive is sent with it (drop the signature first: the archive is deployed once it is complete).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class WatchFolder:
     def __init__(
         self,
         directory: Path,
-        deploy: Callable[[Path], Awaitable[Deployment]],
+        deploy: Callable[[Path, bytes | None], Awaitable[Deployment]],
         *,
         interval: float = 0.5,
         lock_path: Path | None = None,
@@ -75,8 +76,10 @@ class WatchFolder:
         """Deploy every complete archive once; return those handled."""
         handled = []
         for path in self.candidates():
+            signature_file = path.with_name(path.name + ".sig")
+            signature = signature_file.read_bytes() if signature_file.is_file() else None
             try:
-                record = await self.deploy(path)
+                record = await self.deploy(path, signature)
             except DeploymentError as exc:
                 self._write(path, ".failed", f"{exc}\n\n{json.dumps(exc.deployment.to_dict(), indent=2)}\n")
             except HotDeployError as exc:
