@@ -9,6 +9,7 @@ backends.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -26,6 +29,7 @@ from starlette.routing import Route
 
 from packages import write_package, zip_directory
 from starlette_hotdeploy import Deployer, HotDeployMiddleware
+from starlette_hotdeploy._signing import sign
 from test_e2e_uvicorn import serving
 
 pytestmark = pytest.mark.anyio
@@ -232,3 +236,77 @@ async def test_a_percent_encoded_mount_overlaps_its_plain_twin(server: Server, s
     data = zip_directory(directory, sources / "other.zip").read_bytes()
     response = await server.during(lambda: server.admin.post(f"{PREFIX}/packages", content=data))
     assert_problem(response, 409, "mount '/greeter' overlaps '/greeter' of package 'greeter'")
+
+
+# -- signed packages ------------------------------------------------------------------------------
+
+
+def new_key(directory: Path, name: str) -> tuple[Path, Path]:
+    """An ssh-ed25519 key pair in OpenSSH files, as `ssh-keygen -t ed25519` writes them."""
+    key = Ed25519PrivateKey.generate()
+    private = directory / name
+    private.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption()))
+    public = directory / f"{name}.pub"
+    public.write_bytes(
+        key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
+        + f" {name}@example.com\n".encode()
+    )
+    return private, public
+
+
+@pytest.fixture
+async def signed_server(tmp_path: Path, sources: Path) -> AsyncIterator[tuple[Server, Path, Path]]:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    private, public = new_key(keys, "release")
+    stranger, _ = new_key(keys, "stranger")
+    deployer = Deployer(home=tmp_path / "home", entry_points=False, trusted_keys=[public])
+    started = anyio.Event()
+    async with serving(host(deployer, started), started, ws="websockets-sansio") as url:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with (
+            httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as admin,
+            httpx.AsyncClient(base_url=url, timeout=30) as client,
+        ):
+            data = archive(sources)
+            signature = base64.b64encode(sign(data, private)).decode()
+            response = await admin.post(
+                f"{PREFIX}/packages", content=data, headers={"Hotdeploy-Signature": signature}
+            )
+            assert response.status_code == 201, response.text
+            assert response.json()["signer"].startswith("release@example.com (SHA256:")
+            yield Server(admin, client, deployer), private, stranger
+
+
+async def test_only_archives_signed_by_a_trusted_key_are_deployed(
+    signed_server: tuple[Server, Path, Path], sources: Path
+) -> None:
+    server, private, stranger = signed_server
+    data = archive(sources, "2.0")
+    post = partial(server.admin.post, f"{PREFIX}/packages", content=data)
+
+    response = await server.during(post)
+    body = assert_problem(response, 403, "not signed")
+    assert body["title"] == "signature refused"
+
+    by_stranger = base64.b64encode(sign(data, stranger)).decode()
+    response = await server.during(partial(post, headers={"Hotdeploy-Signature": by_stranger}))
+    assert_problem(response, 403, "SHA256:")
+
+    of_other_bytes = base64.b64encode(sign(data + b"x", private)).decode()
+    response = await server.during(partial(post, headers={"Hotdeploy-Signature": of_other_bytes}))
+    assert_problem(response, 403)
+
+    response = await server.during(partial(post, headers={"Hotdeploy-Signature": "not base64!"}))
+    assert_problem(response, 400, "base64")
+    unpacked = [p.name for p in (server.deployer.home / "packages" / "greeter").iterdir()]
+    assert [name for name in unpacked if name.startswith("2.0-")] == []  # nothing was unpacked
+
+    # As a multipart part named `signature`, the way a browser form would send it.
+    files = {"file": ("greeter-2.0.zip", data), "signature": ("greeter-2.0.zip.sig", sign(data, private))}
+    response = await server.admin.post(f"{PREFIX}/packages", files=files)
+    assert response.status_code == 201, response.text
+    record = response.json()
+    assert record["signer"].startswith("release@example.com")
+    history = (await server.admin.get(f"{PREFIX}/deployments/{record['id']}")).json()
+    assert history["signer"] == record["signer"]

@@ -10,8 +10,12 @@ or pause in one worker are driven by marker files (see workers_support.CHECKS).
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -26,7 +30,14 @@ import pytest
 
 from starlette_hotdeploy import _archive
 from starlette_hotdeploy._sqlite_store import open_store
-from workers_support import Server, build_package, running_server, wait_for, worker_pid
+from workers_support import (
+    Server,
+    build_package,
+    open_files_under,
+    running_server,
+    wait_for,
+    worker_pid,
+)
 
 WORKERS = 3
 
@@ -450,3 +461,220 @@ def test_a_starting_worker_leaves_unpacks_alone(
     finally:
         server.kill()
         server.admin.close()
+
+
+# -- 7: each worker makes its own id when its runtime starts (gunicorn --preload) ----------------
+
+
+@pytest.fixture(scope="module")
+def preloaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """gunicorn `--preload`: the master imports the host app and calls its factory (so it makes
+    the Deployer), then forks the workers. Shared by the tests below; each deploys its own
+    package, so they do not depend on one another's order."""
+    root = tmp_path_factory.mktemp("preloaded")
+    with running_server(root, "gunicorn", WORKERS, preload=True) as server:
+        yield server
+
+
+def test_preloaded_workers_each_have_their_own_id(preloaded: Server, sources: Path) -> None:
+    server = preloaded
+    assert server.process is not None
+    master = server.process.pid
+    # The master really preloaded: it built the app and its Deployer, but did not start it.
+    facts = server.master_facts()
+    assert facts["pid"] == master
+    assert facts["app_loaded"] is True
+    assert "starlette_hotdeploy._serve" in facts["modules"]
+    assert facts["deployers"] == [{"running": False, "store_opened": False}]
+    assert facts["home_exists"] is False  # nothing under the home was touched before the fork
+    assert open_files_under(master, server.home) == []  # ...nor since: the store is the workers'
+
+    server.deployed(build_package(sources, "greeter", "1.0"))
+    workers = assert_everyone_serves(server, "greeter", "1.0")
+    pids = server.worker_pids()
+    assert len(pids) == WORKERS, pids
+    # One id per worker process, each with that worker's own pid (none with the master's).
+    assert len(workers) == WORKERS, workers
+    assert sorted(worker_pid(worker) for worker in workers) == sorted(pids), (workers, pids)
+    assert master not in {worker_pid(worker) for worker in workers}
+    # The store knows the same workers (no id registered twice, none left from the master).
+    store = open_store(server.home)
+    try:
+        registered = {worker.id for worker in store.workers()}
+    finally:
+        store.close()
+    assert registered == workers.keys()
+
+
+def test_preloaded_check_failing_in_one_worker_aborts_everywhere(preloaded: Server, sources: Path) -> None:
+    """The bug this guards: with one id for every preloaded worker, the failing worker's vote
+    was lost among the others' and the deployment went on; that worker then served a version
+    its own check had refused."""
+    server = preloaded
+    server.deployed(build_package(sources, "guarded", "1.0", checks=True))
+    workers = assert_everyone_serves(server, "guarded", "1.0")
+    new = build_package(sources, "guarded", "2.0", checks=True)
+    with coordinator_connection(server, "guarded") as (client, coordinator):
+        [(victim, pid), *_] = sorted(
+            (worker, worker_pid(worker)) for worker in workers if worker_pid(worker) != coordinator
+        )
+        marker = server.markers / f"fail-{pid}"
+        marker.touch()
+        try:
+            response = server.deploy(new, client)
+        finally:
+            marker.unlink()
+    assert response.status_code == 422, response.text
+    problem = response.json()
+    assert problem["step"] == "prepare workers"
+    # That worker, with its own cause (the text up to the next "; " is about it alone), and no
+    # other worker.
+    assert re.search(rf"worker {re.escape(victim)}: [^;]*refusing in pid {pid}", problem["detail"]), problem
+    assert [worker for worker in workers if worker in problem["detail"]] == [victim], problem
+    assert problem["deployment"]["outcome"] == "failed"
+    # Every worker, the refusing one too, still serves 1.0.
+    assert assert_everyone_serves(server, "guarded", "1.0") == workers
+    assert server.worker_pids() == {worker_pid(worker) for worker in workers}
+
+
+def test_preloaded_deployment_converges_on_every_worker(preloaded: Server, sources: Path) -> None:
+    server = preloaded
+    server.deployed(build_package(sources, "moved", "1.0"))
+    before = assert_everyone_serves(server, "moved", "1.0")
+    record = server.deployed(build_package(sources, "moved", "2.0"))
+    assert (record["from_version"], record["to_version"], record["outcome"]) == ("1.0", "2.0", "succeeded")
+    converge = next(step for step in record["steps"] if step["name"] == "converge")
+    assert converge["detail"] == f"{WORKERS} worker(s) serve it"
+    # Sent after the 201: every worker process answers 2.0.
+    pids = server.worker_pids()
+    answers = server.sample("moved", reach=pids)
+    assert {version for version, _ in answers} == {"2.0"}, answers
+    assert {pid for _, pid in answers} == pids == {worker_pid(worker) for worker in before}
+    package = server.package("moved")
+    assert package is not None
+    assert package["workers"] == dict.fromkeys(before, "2.0")
+
+
+# What a preloading master does (import the host app module, call its factory), then two forked
+# children that each start the runtime and run side by side, as two workers would. Every wait is
+# bounded (an alarm in each process, the deadlines below); it prints what each process saw, as JSON.
+FORKED = """
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import anyio
+
+signal.alarm(30)
+home, out = Path(sys.argv[1]), Path(sys.argv[2])
+
+from starlette_hotdeploy._errors import NotRunning
+from starlette_hotdeploy._serve import create_host_app
+
+
+def facts(deployer):
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    try:
+        worker_id = deployer.worker_id
+    except NotRunning:
+        worker_id = None
+    return {
+        "pid": os.getpid(),
+        "worker_id": worker_id,
+        "running": deployer.is_running,
+        "store_opened": deployer._store is not None,
+        "home_exists": home.exists(),
+        "holds": [path for path in held if path.startswith(str(home))],
+    }
+
+
+async def run_a_worker(deployer, index):
+    # The second starts once the first runtime is up: two first opens of a fresh store at once
+    # can fail ("database is locked" from PRAGMA journal_mode=WAL), which is not under test here.
+    deadline = time.monotonic() + 10
+    while index and not (out / "started-0").exists() and time.monotonic() < deadline:
+        await anyio.sleep(0.02)
+    async with deployer.started():
+        (out / f"started-{index}").touch()
+        runtime = deployer._running()
+        live = set()
+        deadline = time.monotonic() + 15
+        while len(live) < 2 and time.monotonic() < deadline:  # until both children registered
+            live = await runtime.cluster.live()
+            await anyio.sleep(0.02)
+        inside = facts(deployer)
+        (out / f"saw-{os.getpid()}").touch()
+        while len(list(out.glob("saw-*"))) < 2 and time.monotonic() < deadline:
+            await anyio.sleep(0.02)
+    return {"inside": inside, "live": sorted(live), "after": facts(deployer)}
+
+
+app = create_host_app(home)
+[deployer] = [m.kwargs["deployer"] for m in app.user_middleware if "deployer" in m.kwargs]
+report = {"master": facts(deployer), "children": []}
+children = []
+for index in range(2):
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.alarm(30)
+            child = {"before": facts(deployer), **anyio.run(run_a_worker, deployer, index)}
+            (out / f"child-{os.getpid()}.json").write_text(json.dumps(child))
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    children.append(pid)
+for pid in children:
+    _, status = os.waitpid(pid, 0)
+    found = out / f"child-{pid}.json"
+    child = json.loads(found.read_text()) if found.exists() else {}
+    report["children"].append({"pid": pid, "exit": os.waitstatus_to_exitcode(status), **child})
+report["master_after"] = facts(deployer)
+print(json.dumps(report))
+"""
+
+
+def test_a_worker_id_is_made_when_the_runtime_starts_never_at_import(tmp_path: Path) -> None:
+    home, out = tmp_path / "home", tmp_path / "out"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTDEPLOY_")}
+    done = subprocess.run(
+        [sys.executable, "-c", FORKED, str(home), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    # Importing the host app module and making its Deployer: no id, no store, not even a home.
+    nothing: dict[str, object] = {"worker_id": None, "running": False, "store_opened": False, "holds": []}
+    assert report["master"] == {"pid": report["master"]["pid"], "home_exists": False, **nothing}
+    children = report["children"]
+    assert [child["exit"] for child in children] == [0, 0], (children, done.stderr)
+    ids = [child["inside"]["worker_id"] for child in children]
+    for child in children:
+        assert child["before"]["worker_id"] is None  # inherited from the master: still nothing
+        assert child["before"]["store_opened"] is False
+        inside = child["inside"]
+        assert inside["running"] is True
+        assert worker_pid(inside["worker_id"]) == child["pid"] == inside["pid"]
+        assert sorted(child["live"]) == sorted(ids)  # both runtimes at once, each its own id
+        assert child["after"]["worker_id"] is None  # the id lives only as long as the runtime
+    assert len(set(ids)) == 2, ids
+    # The master never opened the store, even after its children did.
+    assert report["master_after"] == {"pid": report["master"]["pid"], "home_exists": True, **nothing}

@@ -8,6 +8,7 @@ all its workers with one `os.killpg`. Every wait here is bounded.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -78,6 +79,33 @@ async def hotdeploy_check_before_activate(version):
 """
 
 
+# A gunicorn config file for `--preload` servers: its `when_ready` hook runs in the master, after
+# the preload imported the app and called the factory and before any worker is forked, and
+# writes down what the master holds then (see Server.master_facts).
+GUNICORN_CONFIG = """
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def when_ready(server):
+    app = server.app.callable
+    deployers = [m.kwargs["deployer"] for m in getattr(app, "user_middleware", []) if "deployer" in m.kwargs]
+    home = Path(os.environ["HOTDEPLOY_HOME"])
+    facts = {
+        "pid": os.getpid(),
+        "app_loaded": app is not None,
+        "modules": sorted(m for m in sys.modules if m.startswith("starlette_hotdeploy")),
+        "deployers": [
+            {"running": d.is_running, "store_opened": d._store is not None} for d in deployers
+        ],
+        "home_exists": home.exists(),
+    }
+    Path(os.environ["MARKER_DIR"], "master.json").write_text(json.dumps(facts))
+"""
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -114,6 +142,31 @@ def worker_pid(worker_id: str) -> int:
     return int(worker_id.rsplit(":", 2)[1])
 
 
+def child_pids(pid: int) -> set[int]:
+    """The live children of process `pid` (from /proc: Linux only)."""
+    children: set[int] = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_bytes().rpartition(b")")[2].split()
+        except OSError:
+            continue  # exited meanwhile
+        if len(fields) > 1 and int(fields[1]) == pid and fields[0] != b"Z":
+            children.add(int(stat.parent.name))
+    return children
+
+
+def open_files_under(pid: int, directory: Path) -> list[str]:
+    """The files under `directory` that process `pid` holds open (from /proc: Linux only)."""
+    found = []
+    directory = directory.resolve()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with suppress(OSError):
+            target = os.readlink(fd)
+            if Path(target).is_relative_to(directory):
+                found.append(target)
+    return found
+
+
 def uvicorn_worker_class() -> str:
     if importlib.util.find_spec("uvicorn_worker") is not None:
         return "uvicorn_worker.UvicornWorker"
@@ -122,11 +175,18 @@ def uvicorn_worker_class() -> str:
 
 class Server:
     """A multi-worker server subprocess on 127.0.0.1 and a free port, serving the host app on
-    `home`. Start it again (after `kill()` or `stop()`) on the same home to test restarts."""
+    `home`. Start it again (after `kill()` or `stop()`) on the same home to test restarts.
 
-    def __init__(self, tmp_path: Path, kind: str = "uvicorn", workers: int = 3) -> None:
+    `preload` (gunicorn only): `--preload`, the master imports the app and calls the factory
+    before it forks the workers."""
+
+    def __init__(
+        self, tmp_path: Path, kind: str = "uvicorn", workers: int = 3, *, preload: bool = False
+    ) -> None:
+        assert kind == "gunicorn" or not preload, "only gunicorn preloads"
         self.kind = kind
         self.workers = workers
+        self.preload = preload
         self.home = tmp_path / "home"
         self.markers = tmp_path / "markers"
         self.markers.mkdir(exist_ok=True)
@@ -177,10 +237,12 @@ class Server:
                 "warning",
             ]
         assert self.kind == "gunicorn"
+        preload = ["--preload", "--config", str(self.gunicorn_config())] if self.preload else []
         return [
             sys.executable,
             "-m",
             "gunicorn",
+            *preload,
             "--workers",
             str(self.workers),
             "--worker-class",
@@ -191,6 +253,24 @@ class Server:
             "warning",
             "starlette_hotdeploy._serve:create_host_app()",
         ]
+
+    def gunicorn_config(self) -> Path:
+        path = self.cwd / "gunicorn_preload.conf.py"
+        path.write_text(GUNICORN_CONFIG)
+        return path
+
+    def master_facts(self) -> dict[str, Any]:
+        """What the `--preload` master held before it forked (written by GUNICORN_CONFIG)."""
+        assert self.preload
+        facts: dict[str, Any] = json.loads((self.markers / "master.json").read_text())
+        return facts
+
+    def worker_pids(self) -> set[int]:
+        """The pids of gunicorn's worker processes: the children of its master (the subprocess
+        itself). Not for uvicorn, whose supervisor may have other children."""
+        assert self.kind == "gunicorn"
+        assert self.process is not None
+        return child_pids(self.process.pid)
 
     def start(self) -> None:
         """Start it (on a new free port); wait until GET / answers and every worker registered
@@ -228,15 +308,21 @@ class Server:
 
         wait_for("the server to answer GET /", ready, timeout=30)
 
+        seen: list[str] = []
+
         def registered() -> bool | None:
             store = open_store(self.home)
             try:
-                new = [w for w in store.workers() if w.started_at >= started]
+                seen[:] = sorted(w.id for w in store.workers() if w.started_at >= started)
             finally:
                 store.close()
-            return len(new) >= self.workers or None
+            return len(seen) >= self.workers or None
 
-        wait_for(f"{self.workers} workers to register", registered, timeout=30)
+        try:
+            wait_for(f"{self.workers} workers to register", registered, timeout=30)
+        except pytest.fail.Exception:
+            # Fewer ids than workers: two workers share one (an id made before the fork?).
+            pytest.fail(f"{self.workers} workers never registered; the store has {seen}\n{self.log()}")
 
     def kill(self) -> None:
         """SIGKILL the whole process group: the supervisor and every worker, at once."""
@@ -334,8 +420,10 @@ class Server:
 
 
 @contextmanager
-def running_server(tmp_path: Path, kind: str = "uvicorn", workers: int = 3) -> Iterator[Server]:
-    server = Server(tmp_path, kind, workers)
+def running_server(
+    tmp_path: Path, kind: str = "uvicorn", workers: int = 3, *, preload: bool = False
+) -> Iterator[Server]:
+    server = Server(tmp_path, kind, workers, preload=preload)
     try:
         server.start()
         yield server
