@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -86,5 +87,52 @@ def test_a_forked_process_gets_its_own_connection(tmp_path: Path) -> None:
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert sorted(w.id for w in store.workers()) == ["child", "master"]
+    finally:
+        store.close()
+
+
+def created_at_of(home: Path, version: str) -> float:
+    db = sqlite3.connect(home / "state.db")
+    try:
+        return float(
+            db.execute("SELECT created_at FROM archives WHERE version = ?", (version,)).fetchone()[0]
+        )
+    finally:
+        db.close()
+
+
+def test_uploading_a_failed_archive_again_restarts_its_grace_period(tmp_path: Path) -> None:
+    """The grace period counts from the last upload: a retry of an old failed upload is under
+    way, not stale. An activated archive keeps its created_at."""
+    store = SQLiteStore(tmp_path)
+    try:
+        for version in ("1.0", "2.0"):
+            store.save_archive("greeter", version, sha(version.encode()), version.encode())
+        store.set_desired("greeter", "1.0", sha(b"1.0"), [("1.0", sha(b"1.0"))])
+        db = sqlite3.connect(tmp_path / "state.db")
+        db.execute("UPDATE archives SET created_at = 1.0")  # both saved long ago
+        db.commit()
+        db.close()
+        for version in ("1.0", "2.0"):
+            store.save_archive("greeter", version, sha(version.encode()), version.encode())
+        assert created_at_of(tmp_path, "1.0") == 1.0
+        assert created_at_of(tmp_path, "2.0") == pytest.approx(time.time(), abs=60)
+        assert store.prune("greeter", keep=5, protect=set()) == []
+    finally:
+        store.close()
+
+
+def test_activations_keep_their_order_when_the_clock_steps_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SQLiteStore(tmp_path)
+    try:
+        for version in ("1.0", "2.0"):
+            store.save_archive("greeter", version, sha(version.encode()), version.encode())
+        store.set_desired("greeter", "1.0", sha(b"1.0"), [("1.0", sha(b"1.0"))])
+        an_hour_ago = time.time() - 3600
+        monkeypatch.setattr(time, "time", lambda: an_hour_ago)
+        store.set_desired("greeter", "2.0", sha(b"2.0"), [("2.0", sha(b"2.0"))])
+        assert [a.version for a in store.archives("greeter")] == ["1.0", "2.0"]
     finally:
         store.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import sqlite3
 import threading
 import time
@@ -22,7 +23,7 @@ import pytest
 
 from starlette_hotdeploy._errors import HotDeployError, IllegalTransition
 from starlette_hotdeploy._operation import PHASE_TRANSITIONS, Operation, OperationKind, Phase, Vote
-from starlette_hotdeploy._sqlite_store import SQLiteStore
+from starlette_hotdeploy._sqlite_store import _MIGRATIONS, SQLiteStore
 from starlette_hotdeploy._store import Store
 
 StoreFactory = Callable[[Path], Store]
@@ -148,6 +149,21 @@ def begun_in(
 # -- archives -----------------------------------------------------------------------------------
 
 
+def uploaded(store: Store, version: str, *, package: str = "greeter") -> str:
+    """An archive saved as an upload saves it (before its prepare); its sha256."""
+    store.save_archive(package, version, sha(version), version.encode())
+    return sha(version)
+
+
+def activated(store: Store, version: str, *, package: str = "greeter") -> None:
+    """Confirm `version` active, as a commit would."""
+    store.set_desired(package, version, sha(version), [(version, sha(version))])
+
+
+def listed(store: Store, package: str = "greeter") -> list[str]:
+    return [a.version for a in store.archives(package)]
+
+
 def test_a_saved_archive_is_kept_and_indexed(store: Store) -> None:
     path = store.save_archive("greeter", "1.0", sha(b"one"), b"one")
     assert path.read_bytes() == b"one"
@@ -155,14 +171,18 @@ def test_a_saved_archive_is_kept_and_indexed(store: Store) -> None:
     assert stored is not None
     assert (stored.name, stored.version, stored.sha256, stored.path) == ("greeter", "1.0", sha(b"one"), path)
     assert stored.created_at == pytest.approx(time.time(), abs=60)
+    assert stored.activated_at is None  # an upload, not (yet) activated
     assert store.archive("greeter", "9.9") is None
     assert store.archive("other", "1.0") is None
 
 
-def test_saving_the_same_archive_again_is_a_no_op(store: Store) -> None:
-    path = store.save_archive("greeter", "1.0", sha(b"one"), b"one")
-    assert store.save_archive("greeter", "1.0", sha(b"one"), b"one") == path
-    assert [(a.version, a.sha256) for a in store.archives("greeter")] == [("1.0", sha(b"one"))]
+def test_saving_the_same_archive_again_keeps_one_file_and_its_activation(store: Store) -> None:
+    path = store.save_archive("greeter", "1.0", sha("1.0"), b"one")
+    activated(store, "1.0")
+    first = store.archive("greeter", "1.0")
+    assert store.save_archive("greeter", "1.0", sha("1.0"), b"one") == path
+    assert store.archive("greeter", "1.0") == first
+    assert listed(store) == ["1.0"]
     assert path.read_bytes() == b"one"
 
 
@@ -179,27 +199,140 @@ def test_an_archive_by_version_is_the_newest_unless_a_sha_is_given(store: Store)
     assert store.archive("greeter", "1.0", sha(b"never saved")) is None
 
 
-def test_archives_are_listed_oldest_first_per_package(store: Store) -> None:
-    for version in ("1.0", "3.0", "2.0"):
-        store.save_archive("greeter", version, sha(version), version.encode())
-    store.save_archive("inventory", "1.0", sha(b"inventory"), b"inventory")
-    assert [a.version for a in store.archives("greeter")] == ["1.0", "3.0", "2.0"]
-    assert [a.name for a in store.archives("inventory")] == ["inventory"]
-    assert store.archives("nothing") == []
+def test_an_upload_is_listed_only_once_a_commit_activated_it(connect: Connect) -> None:
+    coordinator, follower = connect(), connect()
+    uploaded(coordinator, "1.0")
+    uploaded(coordinator, "2.0")
+    assert listed(follower) == []  # uploads, not yet activated: nothing to offer
+    operation = activation("op1", version="2.0")
+    assert coordinator.begin_operation(operation, {"w1"}) is None
+    # While it is prepared, the other workers fetch the upload by its sha256.
+    preparing = follower.archive("greeter", "2.0", sha("2.0"))
+    assert preparing is not None
+    assert preparing.activated_at is None
+    assert listed(follower) == []
+    coordinator.commit(operation)
+    assert listed(follower) == ["2.0"]
+    committed = follower.archive("greeter", "2.0", sha("2.0"))
+    assert committed is not None
+    assert committed.activated_at == pytest.approx(time.time(), abs=60)
+    activated(coordinator, "1.0")  # set_desired activates too
+    assert listed(follower) == ["2.0", "1.0"]
 
 
-def test_prune_keeps_the_newest_and_the_protected(store: Store) -> None:
+def test_an_aborted_or_refused_activation_and_a_removal_activate_nothing(store: Store) -> None:
+    uploaded(store, "2.0")
+    aborted = begun_in(store, Phase.ABORT, "op1")
+    with pytest.raises(IllegalTransition):
+        store.commit(aborted)
+    gone = removal("op2")
+    assert store.begin_operation(gone, {"w1"}) is None
+    store.commit(gone)
+    assert listed(store) == []
+
+
+def test_archives_are_listed_by_last_activation_oldest_first_per_package(store: Store) -> None:
+    for version in ("1.0", "2.0", "3.0"):
+        uploaded(store, version)
+    uploaded(store, "1.0", package="inventory")
+    for version in ("3.0", "1.0", "2.0"):  # not the upload order
+        activated(store, version)
+    activated(store, "1.0", package="inventory")
+    assert listed(store) == ["3.0", "1.0", "2.0"]
+    activated(store, "3.0")  # activated again (a rollback, a switch back): last
+    assert listed(store) == ["1.0", "2.0", "3.0"]
+    times = [a.activated_at or 0.0 for a in store.archives("greeter")]
+    assert 0.0 not in times  # every listed one has its activation time
+    assert times == sorted(times)
+    assert len(set(times)) == 3
+    assert listed(store, "inventory") == ["1.0"]
+    assert listed(store, "nothing") == []
+
+
+def test_prune_keeps_the_protected_then_the_most_recently_activated(store: Store) -> None:
     for n in range(5):
-        store.save_archive("greeter", f"{n}.0", sha(bytes([n])), bytes([n]))
-    store.save_archive("inventory", "0.0", sha(b"inventory"), b"inventory")
-    removed = store.prune("greeter", keep=2, protect={("0.0", sha(bytes([0])))})
-    assert [a.version for a in removed] == ["1.0", "2.0"]
+        uploaded(store, f"{n}.0")
+    for n in (0, 1, 2, 3, 4, 1):  # 1.0 activated again: it is among the most recent
+        activated(store, f"{n}.0")
+    uploaded(store, "5.0")  # an upload under way: neither counted nor pruned (not stale)
+    uploaded(store, "0.0", package="inventory")
+    activated(store, "0.0", package="inventory")
+    removed = store.prune("greeter", keep=3, protect={("0.0", sha("0.0"))})
+    assert [a.version for a in removed] == ["2.0", "3.0"]  # oldest activation first
     assert all(not a.path.exists() for a in removed)
-    kept = store.archives("greeter")
-    assert [a.version for a in kept] == ["0.0", "3.0", "4.0"]
-    assert all(a.path.exists() for a in kept)
-    assert [a.version for a in store.archives("inventory")] == ["0.0"]  # another package: untouched
+    # The protected one counts toward `keep`: never more than `keep` are offered.
+    assert listed(store) == ["0.0", "4.0", "1.0"]
+    assert all(a.path.exists() for a in store.archives("greeter"))
+    assert store.archive("greeter", "5.0", sha("5.0")) is not None
+    assert listed(store, "inventory") == ["0.0"]  # another package: untouched
     assert store.prune("greeter", keep=10, protect=set()) == []
+
+
+def test_prune_keeps_every_protected_one_even_beyond_keep(store: Store) -> None:
+    for version in ("1.0", "2.0", "3.0"):
+        uploaded(store, version)
+        activated(store, version)
+    protect = {("1.0", sha("1.0")), ("2.0", sha("2.0"))}
+    assert [a.version for a in store.prune("greeter", keep=1, protect=protect)] == ["3.0"]
+    assert listed(store) == ["1.0", "2.0"]
+
+
+def test_prune_deletes_never_activated_uploads_once_stale(store: Store) -> None:
+    uploaded(store, "1.0")
+    activated(store, "1.0")
+    failed = uploaded(store, "2.0")
+    uploaded(store, "3.0")
+    assert store.prune("greeter", keep=5, protect=set()) == []  # by default: an hour's grace
+    # stale_after=-1: everything saved so far is stale, without a test that sleeps.
+    removed = store.prune("greeter", keep=5, protect={("3.0", sha("3.0"))}, stale_after=-1)
+    assert [(a.version, a.sha256) for a in removed] == [("2.0", failed)]
+    assert not removed[0].path.exists()
+    assert store.archive("greeter", "2.0") is None
+    assert store.archive("greeter", "3.0") is not None  # protected: never deleted
+    assert listed(store) == ["1.0"]  # an activated one is never stale
+
+
+def test_prune_spares_what_an_operation_under_way_activates(store: Store) -> None:
+    for version in ("1.0", "2.0"):
+        uploaded(store, version)
+        activated(store, version)
+    uploaded(store, "3.0")
+    rollback = activation("op1", version="1.0")
+    deploy = activation("op2", version="3.0", package="greeter")
+    assert store.begin_operation(rollback, {"w1"}) is None
+    store.set_phase("op1", Phase.ABORT)
+    assert store.begin_operation(deploy, {"w1"}) is None
+    # 3.0 is being prepared: its archive stays whatever its age. 1.0's operation ended.
+    removed = store.prune("greeter", keep=1, protect=set(), stale_after=-1)
+    assert [a.version for a in removed] == ["1.0"]
+    assert store.archive("greeter", "3.0", sha("3.0")) is not None
+
+
+def test_discard_deletes_only_a_never_activated_archive(store: Store) -> None:
+    uploaded(store, "1.0")
+    activated(store, "1.0")
+    failed = uploaded(store, "2.0")
+    path = store.save_archive("greeter", "2.0", failed, b"2.0")
+    assert store.discard_archive("greeter", "1.0", sha("1.0")) is False  # active once: it stays
+    assert listed(store) == ["1.0"]
+    assert store.discard_archive("greeter", "2.0", failed) is True
+    assert store.archive("greeter", "2.0") is None
+    assert not path.exists()
+    assert store.discard_archive("greeter", "2.0", failed) is False  # already gone
+    assert store.discard_archive("greeter", "9.0", sha("9.0")) is False
+    assert listed(store) == ["1.0"]
+
+
+def test_discard_spares_an_upload_an_operation_under_way_activates(connect: Connect) -> None:
+    """Two workers got the same archive: one's failure must not delete what the other prepares."""
+    failing, preparing = connect(), connect()
+    uploaded(failing, "2.0")
+    operation = activation("op1", coordinator="w2")
+    assert preparing.begin_operation(operation, {"w2"}) is None
+    assert failing.discard_archive("greeter", "2.0", sha("2.0")) is False
+    assert preparing.archive("greeter", "2.0", sha("2.0")) is not None
+    preparing.set_phase("op1", Phase.ABORT)  # its own failure: aborted first, then discarded
+    assert preparing.discard_archive("greeter", "2.0", sha("2.0")) is True
 
 
 # -- desired state and generation ----------------------------------------------------------------
@@ -783,8 +916,9 @@ def test_a_schema_1_home_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
     store = SQLiteStore(home)
     try:
         version, _, columns = schema_of(home)
-        assert version == 2
+        assert version == 3
         assert columns["history"] == ["id", "package", "started_at", "record", "worker", "finished_at"]
+        assert columns["archives"] == ["name", "version", "sha256", "path", "created_at", "activated_at"]
         assert store.generation() == 7
         assert store.desired()["greeter"].lineage == [("1.0", sha("1.0"))]
         assert [(a.version, a.path) for a in store.archives("greeter")] == [
@@ -809,11 +943,73 @@ def test_a_schema_1_home_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
         store.close()
 
 
+def add_archive_evidence(home: Path) -> None:
+    """Beside make_schema_1_home's 1.0 (active, and activated by operation d0): what an old home
+    holds of archives activated before (lineage, a record, an operation) and of failed ones."""
+    db = sqlite3.connect(home / "state.db")
+    for version, created_at in (("0.5", 0.5), ("0.7", 0.7), ("0.9", 0.9), ("2.0", 2.0), ("3.0", 3.0)):
+        db.execute(
+            "INSERT INTO archives VALUES ('greeter', ?, ?, ?, ?)",
+            (version, sha(version), f"archives/greeter/{version}.zip", created_at),
+        )
+    lineage = f'[["0.9", "{sha("0.9")}"], ["1.0", "{sha("1.0")}"]]'
+    db.execute("UPDATE desired SET lineage = ?, updated_at = 10.0 WHERE name = 'greeter'", (lineage,))
+    for record_id, version, outcome, started_at in (
+        ("d2", "0.5", "succeeded", 5.0),  # then replaced, and out of the lineage
+        ("d3", "2.0", "failed", 6.0),  # a failed upload: not activated
+        ("d4", "0.9", "failed", 9.0),  # failed when deployed again: its activation still counts
+    ):
+        record = {"id": record_id, "package": "greeter", "started_at": started_at, "outcome": outcome}
+        record.update(to_version=version, sha256=sha(version))
+        db.execute(
+            "INSERT INTO history (id, package, started_at, record) VALUES (?, 'greeter', ?, ?)",
+            (record_id, started_at, json.dumps(record)),
+        )
+    for op_id, version, phase, created_at in (("d5", "0.7", "done", 7.0), ("d6", "3.0", "abort", 8.0)):
+        db.execute(
+            "INSERT INTO operations VALUES (?, 'greeter', 'activate', ?, ?, '[]', ?, 'w-old', ?)",
+            (op_id, version, sha(version), phase, created_at),
+        )
+    db.commit()
+    db.close()
+
+
+def make_schema_2_home(home: Path) -> None:
+    """A home as the release before activations were kept left it: migrations 1 and 2 applied."""
+    make_schema_1_home(home)
+    db = sqlite3.connect(home / "state.db", isolation_level=None)
+    for migration in _MIGRATIONS[:2]:
+        migration(db)
+    db.execute("PRAGMA user_version = 2")
+    db.close()
+
+
+def test_archives_of_a_schema_2_home_count_as_activated_where_a_row_proves_it(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    make_schema_2_home(home)
+    add_archive_evidence(home)
+    store = SQLiteStore(home)
+    try:
+        by_version = {a.version: a.activated_at for a in store.archives("greeter")}
+        # The lineage (the active one at its desired row's update, the one before it at least at
+        # its upload), a succeeded record, a committed operation; by the latest proof.
+        assert by_version == {"0.9": 0.9, "0.5": 5.0, "0.7": 7.0, "1.0": 10.0}
+        assert listed(store) == ["0.9", "0.5", "0.7", "1.0"]
+        # A failed record and an aborted operation prove nothing: not offered, still fetchable,
+        # and pruned as stale failed uploads (saved long ago).
+        assert store.archive("greeter", "2.0", sha("2.0")) is not None
+        removed = store.prune("greeter", keep=5, protect=set())
+        assert sorted(a.version for a in removed) == ["2.0", "3.0"]
+        assert listed(store) == ["0.9", "0.5", "0.7", "1.0"]
+    finally:
+        store.close()
+
+
 def test_opening_a_migrated_home_again_changes_nothing(tmp_path: Path) -> None:
     home = tmp_path / "home"
     SQLiteStore(home).close()
     migrated = schema_of(home)
-    assert migrated[0] == 2
+    assert migrated[0] == 3
     store = SQLiteStore(home)
     store.record(pending_record("d1"))
     store.close()
@@ -849,7 +1045,7 @@ def test_a_new_home_opened_by_several_workers_at_once_is_migrated_once(tmp_path:
         assert len(stores) == 6
         stores[0].record(pending_record("d1"))
         assert all(s.deployment("d1") is not None for s in stores)
-        assert schema_of(home)[0] == 2
+        assert schema_of(home)[0] == 3
     finally:
         for store in stores:
             store.close()

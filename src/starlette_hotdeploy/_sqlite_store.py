@@ -19,7 +19,7 @@ from typing import Any
 
 from ._errors import HotDeployError, IllegalTransition
 from ._operation import PHASE_TRANSITIONS, Operation, OperationKind, Phase, Vote
-from ._store import Desired, Store, StoredArchive, Worker, finish_orphaned
+from ._store import STALE_UPLOAD_AFTER, Desired, Store, StoredArchive, Worker, finish_orphaned
 
 _ACTIVE_PHASES = tuple(phase.value for phase in Phase if phase.active)
 _FINISHED_PHASES = tuple(phase.value for phase in Phase if not phase.active)
@@ -77,9 +77,50 @@ def _add_history_worker_and_finished_at(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX history_unfinished ON history (worker) WHERE finished_at IS NULL")
 
 
+def _add_archive_activated_at(db: sqlite3.Connection) -> None:
+    """3: when each archive was last made active (NULL: never, a failed upload); retention and
+    what is offered for activation go by it.
+
+    Backfilled only where a row proves an activation (a commit): the versions of a desired
+    lineage (the active one at its desired row's update, the others at least at their upload),
+    committed ACTIVATE operations, and records that succeeded or were rolled back after their
+    commit; each at its latest such time. Every other archive stays never-activated: mostly failed
+    uploads, which the old listing offered as available (the bug this fixes). They are no longer
+    listed, and the next prune deletes them as stale; a version activated so long ago that no row
+    remembers it is lost to rollback, which is the price of never offering a failed one."""
+    db.execute("ALTER TABLE archives ADD COLUMN activated_at REAL")
+    activated: dict[tuple[str, str, str], float] = {}
+
+    def saw(name: str, version: str | None, sha256: str | None, at: float) -> None:
+        if version is not None and sha256 is not None:
+            key = (name, version, sha256)
+            activated[key] = max(activated.get(key, at), at)
+
+    for name, lineage, updated_at in db.execute("SELECT name, lineage, updated_at FROM desired").fetchall():
+        pairs = json.loads(lineage)
+        for index, (version, sha256) in enumerate(pairs):
+            saw(name, version, sha256, updated_at if index == len(pairs) - 1 else 0.0)
+    committed = _in(tuple(phase.value for phase in _COMMITTED_PHASES))
+    for row in db.execute(
+        f"SELECT package, version, sha256, created_at FROM operations WHERE kind = ? AND phase IN {committed}",
+        (OperationKind.ACTIVATE.value, *(phase.value for phase in _COMMITTED_PHASES)),
+    ).fetchall():
+        saw(*row)
+    for started_at, text in db.execute("SELECT started_at, record FROM history").fetchall():
+        record = json.loads(text)
+        if record.get("outcome") in ("succeeded", "rolled_back") and record.get("package"):
+            saw(record["package"], record.get("to_version"), record.get("sha256"), started_at)
+    for (name, version, sha256), at in activated.items():
+        db.execute(  # never before its upload: 0.0 (a lineage entry without a time) means that
+            "UPDATE archives SET activated_at = MAX(created_at, ?) WHERE name = ? AND version = ? AND sha256 = ?",
+            (at, name, version, sha256),
+        )
+
+
 _MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _create_tables,
     _add_history_worker_and_finished_at,
+    _add_archive_activated_at,
 ]
 
 
@@ -116,6 +157,7 @@ def _db_path(db: sqlite3.Connection) -> str:
 # -- the store ----------------------------------------------------------------------------------
 
 _OP_COLUMNS = "id, package, kind, version, sha256, lineage, phase, coordinator, created_at"
+_ARCHIVE_COLUMNS = "name, version, sha256, path, created_at, activated_at"
 
 
 class SQLiteStore:
@@ -133,7 +175,7 @@ class SQLiteStore:
         db = sqlite3.connect(
             self.home / "state.db", check_same_thread=False, isolation_level=None, timeout=30
         )
-        db.execute("PRAGMA journal_mode=WAL")
+        _enter_wal(db)
         # WAL + NORMAL survives a crash of the process; the transactions that confirm a state
         # (`durable=True`) switch to FULL so that they also survive a power loss.
         db.execute("PRAGMA synchronous=NORMAL")
@@ -184,7 +226,7 @@ class SQLiteStore:
 
     def save_archive(self, name: str, version: str, sha256: str, data: bytes) -> Path:
         """Written to a temporary file, fsynced, renamed (never overwritten in place), then
-        indexed."""
+        indexed, not yet activated."""
         directory = self.archives_dir / name
         path = directory / f"{version}-{sha256[:12]}.zip"
         if not path.exists():
@@ -197,15 +239,18 @@ class SQLiteStore:
             os.replace(temporary, path)
             _fsync_directory(directory)
         with self._transaction(durable=True) as db:
+            # Uploaded again while never activated: a deployment under way again, not stale.
             db.execute(
-                "INSERT OR IGNORE INTO archives VALUES (?, ?, ?, ?, ?)",
+                f"INSERT INTO archives ({_ARCHIVE_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL) "
+                "ON CONFLICT (name, version, sha256) DO UPDATE SET created_at = excluded.created_at "
+                "WHERE activated_at IS NULL",
                 (name, version, sha256, str(path.relative_to(self.home)), time.time()),
             )
         return path
 
     def archive(self, name: str, version: str, sha256: str | None = None) -> StoredArchive | None:
         rows = self._query(
-            "SELECT name, version, sha256, path, created_at FROM archives WHERE name = ? AND version = ?"
+            f"SELECT {_ARCHIVE_COLUMNS} FROM archives WHERE name = ? AND version = ?"
             + (" AND sha256 = ?" if sha256 else "")
             + " ORDER BY created_at DESC LIMIT 1",
             *((name, version, sha256) if sha256 else (name, version)),
@@ -214,26 +259,93 @@ class SQLiteStore:
 
     def archives(self, name: str) -> list[StoredArchive]:
         rows = self._query(
-            "SELECT name, version, sha256, path, created_at FROM archives WHERE name = ? ORDER BY created_at",
+            f"SELECT {_ARCHIVE_COLUMNS} FROM archives WHERE name = ? AND activated_at IS NOT NULL "
+            "ORDER BY activated_at, created_at",
             name,
         )
         return [self._archive_row(row) for row in rows]
 
     def _archive_row(self, row: tuple[Any, ...]) -> StoredArchive:
-        return StoredArchive(row[0], row[1], row[2], self.home / row[3], row[4])
+        return StoredArchive(row[0], row[1], row[2], self.home / row[3], row[4], row[5])
 
-    def prune(self, name: str, keep: int, protect: set[tuple[str, str]]) -> list[StoredArchive]:
-        stored = self.archives(name)
-        surplus = [a for a in stored[: max(len(stored) - keep, 0)] if (a.version, a.sha256) not in protect]
+    def prune(
+        self,
+        name: str,
+        keep: int,
+        protect: set[tuple[str, str]],
+        *,
+        stale_after: float = STALE_UPLOAD_AFTER,
+    ) -> list[StoredArchive]:
+        """The protected archives count toward `keep`: the package never lists more than `keep`
+        (as long as it protects no more), even when a rollback target was activated long ago."""
+        cutoff = time.time() - stale_after
         with self._transaction() as db:
-            for archive in surplus:
-                db.execute(
-                    "DELETE FROM archives WHERE name = ? AND version = ? AND sha256 = ?",
-                    (archive.name, archive.version, archive.sha256),
-                )
-        for archive in surplus:  # after the commit: an indexed archive always has its file
+            rows = db.execute(
+                f"SELECT {_ARCHIVE_COLUMNS} FROM archives WHERE name = ? ORDER BY activated_at, created_at",
+                (name,),
+            ).fetchall()
+            stored = [self._archive_row(row) for row in rows]
+            spared = protect | self._activating(db, name)
+            activated = [a for a in stored if a.activated_at is not None]
+            kept = {(a.version, a.sha256) for a in activated if (a.version, a.sha256) in spared}
+            for archive in reversed(activated):  # the most recently activated first
+                if len(kept) >= keep:
+                    break
+                kept.add((archive.version, archive.sha256))
+            surplus = [a for a in activated if (a.version, a.sha256) not in kept]
+            stale = [
+                a
+                for a in stored
+                if a.activated_at is None and a.created_at < cutoff and (a.version, a.sha256) not in spared
+            ]
+            for archive in surplus + stale:
+                self._delete_archive(db, archive)
+        for archive in surplus + stale:  # after the commit: an indexed archive always has its file
             archive.path.unlink(missing_ok=True)
-        return surplus
+        return surplus + stale
+
+    def discard_archive(self, name: str, version: str, sha256: str) -> bool:
+        with self._transaction() as db:
+            row = db.execute(
+                f"SELECT {_ARCHIVE_COLUMNS} FROM archives "
+                "WHERE name = ? AND version = ? AND sha256 = ? AND activated_at IS NULL",
+                (name, version, sha256),
+            ).fetchone()
+            # An identical upload on another worker may be what its operation prepares.
+            if row is None or (version, sha256) in self._activating(db, name):
+                return False
+            archive = self._archive_row(row)
+            self._delete_archive(db, archive)
+        archive.path.unlink(missing_ok=True)  # after the commit, as in prune
+        return True
+
+    @staticmethod
+    def _delete_archive(db: sqlite3.Connection, archive: StoredArchive) -> None:
+        db.execute(
+            "DELETE FROM archives WHERE name = ? AND version = ? AND sha256 = ?",
+            (archive.name, archive.version, archive.sha256),
+        )
+
+    @staticmethod
+    def _activating(db: sqlite3.Connection, name: str) -> set[tuple[str, str]]:
+        """The (version, sha256) that operations under way on the package activate: the workers
+        may still fetch those archives."""
+        rows = db.execute(
+            f"SELECT version, sha256 FROM operations WHERE package = ? AND kind = ? AND phase IN {_in(_ACTIVE_PHASES)}",
+            (name, OperationKind.ACTIVATE.value, *_ACTIVE_PHASES),
+        ).fetchall()
+        return {(version, sha256) for version, sha256 in rows}
+
+    @staticmethod
+    def _mark_activated(db: sqlite3.Connection, name: str, version: str, sha256: str) -> None:
+        """Now, but always after the package's previous activation (should the clock step
+        back): retention keeps the most recently activated, so this order must hold."""
+        latest = db.execute("SELECT MAX(activated_at) FROM archives WHERE name = ?", (name,)).fetchone()[0]
+        now = time.time() if latest is None else max(time.time(), latest + 0.001)
+        db.execute(
+            "UPDATE archives SET activated_at = ? WHERE name = ? AND version = ? AND sha256 = ?",
+            (now, name, version, sha256),
+        )
 
     # -- desired state ----------------------------------------------------------------------
 
@@ -252,6 +364,7 @@ class SQLiteStore:
         with self._transaction(durable=True) as db:
             generation = self._bump(db)
             self._write_desired(db, name, version, sha256, lineage, generation)
+            self._mark_activated(db, name, version, sha256)
         return generation
 
     def remove_desired(self, name: str) -> int:
@@ -498,6 +611,8 @@ class SQLiteStore:
                 self._write_desired(
                     db, stored.package, stored.version, stored.sha256, stored.lineage, generation
                 )
+                if stored.version is not None and stored.sha256 is not None:
+                    self._mark_activated(db, stored.package, stored.version, stored.sha256)
             self._move(db, stored, Phase.COMMIT)
         return generation
 
@@ -543,3 +658,21 @@ def _fsync_directory(path: Path) -> None:
 def open_store(home: Path) -> Store:
     """The store of a home directory (created if missing): the embedded default, SQLite."""
     return SQLiteStore(home)
+
+
+def _enter_wal(db: sqlite3.Connection, deadline: float = 30.0) -> None:
+    """Switch to WAL; the busy timeout does not cover this pragma, so two processes opening a new
+    home at once can see "database is locked": retry until the other one is done."""
+    give_up = time.monotonic() + deadline
+    pause = 0.005
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > give_up:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)

@@ -3,12 +3,17 @@
     home/
       state.db                  SQLite (WAL, schema versioned by PRAGMA user_version): desired
                                 state, archives index, history, workers, cluster operations, votes
-      archives/<name>/<version>-<sha12>.zip     every deployed archive, written tmp+fsync+rename
+      archives/<name>/<version>-<sha12>.zip     every uploaded archive, written tmp+fsync+rename
       packages/<name>/<version>-<sha12>/        unpacked versions (a cache: rebuilt from archives)
 
 The desired state says which version of each package is active, with a generation number that
 grows by one on every change; it changes only when a deployment is confirmed, in one transaction,
 so a crash at any point leaves either the old or the new confirmed state.
+
+Retention goes by activation, not upload: an archive is saved when it is uploaded (before it is
+prepared: the other workers fetch it from the store), but it counts as available, and toward
+`keep_versions`, only once a commit made it active. One that never was (a failed upload) is
+discarded by its deployment, or by `prune` once it is stale (a crash came in between).
 
 `_sqlite_store.open_store` returns the SQLite implementation; any other implementation must
 pass tests/test_store_conformance.py, and finishes a dead worker's records with `finish_orphaned`.
@@ -23,6 +28,11 @@ from typing import Any, Protocol
 
 from ._operation import Operation, Phase, Vote
 
+# A never-activated archive older than this is a failed upload that nobody discarded (the worker
+# died between its save and its failure): a deployment's prepare is bounded by its timeouts
+# (load, startup, checks, cluster: minutes), so an hour leaves a wide margin to one under way.
+STALE_UPLOAD_AFTER = 3600.0
+
 
 @dataclass(frozen=True, slots=True)
 class StoredArchive:
@@ -30,7 +40,8 @@ class StoredArchive:
     version: str
     sha256: str
     path: Path
-    created_at: float
+    created_at: float  # saved (again, while never activated: staleness counts from the last upload)
+    activated_at: float | None = None  # last made active by a commit; None: never (a failed upload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,16 +77,33 @@ class Store(Protocol):
     # -- archives ---------------------------------------------------------------------------
 
     def save_archive(self, name: str, version: str, sha256: str, data: bytes) -> Path:
-        """Keep an archive durably and index it; saving the same one again is a no-op."""
+        """Keep an uploaded archive durably and index it, not yet activated. Saving the same one
+        again keeps the file and the activation; a never-activated one gets a new created_at."""
 
     def archive(self, name: str, version: str, sha256: str | None = None) -> StoredArchive | None:
-        """The newest archive of that version (of that sha256, if given), or None."""
+        """The newest archive of that version (of that sha256, if given), or None. Activated or
+        not: the workers preparing an upload fetch it here before it is committed."""
 
     def archives(self, name: str) -> list[StoredArchive]:
-        """A package's archives, oldest first."""
+        """A package's activated archives (what can be activated again), by last activation,
+        oldest first. Never-activated ones (uploads not committed, failed ones) are not listed."""
 
-    def prune(self, name: str, keep: int, protect: set[tuple[str, str]]) -> list[StoredArchive]:
-        """Drop all but the newest `keep` archives, never a protected (version, sha256); return those."""
+    def prune(
+        self,
+        name: str,
+        keep: int,
+        protect: set[tuple[str, str]],
+        *,
+        stale_after: float = STALE_UPLOAD_AFTER,
+    ) -> list[StoredArchive]:
+        """Keep `keep` activated archives, the protected (version, sha256) first, then the most
+        recently activated; delete the others, and the never-activated ones saved more than
+        `stale_after` seconds ago. Never a protected one, nor one that an operation under way
+        (PREPARE, COMMIT) activates. Returns the deleted ones (files gone too)."""
+
+    def discard_archive(self, name: str, version: str, sha256: str) -> bool:
+        """Delete a failed upload: the archive only if it was never activated and no operation
+        under way activates it (abort yours first). True if it was deleted (file gone too)."""
 
     # -- desired state ----------------------------------------------------------------------
 
@@ -86,7 +114,8 @@ class Store(Protocol):
         """The generation of the desired state: 0 at first, one more on every change."""
 
     def set_desired(self, name: str, version: str, sha256: str, lineage: list[tuple[str, str]]) -> int:
-        """Confirm `version` as the active one, durably; returns the new generation."""
+        """Confirm `version` as the active one, durably, and mark its archive activated (now), in
+        one transaction; returns the new generation."""
 
     def remove_desired(self, name: str) -> int:
         """Forget the package's desired version, durably; returns the new generation."""
@@ -146,7 +175,8 @@ class Store(Protocol):
         """Move an operation to `phase` (IllegalTransition unless PHASE_TRANSITIONS allows; same: no-op)."""
 
     def commit(self, operation: Operation) -> int:
-        """PREPARE -> COMMIT and the new desired state in one durable transaction; returns the generation."""
+        """PREPARE -> COMMIT and the new desired state in one durable transaction (an ACTIVATE also
+        marks its archive activated, now); returns the generation."""
 
     def prune_operations(self, older_than: float) -> None:
         """Delete finished (DONE, ABORT) operations older than `older_than` seconds, with their votes."""
