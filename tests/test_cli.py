@@ -10,6 +10,7 @@ it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -27,9 +28,13 @@ import httpx
 import pytest
 import uvicorn
 from click.testing import CliRunner, Result
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from packages import DEPLOY_STEPS, write_package
+from starlette_hotdeploy._archive import pack_directory
 from starlette_hotdeploy._cli import cli
+from starlette_hotdeploy._signing import TrustedKeys, sign
 
 TESTS = Path(__file__).resolve().parent
 CLEAN_ENV: dict[str, str | None] = {
@@ -409,6 +414,209 @@ def test_deploy_refused_by_the_server(archive: Path) -> None:
     assert_clean_error(result, 1, "413 archive too large: the upload is over the 10-byte limit")
 
 
+# -- signatures, sha256s, and the deploy flags ------------------------------------------------------
+
+
+def signing_key(directory: Path, name: str = "alice") -> Path:
+    """An unencrypted ssh-ed25519 private key file in OpenSSH's format, as `ssh-keygen -t ed25519
+    -N ''` writes it (made in process: these tests do not need ssh-keygen; test_signing.py does)."""
+    path = directory / name
+    key = Ed25519PrivateKey.generate()
+    path.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption()))
+    public = key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+    path.with_name(name + ".pub").write_text(f"{public} {name}@example.com\n")
+    return path
+
+
+def trusting(key: Path) -> TrustedKeys:
+    return TrustedKeys.load([key.with_name(key.name + ".pub")])
+
+
+def test_pack_sign_writes_the_signature_beside_the_archive(tmp_path: Path, sources: Path) -> None:
+    key = signing_key(tmp_path)
+    archive = tmp_path / "greeter-1.0.zip"
+    result = run("pack", str(write_package(sources)), "-o", str(archive), "--sign", str(key))
+    assert result.exit_code == 0, (result.output, result.stderr)
+    signature = (tmp_path / "greeter-1.0.zip.sig").read_bytes()
+    signer = trusting(key).verify(archive.read_bytes(), signature)
+    assert signer.name == "alice@example.com"
+    assert result.stdout.splitlines()[1] == f"{archive}.sig  signed by {signer.fingerprint}"
+
+
+def test_pack_sign_with_a_key_that_cannot_sign_writes_nothing(tmp_path: Path, sources: Path) -> None:
+    key = signing_key(tmp_path)
+    archive = tmp_path / "greeter-1.0.zip"
+    result = run("pack", str(write_package(sources)), "-o", str(archive), "--sign", f"{key}.pub")
+    assert_clean_error(result, 1, "this is a public key: sign with the private key")
+    assert not archive.exists()
+    assert not (tmp_path / "greeter-1.0.zip.sig").exists()
+
+
+def test_pack_without_sign_removes_a_stale_signature(tmp_path: Path, sources: Path) -> None:
+    key = signing_key(tmp_path)
+    archive = tmp_path / "greeter-1.0.zip"
+    sig = tmp_path / "greeter-1.0.zip.sig"
+    assert run("pack", str(write_package(sources)), "-o", str(archive), "--sign", str(key)).exit_code == 0
+
+    # The same files: the same bytes, so the signature still holds and is kept.
+    again = run("pack", str(sources / "greeter-1.0"), "-o", str(archive))
+    assert again.exit_code == 0, again.output
+    assert again.stdout.splitlines()[1].startswith(f"{sig}  kept: it still signs the archive (SHA256:")
+    assert sig.exists()
+
+    # Changed files: `deploy` would send a signature of the old archive; it goes.
+    changed = run("pack", str(write_package(sources, app="app = None  # changed\n")), "-o", str(archive))
+    assert changed.exit_code == 0, changed.output
+    assert changed.stdout.splitlines()[1] == f"{sig}  removed: it did not sign the new archive"
+    assert not sig.exists()
+
+
+def test_deploy_sends_the_signature_beside_the_archive(tmp_path: Path, archive: Path) -> None:
+    key = signing_key(tmp_path)
+    signature = sign(archive.read_bytes(), key)
+    (tmp_path / "greeter-2.0.zip.sig").write_bytes(signature)
+    signer = trusting(key).verify(archive.read_bytes(), signature)
+    done = record("succeeded", [step("switch", True, 0.1)], signer=signer.describe())
+    server = FakeServer([accepted(done)])
+    result = run("deploy", str(archive), "--token", "t", transport=server.transport)
+    assert result.exit_code == 0, (result.output, result.stderr)
+    upload = server.requests[0]
+    assert base64.b64decode(upload.headers["hotdeploy-signature"]) == signature
+    assert "force" not in upload.url.params
+    assert "shadow_host_routes" not in upload.url.params
+    lines = result.stdout.splitlines()
+    assert f"signature {archive}.sig by {signer.fingerprint} to " in lines[0]
+    assert lines[-1] == (
+        f"deploy greeter: 1.0 -> 2.0 succeeded in 12.5 ms: signed by alice@example.com ({signer.fingerprint})"
+    )
+
+
+def test_deploy_without_a_signature_sends_none(archive: Path) -> None:
+    server = FakeServer([accepted(record("succeeded", []))])
+    assert run("deploy", str(archive), "--token", "t", transport=server.transport).exit_code == 0
+    assert "hotdeploy-signature" not in server.requests[0].headers
+
+
+def test_deploy_a_directory_signed_on_the_fly_with_the_flags(
+    tmp_path: Path, sources: Path, archive: Path
+) -> None:
+    key = signing_key(tmp_path)
+    server = FakeServer([accepted(record("succeeded", [], downgrade=True))])
+    args = ["deploy", str(sources / "greeter-2.0"), "--sign", str(key), "--force", "--shadow-host-routes"]
+    result = run(*args, "--token", "t", transport=server.transport)
+    assert result.exit_code == 0, (result.output, result.stderr)
+    upload = server.requests[0]
+    assert upload.content == archive.read_bytes()
+    signature = base64.b64decode(upload.headers["hotdeploy-signature"])
+    assert trusting(key).verify(upload.content, signature).name == "alice@example.com"
+    assert (upload.url.params["force"], upload.url.params["shadow_host_routes"]) == ("true", "true")
+    assert f"signed with {key} (SHA256:" in result.stdout.splitlines()[0]
+    assert result.stdout.splitlines()[-1] == "deploy greeter: 1.0 -> 2.0 succeeded in 12.5 ms: downgrade"
+
+
+def test_deploy_with_a_named_signature_file(tmp_path: Path, archive: Path) -> None:
+    key = signing_key(tmp_path)
+    named = tmp_path / "elsewhere.sig"
+    named.write_bytes(sign(archive.read_bytes(), key))
+    server = FakeServer([accepted(record("succeeded", []))])
+    result = run(
+        "deploy", str(archive), "--signature", str(named), "--token", "t", transport=server.transport
+    )
+    assert result.exit_code == 0, (result.output, result.stderr)
+    assert base64.b64decode(server.requests[0].headers["hotdeploy-signature"]) == named.read_bytes()
+
+
+def test_deploy_refuses_a_stale_signature_before_uploading(tmp_path: Path, archive: Path) -> None:
+    key = signing_key(tmp_path)
+    (tmp_path / "greeter-2.0.zip.sig").write_bytes(sign(b"an older archive", key))
+    server = FakeServer([])
+    result = run("deploy", str(archive), "--token", "t", transport=server.transport)
+    assert_clean_error(
+        result,
+        1,
+        f"{archive}.sig is not a signature of {archive}",
+        "does not match the archive",
+        "sign it again",
+    )
+    assert server.requests == []
+
+
+def test_deploy_takes_sign_or_signature_not_both(tmp_path: Path, archive: Path) -> None:
+    key = signing_key(tmp_path)
+    result = run("deploy", str(archive), "--sign", str(key), "--signature", str(archive), "--token", "t")
+    assert result.exit_code == 2
+    assert "give --sign KEY or --signature FILE, not both" in result.stderr
+
+
+def test_a_refused_signature_is_the_servers_problem_not_a_token_one(archive: Path) -> None:
+    detail = "the archive is not signed; this server accepts only archives signed by its trusted key: ..."
+    server = FakeServer([problem_response(403, "signature refused", detail, step="signature")])
+    result = run("deploy", str(archive), "--token", "t", transport=server.transport)
+    assert_clean_error(result, 1, f"403 signature refused: {detail}")
+    assert "may only read" not in result.stderr
+
+
+def test_status_shows_the_short_sha256_of_each_version() -> None:
+    sha = {"1.0": "45b67c083111" + "0" * 52, "2.0": "85d819266b26" + "1" * 52}
+    package = {
+        "name": "greeter",
+        "mount": "/greeter",
+        "active_version": "2.0",
+        "versions": [
+            {"version": "1.0", "state": "draining", "in_flight": 3, "sha256": sha["1.0"]},
+            {"version": "2.0", "state": "active", "in_flight": 5, "sha256": sha["2.0"]},
+        ],
+        "available_versions": [{"version": v, "sha256": s} for v, s in sha.items()],
+    }
+    server = FakeServer([httpx.Response(200, json={"packages": [package]})])
+    result = run("status", "--token", "t", transport=server.transport)
+    assert result.exit_code == 0, (result.output, result.stderr)
+    header, row = result.stdout.splitlines()
+    assert header.split() == ["NAME", "MOUNT", "ACTIVE", "LOADED", "AVAILABLE"]
+    loaded = "1.0 45b67c083111 draining (3 in flight), 2.0 85d819266b26 active (5 in flight)"
+    assert row.split("  ")[0:1] == ["greeter"]
+    assert f"  {loaded}  " in row
+    assert row.endswith("  1.0 45b67c083111, 2.0 85d819266b26")
+
+
+def test_serve_passes_trusted_keys_to_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = signing_key(tmp_path)
+    line = key.with_name("alice.pub").read_text().strip()
+    seen: list[str | None] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: seen.append(os.environ.get("HOTDEPLOY_TRUSTED_KEYS")))
+    monkeypatch.chdir(tmp_path)
+    result = run(
+        "serve", "--trusted-key", "alice.pub", "--trusted-key", line, env={"HOTDEPLOY_ADMIN_TOKEN": "t"}
+    )
+    assert result.exit_code == 0, (result.output, result.stderr)
+    # Paths made absolute for the worker processes; the Deployer reads the variable.
+    assert seen == [f"{tmp_path / 'alice.pub'}{os.pathsep}{line}"]
+    fingerprint = next(iter(trusting(key))).fingerprint
+    assert result.stdout.splitlines()[0] == f"trusted keys: alice@example.com ({fingerprint})"
+
+
+def test_serve_reads_trusted_keys_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = signing_key(tmp_path)
+    seen: list[str | None] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: seen.append(os.environ.get("HOTDEPLOY_TRUSTED_KEYS")))
+    env = {"HOTDEPLOY_ADMIN_TOKEN": "t", "HOTDEPLOY_TRUSTED_KEYS": f"{key}.pub"}
+    result = run("serve", env=env)
+    assert result.exit_code == 0, (result.output, result.stderr)
+    assert seen == [f"{key}.pub"]
+
+
+def test_serve_refuses_a_bad_trusted_key_before_starting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[object] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append(a))
+    result = run("serve", "--trusted-key", str(tmp_path / "nope.pub"), env={"HOTDEPLOY_ADMIN_TOKEN": "t"})
+    assert_clean_error(result, 2, f"trusted key {tmp_path / 'nope.pub'}: no such file")
+    assert started == []
+
+
 # -- serve, without a server ---------------------------------------------------------------------------
 
 
@@ -534,8 +742,10 @@ def test_end_to_end_against_hotdeploy_serve(server: tuple[str, str], tmp_path: P
 
     [header, row] = ok(hotdeploy("status"))
     assert header.split() == ["NAME", "MOUNT", "ACTIVE", "LOADED", "AVAILABLE"]
-    assert row.split()[:5] == ["greeter", "/greeter", "2.0", "2.0", "active"]
-    assert row.split()[-2:] == ["1.0", "2.0"]  # available again from disk
+    sha1 = hashlib.sha256(archive.read_bytes()).hexdigest()[:12]
+    sha2 = pack_directory(sources / "greeter-2.0").sha256[:12]
+    assert row.split()[:6] == ["greeter", "/greeter", "2.0", "2.0", sha2, "active"]
+    assert row.endswith(f"1.0 {sha1}, 2.0 {sha2}")  # available again from disk
     package = json.loads("\n".join(ok(hotdeploy("status", "greeter", "--json"))))
     assert (package["name"], package["active_version"], package["previous_version"]) == (
         "greeter",

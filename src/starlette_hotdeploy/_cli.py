@@ -35,10 +35,20 @@ from ._errors import (
     AdminUnreachable,
     DeploymentTimeout,
     HotDeployError,
+    SignatureError,
     UnreachableReason,
 )
 from ._manifest import MANIFEST_NAME, load_manifest
 from ._serve import HOME_ENV
+from ._signing import (
+    TRUSTED_KEYS_ENV,
+    SigningKeyError,
+    TrustedKeys,
+    check_signature,
+    sign,
+    signature_path,
+    specs_from_env,
+)
 
 URL_ENV = "HOTDEPLOY_URL"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -75,6 +85,13 @@ class CliError(click.ClickException):
 
 class ServerError(CliError):
     """The server could not be reached or understood (connection, token, not JSON): exit 2."""
+
+    exit_code = EXIT_SERVER
+
+
+class BadOption(CliError):
+    """An option's value cannot be used (a trusted key that is not one): exit 2, like click's
+    usage errors."""
 
     exit_code = EXIT_SERVER
 
@@ -132,10 +149,15 @@ class StepPrinter:
 
 
 def summary(record: dict[str, Any]) -> str:
-    """`deploy greeter: 1.0 -> 2.0 succeeded in 21.7 ms`"""
+    """`deploy greeter: 1.0 -> 2.0 succeeded in 21.7 ms`, and what else the record says:
+    `...: downgrade, signed by alice@example.com (SHA256:...)`."""
+    notes = ["downgrade"] if record.get("downgrade") else []
+    if record.get("signer"):
+        notes.append(f"signed by {record['signer']}")
     return (
         f"{record.get('operation')} {record.get('package')}: {_version(record.get('from_version'))} -> "
         f"{_version(record.get('to_version'))} {record.get('outcome')} in {_ms(record.get('duration_ms'))}"
+        + (f": {', '.join(notes)}" if notes else "")
     )
 
 
@@ -156,16 +178,27 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     ]
 
 
+def _with_sha(version: dict[str, Any]) -> str:
+    """`2.0 85d819266b26`: a version and the start of its archive's sha256, which tells two
+    archives deployed under one version number apart."""
+    sha256 = version.get("sha256")
+    return (
+        f"{version.get('version')} {sha256[:12]}"
+        if isinstance(sha256, str) and sha256
+        else str(version.get("version"))
+    )
+
+
 def render_packages(packages: Sequence[dict[str, Any]]) -> list[str]:
     if not packages:
         return ["no packages deployed"]
     rows = []
     for package in packages:
         loaded = ", ".join(
-            f"{v.get('version')} {v.get('state')} ({v.get('in_flight', 0)} in flight)"
+            f"{_with_sha(v)} {v.get('state')} ({v.get('in_flight', 0)} in flight)"
             for v in package.get("versions") or []
         )
-        available = " ".join(str(v.get("version")) for v in package.get("available_versions") or [])
+        available = ", ".join(_with_sha(v) for v in package.get("available_versions") or [])
         rows.append(
             [
                 str(package.get("name")),
@@ -215,6 +248,45 @@ def read_upload(source: Path) -> tuple[bytes, str]:
         return read_source(source, UPLOAD_LIMITS), str(source)
     except OSError as exc:
         raise CliError(f"cannot read {source}: {exc.strerror or exc}") from None
+
+
+def sign_archive(data: bytes, key: Path) -> bytes:
+    """The archive's signature by `key`, asking for the passphrase of an encrypted key."""
+    try:
+        return sign(data, key)
+    except SigningKeyError as exc:
+        if not exc.needs_passphrase:
+            raise CliError(str(exc)) from None
+    passphrase = click.prompt(f"passphrase for {key}", hide_input=True, err=True)
+    try:
+        return sign(data, key, passphrase.encode())
+    except SigningKeyError as exc:
+        raise CliError(str(exc)) from None
+
+
+def read_signature(
+    source: Path, data: bytes, named: Path | None, key: Path | None
+) -> tuple[bytes | None, str]:
+    """The signature to send with an archive and how to name it: made with `key`, read from the
+    file `named`, else `<archive>.sig` if it is there. A signature that does not sign these bytes
+    is refused here, before the upload: it is stale, or of another archive."""
+    if key is not None:
+        signature = sign_archive(data, key)
+        return signature, f"signed with {key} ({check_signature(data, signature).fingerprint})"
+    path = named if named is not None else signature_path(source)
+    if named is None and (source.is_dir() or not path.is_file()):
+        return None, ""
+    try:
+        signature = path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        signer = check_signature(data, signature)
+    except SignatureError as exc:
+        raise CliError(
+            f"{path} is not a signature of {source}: {exc.message}; sign it again, or delete {path}"
+        ) from None
+    return signature, f"signature {path} by {signer.fingerprint}"
 
 
 def run_operation(call: Callable[[], dict[str, Any]]) -> None:
@@ -308,8 +380,16 @@ def cli() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="The archive to write [default: ./<name>-<version>.zip].",
 )
-def pack(directory: Path, output: Path | None) -> None:
-    """Validate the package DIRECTORY and write it as a zip archive.
+@click.option(
+    "--sign",
+    "key",
+    metavar="KEY",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Sign the archive with this ssh-ed25519 private key: writes <archive>.sig beside it.",
+)
+def pack(directory: Path, output: Path | None, key: Path | None) -> None:
+    """Validate the package DIRECTORY and write it as a zip archive (and its signature, with
+    --sign).
 
     The archive is deterministic: packing the same files twice gives the same sha256."""
     try:
@@ -318,29 +398,89 @@ def pack(directory: Path, output: Path | None) -> None:
         packed = pack_directory(directory, exclude=target)
     except HotDeployError as exc:
         raise CliError(str(exc)) from None
+    sig_path = signature_path(target)
+    # Signed before anything is written: a key that cannot sign leaves no half result.
+    signature = sign_archive(packed.data, key) if key is not None else None
     try:
         target.write_bytes(packed.data)
+        if signature is not None:
+            sig_path.write_bytes(signature)
     except OSError as exc:
-        raise CliError(f"cannot write {target}: {exc.strerror or exc}") from None
+        raise CliError(f"cannot write {exc.filename or target}: {exc.strerror or exc}") from None
     click.echo(f"{target}  {len(packed.data)} bytes  sha256:{packed.sha256}")
+    if signature is not None:
+        click.echo(f"{sig_path}  signed by {check_signature(packed.data, signature).fingerprint}")
+    elif sig_path.is_file():
+        drop_stale_signature(sig_path, packed.data)
+
+
+def drop_stale_signature(path: Path, data: bytes) -> None:
+    """An unsigned pack leaves an earlier `<archive>.sig` beside the archive: `deploy` would send
+    it. Kept if it still signs these bytes (the pack is deterministic), removed if not."""
+    try:
+        signer = check_signature(data, path.read_bytes())
+    except SignatureError:
+        try:
+            path.unlink()
+        except OSError as exc:
+            raise CliError(
+                f"{path} does not sign the new archive, and cannot be removed: {exc.strerror}"
+            ) from None
+        click.echo(f"{path}  removed: it did not sign the new archive")
+        return
+    except OSError:
+        return  # unreadable: `deploy` will say so, if it is ever sent
+    click.echo(f"{path}  kept: it still signs the archive ({signer.fingerprint})")
 
 
 @cli.command(short_help="Upload a package and follow its deployment.")
 @click.argument("source", metavar="FILE", type=click.Path(exists=True, path_type=Path))
 @click.option("--no-wait", is_flag=True, help="Print the deployment id once it is accepted, and exit.")
+@click.option(
+    "--signature",
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The archive's signature [default: FILE.sig, if it exists].",
+)
+@click.option(
+    "--sign",
+    "key",
+    metavar="KEY",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Sign the archive with this ssh-ed25519 private key and send the signature.",
+)
+@click.option("--force", is_flag=True, help="Replace a version number that already has a different archive.")
+@click.option(
+    "--shadow-host-routes", is_flag=True, help="Let the mount cover routes of the host app, on purpose."
+)
 @with_client
-def deploy(client: AdminClient, source: Path, no_wait: bool) -> None:
+def deploy(
+    client: AdminClient,
+    source: Path,
+    no_wait: bool,
+    signature: Path | None,
+    key: Path | None,
+    force: bool,
+    shadow_host_routes: bool,
+) -> None:
     """Upload the archive FILE (a directory is packed first) and show the deployment's steps.
 
+    FILE.sig, if it exists, is sent as its signature.
     Exits 0 once the new version is active, 1 if the deployment failed."""
+    if signature is not None and key is not None:
+        raise click.UsageError("give --sign KEY or --signature FILE, not both")
     try:
         data, label = read_upload(source)
     except HotDeployError as exc:
         raise CliError(str(exc)) from None
+    signature_bytes, signed = read_signature(source, data, signature, key)
     digest = hashlib.sha256(data).hexdigest()
     if not no_wait:
-        click.echo(f"uploading {label}: {len(data)} bytes, sha256:{digest[:12]} to {client.url}")
-    record = client.submit(data)
+        signed = f", {signed}" if signed else ""
+        click.echo(f"uploading {label}: {len(data)} bytes, sha256:{digest[:12]}{signed} to {client.url}")
+    record = client.submit(
+        data, signature=signature_bytes, force=force, shadow_host_routes=shadow_host_routes
+    )
     if no_wait:
         click.echo(record.get("id"))
         return
@@ -417,6 +557,12 @@ def history(client: AdminClient, package: str | None, limit: int, as_json: bool)
         click.echo("\n".join(render_history(deployments)))
 
 
+def _absolute(spec: str) -> str:
+    """A key file's path made absolute, for the worker processes; a key line as it is (the specs
+    were loaded: what is not a file is a key line)."""
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
 def _http_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -457,17 +603,47 @@ def _http_url(host: str, port: int) -> str:
     show_default=True,
     help="uvicorn's log level.",
 )
-def serve(home: Path, host: str, port: int, workers: int, token: str | None, log_level: str) -> None:
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    metavar="SPEC",
+    multiple=True,
+    help=(
+        "Accept only archives signed by this key: a public key file, an allowed_signers file, or a "
+        f"key line 'ssh-ed25519 AAAA...'. Repeatable [env: {TRUSTED_KEYS_ENV}, {os.pathsep}-separated]."
+    ),
+)
+def serve(
+    home: Path,
+    host: str,
+    port: int,
+    workers: int,
+    token: str | None,
+    log_level: str,
+    trusted_keys: tuple[str, ...],
+) -> None:
     """Run the package host on uvicorn: an empty app that serves hot-deployed packages and the
     admin API."""
     import uvicorn  # only this command needs it
 
+    # Read here as well as in every worker: a bad key stops `serve` with one line, before uvicorn.
+    # Not click's envvar: it would split a key line at its spaces.
+    specs = list(trusted_keys) or specs_from_env(os.environ.get(TRUSTED_KEYS_ENV))
+    try:
+        keys = TrustedKeys.load(specs)
+    except SigningKeyError as exc:
+        raise BadOption(f"trusted key {exc}") from None
     if not token:
         token = secrets.token_urlsafe(24)
         click.echo(f"admin token: {token}")
     # The app factory runs in each worker process and reads its settings from the environment.
     os.environ[HOME_ENV] = str(home.resolve())
     os.environ[TOKEN_ENV] = token
+    if keys:
+        os.environ[TRUSTED_KEYS_ENV] = os.pathsep.join(_absolute(spec) for spec in specs)
+        click.echo(f"trusted keys: {', '.join(signer.describe() for signer in keys)}")
+    else:
+        os.environ.pop(TRUSTED_KEYS_ENV, None)
     click.echo(f"admin API: {_http_url(host, port)}{DEFAULT_PREFIX}  home: {os.environ[HOME_ENV]}")
     uvicorn.run(
         HOST_APP, factory=True, host=host, port=port, workers=workers, lifespan="on", log_level=log_level

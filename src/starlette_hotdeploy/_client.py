@@ -8,6 +8,7 @@ Synchronous, on httpx (the `[cli]` extra). Every answer but a success raises an
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ import httpx
 
 from ._admin import DEFAULT_PREFIX
 from ._errors import AdminProblem, AdminUnreachable, DeploymentTimeout
+from ._signing import SIGNATURE_HEADER
 
 DEFAULT_TIMEOUT = 300.0
 CONNECT_TIMEOUT = 10.0
@@ -99,20 +101,49 @@ class AdminClient:
 
     # -- operations: each answers the deployment record once it succeeded ------------------
 
-    def upload(self, archive: bytes) -> dict[str, Any]:
+    def upload(
+        self,
+        archive: bytes,
+        *,
+        signature: bytes | None = None,
+        force: bool = False,
+        shadow_host_routes: bool = False,
+    ) -> dict[str, Any]:
         """Deploy an archive (zip or wheel bytes, see `pack_directory`) and wait until the server
         answers with the outcome: the record of a deployment that succeeded; `AdminProblem`, with
-        the record as `.deployment`, for one that failed."""
-        return self._call(
-            "POST", "/packages", params={"wait": "true"}, content=archive, headers=_ARCHIVE_HEADERS
-        )
+        the record as `.deployment`, for one that failed.
 
-    def submit(self, archive: bytes) -> dict[str, Any]:
+        `signature` is the archive's `.sig` file as it is (an SSH signature, as `hotdeploy pack
+        --sign` or `ssh-keygen -Y sign -n hotdeploy` writes it), for a server with trusted keys; `force` replaces a version number that already has a different archive;
+        `shadow_host_routes` lets the mount cover routes of the host app on purpose."""
+        return self._post_archive(archive, True, signature, force, shadow_host_routes)
+
+    def submit(
+        self,
+        archive: bytes,
+        *,
+        signature: bytes | None = None,
+        force: bool = False,
+        shadow_host_routes: bool = False,
+    ) -> dict[str, Any]:
         """Start deploying an archive and return its record at once, its outcome "pending":
-        follow it with `wait`."""
-        return self._call(
-            "POST", "/packages", params={"wait": "false"}, content=archive, headers=_ARCHIVE_HEADERS
-        )
+        follow it with `wait`. The options are `upload`'s."""
+        return self._post_archive(archive, False, signature, force, shadow_host_routes)
+
+    def _post_archive(
+        self, archive: bytes, wait: bool, signature: bytes | None, force: bool, shadow_host_routes: bool
+    ) -> dict[str, Any]:
+        params = {"wait": "true" if wait else "false"}
+        # Only the flags that are set: a server that does not know one refuses nothing.
+        if force:
+            params["force"] = "true"
+        if shadow_host_routes:
+            params["shadow_host_routes"] = "true"
+        headers = dict(_ARCHIVE_HEADERS)
+        if signature is not None:
+            # The .sig file whole, in base64: a header cannot carry its newlines.
+            headers[SIGNATURE_HEADER] = base64.b64encode(signature).decode("ascii")
+        return self._call("POST", "/packages", params=params, content=archive, headers=headers)
 
     def wait(
         self,
@@ -186,17 +217,15 @@ class AdminClient:
                 reason="no_token",
                 status=status,
             )
-        if status == 403:
+        body = _json_object(response)
+        # A 403 is the read-only token's, unless the problem is another one (a refused signature).
+        if status == 403 and (body is None or body.get("title") == "forbidden"):
             raise AdminUnreachable(
                 f"{where}: 403 forbidden: this token may only read; writes need the admin token",
                 reason="forbidden",
                 status=status,
             )
-        try:
-            body = response.json()
-        except ValueError:  # not JSON, or not UTF-8
-            body = None
-        if not isinstance(body, dict):
+        if body is None:
             content_type = response.headers.get("content-type") or "no content type"
             raise self._unexpected(
                 method, path, f"answered {status} with {content_type}, not a JSON object", status=status
@@ -214,3 +243,12 @@ class AdminClient:
             reason="not_json",
             status=status,
         )
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+    """The answer's JSON object; None if it is not JSON, not UTF-8, or not an object."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
