@@ -36,6 +36,17 @@ from starlette_hotdeploy._archive import pack_directory
 from starlette_hotdeploy._cli import cli
 from starlette_hotdeploy._signing import TrustedKeys, sign
 
+
+@pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    # `serve` hands its settings to the worker processes through os.environ: whatever a test's
+    # serve sets there must not reach the Deployers of later tests.
+    saved = {k: v for k, v in os.environ.items() if k.startswith("HOTDEPLOY_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("HOTDEPLOY_")]:
+        del os.environ[key]
+    os.environ.update(saved)
+
 TESTS = Path(__file__).resolve().parent
 CLEAN_ENV: dict[str, str | None] = {
     "HOTDEPLOY_URL": None,
