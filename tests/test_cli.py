@@ -47,6 +47,7 @@ def _environment_restored() -> Iterator[None]:
         del os.environ[key]
     os.environ.update(saved)
 
+
 TESTS = Path(__file__).resolve().parent
 CLEAN_ENV: dict[str, str | None] = {
     "HOTDEPLOY_URL": None,
