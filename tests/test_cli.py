@@ -513,7 +513,7 @@ def test_deploy_a_directory_signed_on_the_fly_with_the_flags(
     tmp_path: Path, sources: Path, archive: Path
 ) -> None:
     key = signing_key(tmp_path)
-    server = FakeServer([accepted(record("succeeded", [], downgrade=True))])
+    server = FakeServer([accepted(record("succeeded", [], downgrade=True, forced=True))])
     args = ["deploy", str(sources / "greeter-2.0"), "--sign", str(key), "--force", "--shadow-host-routes"]
     result = run(*args, "--token", "t", transport=server.transport)
     assert result.exit_code == 0, (result.output, result.stderr)
@@ -523,7 +523,9 @@ def test_deploy_a_directory_signed_on_the_fly_with_the_flags(
     assert trusting(key).verify(upload.content, signature).name == "alice@example.com"
     assert (upload.url.params["force"], upload.url.params["shadow_host_routes"]) == ("true", "true")
     assert f"signed with {key} (SHA256:" in result.stdout.splitlines()[0]
-    assert result.stdout.splitlines()[-1] == "deploy greeter: 1.0 -> 2.0 succeeded in 12.5 ms: downgrade"
+    assert (
+        result.stdout.splitlines()[-1] == "deploy greeter: 1.0 -> 2.0 succeeded in 12.5 ms: downgrade, forced"
+    )
 
 
 def test_deploy_with_a_named_signature_file(tmp_path: Path, archive: Path) -> None:

@@ -150,8 +150,8 @@ class StepPrinter:
 
 def summary(record: dict[str, Any]) -> str:
     """`deploy greeter: 1.0 -> 2.0 succeeded in 21.7 ms`, and what else the record says:
-    `...: downgrade, signed by alice@example.com (SHA256:...)`."""
-    notes = ["downgrade"] if record.get("downgrade") else []
+    `...: downgrade, forced, signed by alice@example.com (SHA256:...)`."""
+    notes = [flag for flag in ("downgrade", "forced") if record.get(flag)]
     if record.get("signer"):
         notes.append(f"signed by {record['signer']}")
     return (

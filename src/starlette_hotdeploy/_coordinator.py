@@ -115,7 +115,11 @@ class Coordinator:
         except Exception as exc:
             error = exc if isinstance(exc, HotDeployError) else ArchiveError(f"{type(exc).__name__}: {exc}")
             if unpacked is not None:
-                await self._forget_upload(unpacked.manifest.name, unpacked.manifest.version, unpacked.sha256)
+                # Refused before this upload was saved: an identical archive in the store is
+                # someone else's (another worker may be about to deploy it); only the copy goes.
+                await self._forget_upload(
+                    unpacked.manifest.name, unpacked.manifest.version, unpacked.sha256, saved=False
+                )
             await self._fail(record, error)
         record.package, record.to_version, record.sha256 = manifest.name, manifest.version, unpacked.sha256
         try:
@@ -181,10 +185,11 @@ class Coordinator:
                 step="manifest",
             )
 
-    async def _forget_upload(self, name: str, version: str, sha256: str) -> None:
+    async def _forget_upload(self, name: str, version: str, sha256: str, *, saved: bool = True) -> None:
         """A deployment that failed before its commit leaves neither archive nor unpacked copy
         behind (unless that archive was active once: then it stays available)."""
-        await anyio.to_thread.run_sync(self.store.discard_archive, name, version, sha256)
+        if saved:
+            await anyio.to_thread.run_sync(self.store.discard_archive, name, version, sha256)
         if await anyio.to_thread.run_sync(self.store.archive, name, version, sha256) is not None:
             return  # it was active once: it stays available
         package = self.engine.get(name)
