@@ -121,6 +121,42 @@ async def test_own_imports_resolve_to_their_version_while_two_versions_run(
     assert deployer.retired_alive() == []
 
 
+OVERLOADED = """
+import typing
+
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+
+@typing.overload
+def double(x: int) -> int: ...
+@typing.overload
+def double(x: str) -> str: ...
+def double(x):
+    return x * 2
+
+
+async def index(request):
+    return PlainTextResponse(double("{version}"))
+
+
+app = Starlette(routes=[Route("/", index)])
+"""
+
+
+async def test_a_version_that_uses_typing_overload_is_freed(
+    deployer: Deployer, client: httpx.AsyncClient, sources: Path, drained: Drained
+) -> None:
+    # typing keeps a registry of overloads by module name: it held every retired version.
+    for index, version in enumerate(["1.0", "2.0", "3.0"]):
+        await deployer.deploy(write_package(sources, version=version, app=OVERLOADED.format(version=version)))
+        assert (await client.get("/greeter/")).text == version * 2
+        if index:
+            await drained.wait(index)
+    assert deployer.retired_alive() == []
+
+
 async def test_fifty_swaps_leave_no_retired_version_alive(
     deployer: Deployer, client: httpx.AsyncClient, sources: Path, drained: Drained
 ) -> None:

@@ -161,6 +161,11 @@ class Namespace:
         # typing caches generic aliases (list[Order]) with strong references to the classes.
         for clear in getattr(typing, "_cleanups", ()):
             clear()
+        # `@typing.overload` (3.11+) registers every overloaded function by module name, forever.
+        overloads = getattr(typing, "_overload_registry", None)
+        if overloads is not None:
+            for key in [k for k in list(overloads) if self.owns(k)]:
+                overloads.pop(key, None)
         self.builtins.clear()
         self._loaded = False
 
