@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import builtins
 import logging
-import socket
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -30,7 +29,6 @@ import anyio
 import anyio.to_thread
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -51,6 +49,7 @@ from starlette_hotdeploy import (
     hookimpl,
 )
 from starlette_hotdeploy._hooks import make_plugin_manager, run_checks
+from test_e2e_uvicorn import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -527,27 +526,10 @@ async def real_server(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
         lifespan=lifespan,
         middleware=[Middleware(HotDeployMiddleware, deployer=deployer, admin_token=TOKEN)],
     )
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.listen()
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            app, lifespan="on", log_level="warning", log_config=None, timeout_graceful_shutdown=5
-        )
-        server = uvicorn.Server(config)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve, [sock])
-            try:
-                with anyio.fail_after(10):
-                    await started.wait()
-                headers = {"Authorization": f"Bearer {TOKEN}"}
-                async with httpx.AsyncClient(
-                    base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=20
-                ) as client:
-                    yield client
-            finally:
-                server.should_exit = True
+    async with serving(app, started, ws="websockets-sansio") as url:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=20) as client:
+            yield client
 
 
 async def deploy_over_http(client: httpx.AsyncClient, root: Path) -> httpx.Response:

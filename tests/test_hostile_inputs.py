@@ -85,6 +85,7 @@ class Server:
     admin: httpx.AsyncClient
     client: httpx.AsyncClient
     deployer: Deployer
+    first: dict[str, Any] = field(default_factory=dict)  # the record of the first deployment
 
     async def during(self, call: Callable[[], Any], serving: str = "1.0") -> httpx.Response:
         """`call()` (an admin request) while a probe checks that `serving` answers throughout."""
@@ -105,9 +106,9 @@ def anyio_backend() -> str:
     return "asyncio"  # uvicorn runs in the test's loop
 
 
-@pytest.fixture
-async def server(tmp_path: Path, sources: Path) -> AsyncIterator[Server]:
-    deployer = Deployer(home=tmp_path / "home", entry_points=False)
+@asynccontextmanager
+async def running(deployer: Deployer, first: bytes, signature: bytes | None = None) -> AsyncIterator[Server]:
+    """A real server for `deployer`, serving the archive `first` (1.0) when it is yielded."""
     started = anyio.Event()
     async with serving(host(deployer, started), started, ws="websockets-sansio") as url:
         headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -115,9 +116,16 @@ async def server(tmp_path: Path, sources: Path) -> AsyncIterator[Server]:
             httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as admin,
             httpx.AsyncClient(base_url=url, timeout=30) as client,
         ):
-            response = await admin.post(f"{PREFIX}/packages", content=archive(sources))
+            signed = {"Hotdeploy-Signature": base64.b64encode(signature).decode()} if signature else {}
+            response = await admin.post(f"{PREFIX}/packages", content=first, headers=signed)
             assert response.status_code == 201, response.text
-            yield Server(admin, client, deployer)
+            yield Server(admin, client, deployer, response.json())
+
+
+@pytest.fixture
+async def server(tmp_path: Path, sources: Path) -> AsyncIterator[Server]:
+    async with running(Deployer(home=tmp_path / "home", entry_points=False), archive(sources)) as server:
+        yield server
 
 
 def assert_problem(response: httpx.Response, status: int, *fragments: str) -> dict[str, Any]:
@@ -261,21 +269,10 @@ async def signed_server(tmp_path: Path, sources: Path) -> AsyncIterator[tuple[Se
     private, public = new_key(keys, "release")
     stranger, _ = new_key(keys, "stranger")
     deployer = Deployer(home=tmp_path / "home", entry_points=False, trusted_keys=[public])
-    started = anyio.Event()
-    async with serving(host(deployer, started), started, ws="websockets-sansio") as url:
-        headers = {"Authorization": f"Bearer {TOKEN}"}
-        async with (
-            httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as admin,
-            httpx.AsyncClient(base_url=url, timeout=30) as client,
-        ):
-            data = archive(sources)
-            signature = base64.b64encode(sign(data, private)).decode()
-            response = await admin.post(
-                f"{PREFIX}/packages", content=data, headers={"Hotdeploy-Signature": signature}
-            )
-            assert response.status_code == 201, response.text
-            assert response.json()["signer"].startswith("release@example.com (SHA256:")
-            yield Server(admin, client, deployer), private, stranger
+    data = archive(sources)
+    async with running(deployer, data, sign(data, private)) as server:
+        assert server.first["signer"].startswith("release@example.com (SHA256:")
+        yield server, private, stranger
 
 
 async def test_only_archives_signed_by_a_trusted_key_are_deployed(

@@ -28,6 +28,7 @@ from ._deployer import Deployer
 from ._errors import HotDeployError, UploadRefused, UploadTooLarge
 from ._openapi import openapi_document
 from ._problems import problem, problem_for
+from ._signing import MAX_SIGNATURE_BYTES, SIGNATURE_HEADER
 from ._types import ASGIApp, Receive, Scope, Send
 
 DEFAULT_PREFIX = "/_hotdeploy"
@@ -40,8 +41,6 @@ ARCHIVE_TYPES = frozenset(
 MAX_HISTORY_LIMIT = 10_000
 MAX_VERSION_LENGTH = 128
 MAX_JSON_BYTES = 64 * 1024
-MAX_SIGNATURE_BYTES = 16 * 1024  # an SSH signature is well under 1 KiB
-SIGNATURE_HEADER = "hotdeploy-signature"  # base64 of the `.sig` file, for a raw upload
 _READ_METHODS = frozenset({"GET", "HEAD"})
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # as the manifest allows, bounded
 _ID = re.compile(r"[A-Za-z0-9_-]{1,80}")
