@@ -10,6 +10,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 import testkit
+from drains import Drained
 from starlette_hotdeploy import Deployer, HotDeployMiddleware
 
 
@@ -38,6 +39,14 @@ async def deployer(tmp_path: Path) -> AsyncIterator[Deployer]:
     deployer = Deployer(home=tmp_path / "home", entry_points=False)
     async with deployer.running():
         yield deployer
+
+
+@pytest.fixture
+def drained(deployer: Deployer) -> Drained:
+    """Register a plugin on `deployer` that lets the test wait for drains."""
+    plugin = Drained()
+    deployer.plugins.register(plugin)
+    return plugin
 
 
 def host_app(deployer: Deployer) -> Starlette:

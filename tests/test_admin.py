@@ -267,6 +267,39 @@ async def test_the_api_is_off_without_a_token(deployer: Deployer, sources: Path)
         await assert_serving(client, "1.0", f"{PREFIX}/")
 
 
+async def test_two_hosts_on_one_deployer_each_serve_their_own_admin_api(deployer: Deployer) -> None:
+    def build(token: str, prefix: str) -> Starlette:
+        async def home(request: Request) -> PlainTextResponse:
+            return PlainTextResponse("host")
+
+        middleware = Middleware(
+            HotDeployMiddleware, deployer=deployer, admin_token=token, admin_prefix=prefix
+        )
+        return Starlette(routes=[Route("/{path:path}", home)], middleware=[middleware])
+
+    first, second = build("first", PREFIX), build("second", PREFIX)
+    other = build("other", "/ops/deploys")
+    async with (
+        connect(first, "first") as one,
+        connect(second, "second") as two,
+        connect(other, "other") as three,
+    ):
+        assert (await one.get(f"{PREFIX}/packages")).status_code == 200
+        assert (await two.get(f"{PREFIX}/packages")).status_code == 200  # its own token, not the first's
+        assert_problem(await one.get(f"{PREFIX}/packages", headers={"Authorization": "Bearer second"}), 401)
+        assert (await three.get("/ops/deploys/packages")).status_code == 200
+        # Another host's admin prefix is an ordinary path here.
+        assert (await three.get(f"{PREFIX}/packages")).text == "host"
+        assert (await one.get("/ops/deploys/packages")).text == "host"
+
+
+@pytest.mark.parametrize("prefix", ["", "/", "admin"])
+async def test_an_admin_prefix_must_be_below_the_root(deployer: Deployer, prefix: str) -> None:
+    app = Starlette()
+    with pytest.raises(ValueError, match="admin_prefix must be a path below the root"):
+        HotDeployMiddleware(app, deployer, admin_token=TOKEN, admin_prefix=prefix)
+
+
 async def test_tokens_from_the_environment(deployer: Deployer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOTDEPLOY_ADMIN_TOKEN", "env-admin")
     monkeypatch.setenv("HOTDEPLOY_ADMIN_READ_TOKEN", "env-reader")

@@ -94,9 +94,10 @@ def test_wrk_timeline(tmp_path: Path) -> None:
 def test_dispatch_in_process() -> None:
     results = anyio.run(dispatch_overhead.run, 200, (1, 3), 1)
     cases = {(r["kind"], r["packages"]) for r in results}
-    assert cases == {("mount", 1), ("mount", 3), ("middleware", 1), ("middleware", 3), ("host", 3)}
+    kinds = ("mount", "middleware", "route")
+    assert cases == {(kind, n) for kind in kinds for n in (1, 3)} | {("host", 3)}
     rows = dispatch_overhead.overheads(results)
-    assert [row["packages"] for row in rows] == [1, 3]
+    assert {(row["kind"], row["packages"]) for row in rows} == {(k, n) for k in kinds[1:] for n in (1, 3)}
     assert all(r["mean_us"] > 0 for r in results)
     assert "HotDeployMiddleware" in dispatch_overhead.table(results)
 
@@ -108,15 +109,25 @@ def test_dispatch_through_uvicorn(tool: str) -> None:
     config = dispatch_uvicorn.DispatchConfig(
         scales=(2,),
         rounds=1,
-        seconds=1 if tool == "wrk" else 0.3,
+        seconds=0.5 if tool == "wrk" else 0.3,
+        scale_rounds=1,
+        scale_seconds=0.5 if tool == "wrk" else 0.3,
         warmup_s=0.1,
         connections=2,
         use_wrk=tool == "wrk",
     )
     results = dispatch_uvicorn.run(config)
-    assert {(r["kind"], r["packages"]) for r in results} == {("mount", 2), ("middleware", 2)}
+    kinds = ("mount", "middleware", "route")
+    # The FastAPI app with one package, the tiny one with two.
+    assert {(r["app"], r["kind"], r["packages"]) for r in results} == {
+        (app, kind, n) for app, n in (("fastapi", 1), ("tiny", 2)) for kind in kinds
+    }
     assert all(r["rps"] > 0 and r["errors"] == 0 for r in results)
-    assert [row["packages"] for row in dispatch_uvicorn.overheads(results)] == [2]
+    rows = dispatch_uvicorn.overheads(results)
+    assert {(row["app"], row["kind"]) for row in rows} == {
+        (app, k) for app in ("fastapi", "tiny") for k in kinds[1:]
+    }
+    assert all(row["rps_ratio"]["min"] > 0 for row in rows)
 
 
 def test_many_swaps() -> None:

@@ -13,6 +13,7 @@ import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 import testkit
+from drains import Drained
 from packages import DEPLOY_STEPS, write_package, zip_directory
 from starlette_hotdeploy import (
     Deployer,
@@ -38,33 +39,6 @@ async def version_of(client: httpx.AsyncClient, path: str = "/greeter/") -> str:
 
 def namespaces_of(name: str) -> set[str]:
     return {key for key in sys.modules if key.startswith(f"_hotdeploy_{name}_") and "." not in key}
-
-
-class Drained:
-    """A plugin that lets a test wait for the background drain of a replaced version."""
-
-    def __init__(self) -> None:
-        self.versions: list[str] = []
-        self.event = anyio.Event()
-        self.terminated: list[int] = []
-
-    @hookimpl
-    def hotdeploy_drained(self, version: PackageVersion, terminated: int) -> None:
-        self.versions.append(version.version)
-        self.terminated.append(terminated)
-        self.event.set()
-
-    async def wait(self, count: int) -> None:
-        while len(self.versions) < count:
-            self.event = anyio.Event()
-            await self.event.wait()
-
-
-@pytest.fixture
-def drained(deployer: Deployer) -> Drained:
-    plugin = Drained()
-    deployer.plugins.register(plugin)
-    return plugin
 
 
 async def test_upgrade_switches_new_requests_and_records_the_deployment(

@@ -4,12 +4,14 @@ version sees the same module): events that order concurrent work without sleeps.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import anyio
 
 _events: defaultdict[str, anyio.Event] = defaultdict(anyio.Event)
 calls: list[str] = []
 gated: set[str] = set()  # lifespan shutdowns ("greeter 1.0") that wait for the event of that name
+host: Any = None  # an ASGI app that test packages may call back into (sub-requests)
 
 
 async def shutdown_gate(label: str) -> None:
@@ -26,6 +28,8 @@ def event(key: str) -> anyio.Event:
 
 
 def reset() -> None:
+    global host
     _events.clear()
     calls.clear()
     gated.clear()
+    host = None

@@ -420,4 +420,6 @@ class MountsView:
         return len(self._engine.mounts)
 
     def match(self, route_path: str) -> object | None:
-        return self._engine.mounts.match(route_path)
+        """The package mount that serves `route_path`, if any (not a reserved prefix)."""
+        mount = self._engine.mounts.match(route_path)
+        return None if mount is None or mount.reserved else mount

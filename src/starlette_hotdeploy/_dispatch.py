@@ -56,7 +56,10 @@ class HotDeployMiddleware:
         self.deployer._attach_host(app)  # its routes: a package mount must not shadow them
         self._host = app if hasattr(app, "url_path_for") else None
         self.admin_prefix = admin_prefix.rstrip("/")
-        self._admin_under = self.admin_prefix + "/"
+        if not self.admin_prefix.startswith("/"):
+            raise ValueError(
+                f"admin_prefix must be a path below the root, like '/_hotdeploy': {admin_prefix!r}"
+            )
         self.admin = create_admin_app(
             self.deployer,
             token=admin_token,
@@ -65,6 +68,7 @@ class HotDeployMiddleware:
             max_upload_bytes=max_upload_bytes,
         )
         if self.admin is not None:
+            # In the mount table: one lookup finds the admin API or a package.
             self._mounts.reserve(self.admin_prefix, "the admin API")
 
     def takes(self, path: str) -> bool:
@@ -72,21 +76,28 @@ class HotDeployMiddleware:
         a package past its mount's prefix) instead of passing it to the wrapped app. The bare
         prefix is left out: behind a router, `redirect_slashes` redirects it, as for a `Mount`.
         HotDeployRoute matches on this: keep it in step with `__call__`, which inlines it for speed."""
-        if self.admin is not None and (path == self.admin_prefix or path.startswith(self._admin_under)):
-            return True
         mount = self._mounts.match(path)
-        return mount is not None and len(path) != len(mount.prefix)
+        if mount is None:
+            return False
+        if mount.reserved:
+            return self.admin is not None and mount.prefix == self.admin_prefix
+        return len(path) != len(mount.prefix)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http" or kind == "websocket":
             path = route_path(scope)
-            admin = self.admin
-            if admin is not None and (path == self.admin_prefix or path.startswith(self._admin_under)):
-                await admin(scope, receive, send)
-                return
             mount = self._mounts.match(path)
             if mount is not None:
+                if mount.reserved:
+                    # This middleware's admin API (another's, on the same deployer, is not ours
+                    # to serve: the wrapped app gets it).
+                    admin = self.admin
+                    if admin is not None and mount.prefix == self.admin_prefix:
+                        await admin(scope, receive, send)
+                        return
+                    await self.app(scope, receive, send)
+                    return
                 gate = mount.gate
                 if gate is not None:
                     await gate.wait()  # `block` strategy: held until the switch, never rejected

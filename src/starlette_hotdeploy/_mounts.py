@@ -19,16 +19,28 @@ class Mount:
     The switch from one version to another is the single assignment in `point()`, which refuses a
     version that is not `active` with a loaded app: the request path never meets an unloaded one.
     While `gate` is set (the `block` strategy), new requests wait on it before reading `active`.
+
+    A reserved prefix (the admin API) is a Mount too, `reserved` and without a version: the
+    dispatch finds it in the same lookup as the packages, at no extra cost to their requests.
     """
 
-    __slots__ = ("active", "gate", "package", "prefix")
+    __slots__ = ("active", "gate", "package", "prefix", "reserved")
 
     def __init__(self, prefix: str, package: str, active: PackageVersion) -> None:
         self.prefix = prefix
         self.package = package
         self.active: PackageVersion | None = None
         self.gate: anyio.Event | None = None
+        self.reserved = False
         self.point(active)
+
+    @classmethod
+    def reservation(cls, prefix: str, owner: str) -> Mount:
+        """A prefix that something other than a package serves (`package` names the owner)."""
+        mount = cls.__new__(cls)
+        mount.prefix, mount.package, mount.active, mount.gate = prefix, owner, None, None
+        mount.reserved = True
+        return mount
 
     def point(self, version: PackageVersion) -> None:
         if version.state is not VersionState.ACTIVE or version.app is None:
@@ -58,13 +70,16 @@ class MountTable:
     """
 
     def __init__(self) -> None:
-        self._by_prefix: dict[str, Mount] = {}
+        self._by_prefix: dict[str, Mount] = {}  # the packages' mounts
+        self._index: dict[str, Mount] = {}  # what `match` looks in: those and the reserved ones
         self._max_depth = 0
         self._reserved: dict[str, str] = {}  # prefix -> what owns it (the admin API)
 
     def reserve(self, prefix: str, owner: str) -> None:
-        """Keep packages away from a prefix served by something else."""
+        """Keep packages away from a prefix served by something else (`match` finds it)."""
         self._reserved[prefix] = owner
+        self._index[prefix] = Mount.reservation(prefix, owner)
+        self._max_depth = max(self._max_depth, prefix.count("/"))
 
     def __len__(self) -> int:
         return len(self._by_prefix)
@@ -96,16 +111,19 @@ class MountTable:
     def add(self, mount: Mount) -> None:
         self.check(mount.prefix, mount.package)
         self._by_prefix[mount.prefix] = mount
+        self._index[mount.prefix] = mount
         self._max_depth = max(self._max_depth, mount.prefix.count("/"))
 
     def remove(self, prefix: str) -> Mount | None:
         mount = self._by_prefix.pop(prefix, None)
-        self._max_depth = max((p.count("/") for p in self._by_prefix), default=0)
+        if mount is not None:
+            del self._index[prefix]
+        self._max_depth = max((p.count("/") for p in self._index), default=0)
         return mount
 
     def match(self, route_path: str) -> Mount | None:
-        """The mount whose prefix is `route_path` or a whole-segment prefix of it."""
-        table = self._by_prefix
+        """The mount (or reserved prefix) that is `route_path` or a whole-segment prefix of it."""
+        table = self._index
         if not table:
             return None
         end = 0

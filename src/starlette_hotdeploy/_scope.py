@@ -73,7 +73,8 @@ def mounted_scope(scope: Scope, prefix: str, version: PackageVersion, host: Any 
     outer = scope.get("router") or scope.get("app") or host
     if outer is not router.outer:
         router = version.router = VersionRouter(version.route, outer)
-    scope["path_params"] = dict(scope.get("path_params", {}))
+    params = scope.get("path_params")
+    scope["path_params"] = dict(params) if params else {}  # a Mount builds a new dict too
     scope["app_root_path"] = scope.get("app_root_path", root_path)
     scope["root_path"] = root_path + prefix
     scope["endpoint"] = version.app

@@ -17,6 +17,7 @@ from ._errors import IllegalTransition, RequestAborted
 from ._lifespan import Lifespan
 from ._loader import Namespace, load_app
 from ._manifest import Manifest
+from ._tasks import CancelledError, Task, current_task, on_asyncio
 from ._types import ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -66,8 +67,9 @@ TRANSITIONS: dict[VersionState, frozenset[VersionState]] = {
 class PackageVersion:
     """One version of a package, loaded under its own module namespace.
 
-    `serve()` is the only method on the request path: it tracks the request with a cancel
-    scope (so a drain timeout can end it) and wakes a waiting drain when the last one leaves.
+    `serve()` is the only method on the request path: it tracks the request (its task on
+    asyncio, a cancel scope elsewhere) so that a drain timeout can end it, and wakes a waiting
+    drain when the last one leaves.
     """
 
     def __init__(self, manifest: Manifest, root: Path, sha256: str) -> None:
@@ -88,7 +90,11 @@ class PackageVersion:
         self.served = 0
         self.started = False  # lifespan startup completed: owes a shutdown
         self._lifespan: Lifespan | None = None
-        self._open: set[anyio.CancelScope] = set()
+        # In flight: the requests' asyncio tasks, or their cancel scopes on other backends
+        # (_tasks.py says why); a drain timeout cancels them.
+        self._open: set[Task[Any] | anyio.CancelScope] = set()
+        self._ending: set[Task[Any]] = set()  # tasks cancelled by `terminate`
+        self._by_task = False  # decided in `start`, on the loop that will serve
         self._idle: anyio.Event | None = None
 
     @property
@@ -148,6 +154,7 @@ class PackageVersion:
         """Run the app's lifespan startup in its own supervisor task (raises on failure)."""
         assert self.app is not None, "load() first"
         self.transition(VersionState.STARTING)
+        self._by_task = on_asyncio()
         self._lifespan = Lifespan(self.app, f"{self.name} {self.version}")
         self.state_data = self._lifespan.state
         await self._lifespan.start(task_group, timeout)
@@ -194,9 +201,40 @@ class PackageVersion:
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         app = self.app
         assert app is not None
+        self.served += 1
+        task = current_task() if self._by_task else None
+        if task is None:
+            await self._serve_in_scope(app, scope, receive, send)
+            return
+        open_ = self._open
+        if task in open_:
+            # Called again from inside one of this version's requests (a sub-request in the same
+            # task): the outer call tracks the task, and ending it ends this call too.
+            await app(scope, receive, send)
+            return
+        open_.add(task)
+        ending = self._ending
+        try:
+            await app(scope, receive, send)
+        except CancelledError:
+            if task not in ending:
+                raise  # the server's cancellation, not a drain timeout's
+            ending.discard(task)
+            if task.uncancel() > 0:
+                raise  # cancelled by someone else as well: theirs goes on
+            await self._end_terminated(scope, send)
+        finally:
+            if task in ending:  # the app swallowed the cancellation: take it back all the same
+                ending.discard(task)
+                task.uncancel()
+            open_.discard(task)
+            if not open_ and self._idle is not None:
+                self._idle.set()
+
+    async def _serve_in_scope(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        """The request path where tasks cannot be cancelled from outside (trio): a cancel scope."""
         cancel = anyio.CancelScope()
         self._open.add(cancel)
-        self.served += 1
         try:
             with cancel:
                 await app(scope, receive, send)
@@ -251,7 +289,9 @@ class PackageVersion:
     async def terminate(self, grace: float = 5.0) -> int:
         """End whatever is still in flight (websockets: 1012; responses: aborted)."""
         count = len(self._open)
-        for cancel in list(self._open):
-            cancel.cancel()
+        for handle in list(self._open):
+            if isinstance(handle, Task):
+                self._ending.add(handle)  # so that `serve` tells this cancellation from others
+            handle.cancel()
         await self.wait_idle(grace)
         return count
