@@ -188,3 +188,121 @@ def release_thread_gates() -> None:
         _gates.clear()
     for gate in gates:
         gate.set()
+
+
+# -- a FastAPI package: pydantic models, response models, a path param, a body, a dependency -----
+
+FASTAPI_APP = """
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, HTTPException
+from pydantic import BaseModel
+
+from .models import Item, ItemIn, ItemPage, Paging, Tag
+
+VERSION = "{version}"
+
+app = FastAPI(title="{name}", version=VERSION)
+_items: dict[int, Item] = {{}}
+
+
+class Version(BaseModel):
+    version: str
+
+
+def paging(limit: int = 10, offset: int = 0) -> Paging:
+    return Paging(limit=limit, offset=offset)
+
+
+async def current_tag(tag: str = "default") -> Tag:
+    return Tag(name=tag)
+
+
+@app.get("/", response_model=Version)
+async def index() -> Version:
+    return Version(version=VERSION)
+
+
+@app.get("/health")
+def health() -> dict[str, str]:
+    return {{"status": "ok"}}
+
+
+@app.get("/items", response_model=ItemPage)
+async def list_items(page: Annotated[Paging, Depends(paging)]) -> ItemPage:
+    values = list(_items.values())
+    return ItemPage(items=values[page.offset : page.offset + page.limit], total=len(values))
+
+
+@app.get("/items/{{item_id}}", response_model=Item)
+async def get_item(item_id: int, tag: Annotated[Tag, Depends(current_tag)]) -> Item:
+    if item_id not in _items:
+        return Item(id=item_id, name=f"item {{item_id}}", price=1.0, tags=[tag], version=VERSION)
+    return _items[item_id]
+
+
+@app.post("/items", response_model=Item, status_code=201)
+async def create_item(body: ItemIn, tag: Annotated[Tag, Depends(current_tag)]) -> Item:
+    if body.price < 0:
+        raise HTTPException(422, "negative price")
+    item = Item(id=len(_items) + 1, name=body.name, price=body.price, tags=[tag, *body.tags], version=VERSION)
+    _items[item.id] = item
+    return item
+"""
+
+FASTAPI_MODELS = """
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel, Field, field_validator
+
+T = TypeVar("T")
+
+
+class Tag(BaseModel):
+    name: str
+
+
+class Paging(BaseModel):
+    limit: int = Field(10, ge=1, le=100)
+    offset: int = Field(0, ge=0)
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+
+
+class ItemIn(BaseModel):
+    name: str = Field(min_length=1)
+    price: float
+    tags: list[Tag] = []
+
+    @field_validator("name")
+    @classmethod
+    def stripped(cls, value: str) -> str:
+        return value.strip()
+
+
+class Item(ItemIn):
+    id: int
+    version: str
+
+
+ItemPage = Page[Item]  # parametrized where its argument's validator lives (pydantic's cache)
+"""
+
+
+def write_fastapi_package(parent: Path, name: str = "shop", version: str = "1.0") -> Path:
+    """A FastAPI package `parent/<name>-<version>/`: GET /, /health, /items (a generic
+    `Page[Item]`), /items/{item_id}, POST /items (a validated JSON body), with dependencies;
+    every item answer carries the version."""
+    root = parent / f"{name}-{version}"
+    package = root / name
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text("")
+    (package / "app.py").write_text(FASTAPI_APP.format(name=name, version=version))
+    (package / "models.py").write_text(FASTAPI_MODELS)
+    (root / "hotdeploy.toml").write_text(
+        f'name = "{name}"\nversion = "{version}"\napp = "{name}.app:app"\nmount = "/{name}"\nhealth = "/health"\n'
+    )
+    return root

@@ -83,6 +83,15 @@ def test_every_exported_exception_is_a_hotdeploy_error() -> None:
     assert strays == [], "exported exceptions must subclass HotDeployError"
 
 
+def test_an_unload_cleaner_plugin_needs_only_public_names() -> None:
+    """`hotdeploy_unloaded` implementations are typed with the exported `Unloaded`."""
+    from starlette_hotdeploy import HookSpecs, Unloaded
+
+    hints = inspect.get_annotations(HookSpecs.hotdeploy_unloaded)
+    assert hints["unloaded"] == "Unloaded"  # postponed: the name the signature uses
+    assert Unloaded.__module__ == "starlette_hotdeploy._cleaners"
+
+
 def test_the_docs_import_only_exported_names() -> None:
     documented = documented_imports()
     assert {"Deployer", "HotDeployMiddleware", "AdminClient"} <= documented.keys()  # the parser works

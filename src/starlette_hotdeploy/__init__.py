@@ -4,6 +4,7 @@ from typing import TYPE_CHECKING
 
 from ._admin import create_admin_app
 from ._archive import ArchiveLimits, Packed, pack_directory
+from ._cleaners import Unloaded
 from ._deployer import Deployer
 from ._deployment import Action, Deployment, Outcome, Step
 from ._dispatch import HotDeployMiddleware
@@ -83,6 +84,7 @@ __all__ = [
     "Store",
     "UnknownPackage",
     "UnknownVersion",
+    "Unloaded",
     "VersionConflict",
     "VersionState",
     "VersionStatus",

@@ -13,6 +13,7 @@ stopping version is never switched back to (it is cold: it is loaded again from 
 
 from __future__ import annotations
 
+import gc
 import logging
 import weakref
 from collections import deque
@@ -28,6 +29,7 @@ import anyio.to_thread
 import pluggy
 
 from ._archive import ArchiveLimits, Unpacked, clean_staging, unpack
+from ._cleaners import Collector, Unloaded, release
 from ._deployment import Deployment, Step
 from ._detail import Redactor
 from ._errors import (
@@ -43,8 +45,9 @@ from ._errors import (
     UnknownPackage,
     UnknownVersion,
 )
-from ._hooks import make_plugin_manager, notify, run_checks
-from ._loader import audited, collected, what_raised
+from ._hooks import make_plugin_manager, notify, run_checks, unload_cleaners
+from ._loader import audited, collected, weak_refs, what_raised
+from ._manifest import MANIFEST_NAME, load_manifest
 from ._mounts import Mount, MountTable
 from ._package import Package
 from ._probe import ProbeCrashed, probe
@@ -57,6 +60,8 @@ if TYPE_CHECKING:
     from ._signing import TrustedKeys
 
 logger = logging.getLogger("starlette_hotdeploy")
+
+_PREPARING = frozenset({VersionState.STAGED, VersionState.STARTING, VersionState.READY})
 
 
 @dataclass(eq=False)
@@ -110,6 +115,8 @@ class Engine:
         self._retirements: dict[PackageVersion, Retirement] = {}
         self._held: set[PackageVersion] = set()  # draining versions taken back for a switch back
         self._unloaded: deque[tuple[str, list[weakref.ref[Any]]]] = deque(maxlen=1000)
+        self.collector = Collector(lambda: not self._preparing())  # frees unloaded versions
+        self._collecting_in: anyio.abc.TaskGroup | None = None  # the runtime its task runs in
 
     # -- runtime ----------------------------------------------------------------------------
 
@@ -163,7 +170,8 @@ class Engine:
         """Labels of unloaded versions whose app or modules are still referenced (after gc)."""
         alive = [label for label, refs in self._unloaded if not collected(refs, collect=False)]
         if alive:
-            alive = [label for label, refs in self._unloaded if not collected(refs)]
+            gc.collect()  # once for all of them
+            alive = [label for label, refs in self._unloaded if not collected(refs, collect=False)]
         return alive
 
     def managers(self, version: PackageVersion | None) -> list[pluggy.PluginManager]:
@@ -322,10 +330,26 @@ class Engine:
             )
 
     async def unpack_stored(self, name: str, version: str, sha256: str) -> Unpacked:
-        stored = await anyio.to_thread.run_sync(self.store.archive, name, version, sha256)
+        return await anyio.to_thread.run_sync(self._unpack_stored, name, version, sha256)
+
+    def _unpack_stored(self, name: str, version: str, sha256: str) -> Unpacked:
+        """Blocking: a stored archive, unpacked (one thread hop for the look-up and the unpack).
+        An earlier unpack of it is used as it is, as `unpack` itself would (a directory appears
+        only complete, by a rename), without reading and extracting the archive again."""
+        stored = self.store.archive(name, version, sha256)
         if stored is None:
             raise UnknownVersion(f"{name} {version}: its archive is no longer in the store", package=name)
-        return await anyio.to_thread.run_sync(unpack, stored.path, self.home / "packages", self.limits)
+        cached = self.home / "packages" / name / f"{version}-{sha256[:12]}"
+        manifest_path = cached / MANIFEST_NAME
+        if manifest_path.is_file():
+            try:
+                manifest = load_manifest(manifest_path)
+            except HotDeployError:
+                pass
+            else:
+                if (manifest.name, manifest.version) == (name, version):
+                    return Unpacked(root=cached, manifest=manifest, sha256=sha256)
+        return unpack(stored.path, self.home / "packages", self.limits)
 
     async def restore(
         self, name: str, wanted: Desired, package: Package | None
@@ -336,19 +360,26 @@ class Engine:
         candidates = [(wanted.version, wanted.sha256), *reversed(wanted.lineage[:-1])]
         for version_name, sha256 in candidates:
             try:
-                unpacked = await self.unpack_stored(name, version_name, sha256)
-                if package is None:
-                    package = await anyio.to_thread.run_sync(self.new_package, name, unpacked.manifest.mount)
+
+                def fetch(
+                    version_name: str = version_name, sha256: str = sha256, known: Package | None = package
+                ) -> tuple[Unpacked, Package]:
+                    unpacked = self._unpack_stored(name, version_name, sha256)
+                    found = known if known is not None else self.new_package(name, unpacked.manifest.mount)
+                    return unpacked, found
+
+                unpacked, found = await anyio.to_thread.run_sync(fetch)  # one thread hop
+                package = found
                 version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
                 try:
-                    await self._load(package, version)
+                    await self._load(found, version)
                     await self._start(version)
                     version.transition(VersionState.READY)
                 except BaseException:
                     with anyio.CancelScope(shield=True):
-                        await self.discard(package, version)
+                        await self.discard(found, version)
                     raise
-                return version, package
+                return version, found
             except Exception:
                 logger.exception("%s %s: cannot restore this version", name, version_name)
         logger.error("%s: no confirmed version could be restored; the package is not served", name)
@@ -437,6 +468,12 @@ class Engine:
         self, package: Package, old: PackageVersion, record: Deployment | None, delay: float = 0.0
     ) -> None:
         """Drain `old`, then stop and unload it, in the background; `record` is finished then."""
+        if old in self._retirements or not old.state.loaded:
+            # Retired already (or on its way): a second retirement would stop it twice.
+            logger.warning("%s %s: already retired (%s)", old.name, old.version, old.state.value)
+            if record is not None:
+                record.finish()
+            return
         self._held.discard(old)
         retirement = Retirement(package, old, record)
         self._retirements[old] = retirement
@@ -522,12 +559,47 @@ class Engine:
             else:
                 version.abort_startup()
         finally:
-            refs = version.unload()
+            namespace = version.namespace
+            definitions = weak_refs(*namespace.definitions()) if namespace is not None else []
+            refs = version.unload() + definitions
+            if namespace is not None:
+                # Libraries' caches keyed on its endpoints and models would keep it alive.
+                release(
+                    Unloaded(namespace.package, namespace.version, namespace.name, namespace.root),
+                    unload_cleaners(self.plugins),
+                )
             if version.can_become(final):
                 version.transition(final)
             if version in package._loaded:
                 package._loaded.remove(version)
+            # Versions already collected are forgotten: only those still alive are worth a look.
+            alive = [(label, r) for label, r in self._unloaded if not collected(r, collect=False)]
+            if len(alive) < len(self._unloaded):
+                self._unloaded = deque(alive, maxlen=self._unloaded.maxlen)
             self._unloaded.append((f"{version.name} {version.version}", refs))
+            self._schedule_collection()
+
+    def _preparing(self) -> bool:
+        """Whether a version is being loaded, started or checked, up to its switch: the part of
+        a deployment that a full collection (which blocks the event loop) must not stretch."""
+        if any(name not in self._packages for name in self._busy):
+            return True  # a new package's first version: not adopted yet
+        return any(v.state in _PREPARING for p in self._packages.values() for v in p._loaded)
+
+    def _schedule_collection(self) -> None:
+        """Free the unloaded version with one collection when no version is being prepared (see
+        Collector), rather than leave the garbage to an automatic full collection, which would
+        come later, scan a larger heap, and may fall in the middle of the next deployment."""
+        task_group = self._task_group
+        if task_group is None:
+            return  # the server is stopping: the process's exit frees it
+        if self._collecting_in is not task_group:
+            try:
+                task_group.start_soon(self.collector.run, name="hotdeploy collector")
+            except RuntimeError:  # the runtime's task group is closing: nothing to schedule
+                return
+            self._collecting_in = task_group
+        self.collector.unloaded()
 
     async def shutdown(self) -> None:
         """Stop every loaded version (the server is stopping). Idempotent."""

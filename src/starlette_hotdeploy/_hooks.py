@@ -4,7 +4,8 @@ Checks (`hotdeploy_validate`, `hotdeploy_check_before_activate`, `hotdeploy_chec
 pass when an implementation returns None or True, and veto the version when it returns False or
 a message string, or raises. Notifications (`hotdeploy_activated`, `hotdeploy_rolled_back`,
 `hotdeploy_drained`, `hotdeploy_failed`) cannot veto; an exception there is logged.
-Any implementation may be a plain function or a coroutine function.
+Any implementation may be a plain function or a coroutine function, but for `hotdeploy_unloaded`
+(an unload cleaner, see _cleaners): it runs synchronously, inside the unload.
 
 pluggy is synchronous: calling an async implementation returns a coroutine, which we await.
 We never use `firstresult` (a coroutine object would count as a result).
@@ -29,6 +30,7 @@ from ._loader import describe, is_cancellation
 from ._manifest import Manifest
 
 if TYPE_CHECKING:
+    from ._cleaners import Cleaner, Unloaded
     from ._deployment import Deployment
     from ._version import PackageVersion
 
@@ -84,6 +86,13 @@ class HookSpecs:
     @hookspec
     def hotdeploy_failed(self, deployment: Deployment, error: Exception) -> Any:
         """A deployment failed; whatever served before still serves."""
+
+    @hookspec
+    def hotdeploy_unloaded(self, unloaded: Unloaded) -> None:
+        """An unload cleaner: release what your libraries keep of a version that was just
+        unloaded (entries of caches and registries keyed on its classes and functions), or it
+        stays in memory. Called after the built-in cleaners (FastAPI, pydantic), synchronously,
+        before its memory is collected; a plain function only. An exception is logged."""
 
 
 def make_plugin_manager(plugins: Iterable[object] = (), *, entry_points: bool = True) -> pluggy.PluginManager:
@@ -165,3 +174,24 @@ async def notify(hook_name: str, managers: Sequence[pluggy.PluginManager], kwarg
                 logger.error(
                     "%s.%s raised %s", _plugin_label(pm, impl), hook_name, describe(exc), exc_info=exc
                 )
+
+
+def unload_cleaners(pm: pluggy.PluginManager) -> list[tuple[str, Cleaner]]:
+    """The `hotdeploy_unloaded` implementations, last registered first, as named cleaners."""
+    hook_name = "hotdeploy_unloaded"
+    caller = getattr(pm.hook, hook_name)
+    return [
+        (f"{_plugin_label(pm, impl)}.{hook_name}", _sync_cleaner(impl))
+        for impl in reversed(caller.get_hookimpls())
+    ]
+
+
+def _sync_cleaner(impl: pluggy.HookImpl) -> Cleaner:
+    def clean(unloaded: Unloaded) -> None:
+        result = impl.function(**{name: unloaded for name in impl.argnames})
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()  # never awaited: no "coroutine was never awaited" warning
+            raise TypeError("an unload cleaner runs inside the unload, synchronously: use a plain function")
+
+    return clean

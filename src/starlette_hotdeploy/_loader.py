@@ -58,6 +58,7 @@ import importlib.machinery
 import importlib.util
 import inspect
 import itertools
+import linecache
 import logging
 import re
 import sys
@@ -145,6 +146,25 @@ class Namespace:
     def owns(self, module_name: str) -> bool:
         return module_name == self.name or module_name.startswith(self.name + ".")
 
+    def definitions(self) -> list[object]:
+        """The classes and functions defined in this version's modules. A module can be freed
+        while its globals live on (a cached class's methods hold them): weak references to these
+        show what the modules' own do not."""
+        found: list[object] = []
+        for key, module in list(sys.modules.items()):
+            if not self.owns(key):
+                continue
+            for value in list(getattr(module, "__dict__", {}).values()):
+                if not isinstance(value, type | types.FunctionType):
+                    continue
+                try:
+                    defined_here = self.owns(str(value.__module__))
+                except Exception:  # package code: a class's `__module__` can be anything
+                    continue
+                if defined_here:
+                    found.append(value)
+        return found
+
     def close(self) -> None:
         """Remove every module of this version from the interpreter's caches. Idempotent: an
         abandoned import thread calls it again when it returns, for what it installed since."""
@@ -155,6 +175,9 @@ class Namespace:
         root = str(self.root)
         for key in [k for k in list(sys.path_importer_cache) if k.startswith(root)]:
             sys.path_importer_cache.pop(key, None)
+        # The lines of every source file `inspect.getsource` read (FastAPI does, per endpoint).
+        for key in [k for k in list(linecache.cache) if k.startswith(root)]:
+            linecache.cache.pop(key, None)
         manager = logging.Logger.manager
         for key in [k for k in list(manager.loggerDict) if self.owns(k)]:
             manager.loggerDict.pop(key, None)
