@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.run            # the full run (about 6-8 minutes on 2 cores)
     .venv/bin/python -m benchmarks.run --quick    # short phases, fewer rounds (about 2 minutes)
 
-Options: `--only upgrade,dispatch,dispatch-uvicorn,swaps,soak`, `--workers N` (scenario 1),
+Options: `--only upgrade,dispatch,dispatch-uvicorn,swaps,soak,workers-switch,idle-cpu,restart-many`, `--workers N` (scenario 1),
 `--no-wrk` (built-in httpx load), `--no-setup` (do not install anything).
 
 Results go to benchmarks/results/<scenario>.json; the plots to docs/ (with `--quick`, to
@@ -28,7 +28,16 @@ from .common import RESULTS, ROOT, machine, write_results
 # The scenario modules are imported in the functions below, after the set-up: they need the
 # packages of benchmarks/requirements.txt (httpx-ws, matplotlib).
 
-SCENARIOS = ("upgrade", "dispatch", "dispatch-uvicorn", "swaps", "soak")
+SCENARIOS = (
+    "upgrade",
+    "dispatch",
+    "dispatch-uvicorn",
+    "swaps",
+    "soak",
+    "workers-switch",
+    "idle-cpu",
+    "restart-many",
+)
 
 
 def run_upgrade(quick: bool, use_wrk: bool, workers: int) -> None:
@@ -79,6 +88,11 @@ def run_soak(quick: bool) -> None:
     write_results("soak", {"results": results})
 
 
+def run_module(module: str, *args: str) -> None:
+    """A scenario in a process of its own (it starts and times its own servers)."""
+    subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=ROOT, check=True)
+
+
 def busy_note() -> None:
     """Warn when something else keeps the machine busy: the numbers would be noisy."""
     load = os.getloadavg()[0]
@@ -125,6 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     if "soak" in chosen:
         busy_note()
         run_soak(args.quick)
+    if "workers-switch" in chosen:
+        busy_note()
+        run_module("workers_switch", "--deploys", "10" if args.quick else "30")
+    if "idle-cpu" in chosen:
+        busy_note()
+        run_module("idle_cpu", "--seconds", "5" if args.quick else "20")
+    if "restart-many" in chosen:
+        busy_note()
+        run_module("restart_many", "--starts", "2" if args.quick else "4")
 
     from . import plots  # matplotlib is imported only now, after the set-up installed it
 

@@ -12,9 +12,9 @@ PACKAGE = Path(starlette_hotdeploy.__file__).parent
 # Lower layers never import higher ones (DESIGN.md: request path <- engine <- coordination <- surfaces),
 # under a base of shared vocabulary: types, errors, records, the manifest, the store's interface.
 BASE = {"_types", "_errors", "_detail", "_deployment", "_events", "_manifest", "_operation", "_store"}
-REQUEST_PATH = {"_dispatch", "_scope", "_mounts", "_version", "_lifespan", "_loader"}
-ENGINE = {"_engine", "_package", "_probe", "_archive", "_hooks", "_host_routes", "_signing"}
-COORDINATION = {"_coordinator", "_follower", "_cluster", "_records", "_sqlite_store"}
+REQUEST_PATH = {"_dispatch", "_scope", "_mounts", "_version", "_tasks", "_lifespan", "_loader"}
+ENGINE = {"_engine", "_package", "_probe", "_archive", "_hooks", "_cleaners", "_host_routes", "_signing"}
+COORDINATION = {"_coordinator", "_follower", "_cluster", "_wakeup", "_records", "_sqlite_store"}
 SURFACES = {
     "_deployer",
     "_admin",
@@ -88,3 +88,19 @@ def test_layers_point_down() -> None:
 
 def test_the_engine_never_imports_the_middleware() -> None:
     assert "_dispatch" not in imports()["_engine"]
+
+
+def test_only_the_tasks_module_uses_asyncio() -> None:
+    """anyio everywhere (asyncio and trio alike); _tasks is the one sanctioned exception."""
+    users = set()
+    for path in PACKAGE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            if any(name == "asyncio" or name.startswith("asyncio.") for name in names):
+                users.add(path.stem)
+    assert users == {"_tasks"}

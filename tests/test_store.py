@@ -136,3 +136,27 @@ def test_activations_keep_their_order_when_the_clock_steps_back(
         assert [a.version for a in store.archives("greeter")] == ["1.0", "2.0"]
     finally:
         store.close()
+
+
+def test_a_heartbeat_rewrites_the_serving_map_only_when_it_changed(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path)
+    try:
+        serving = {f"p{n}": "1.0" for n in range(100)}
+        store.heartbeat("w", serving)
+        first = store.workers()[0]
+        statements: list[str] = []
+        store._db.set_trace_callback(statements.append)
+        store.heartbeat("w", dict(serving))
+        store._db.set_trace_callback(None)
+        assert not any("serving" in sql for sql in statements), statements  # only the time
+        again = store.workers()[0]
+        assert again.heartbeat_at >= first.heartbeat_at
+        assert again.serving == serving
+        serving["p0"] = "2.0"
+        store.heartbeat("w", serving)  # changed (the caller's dict, changed in place): written
+        assert store.workers()[0].serving["p0"] == "2.0"
+        store.remove_worker("w")
+        store.heartbeat("w", serving)  # unregistered meanwhile: registered again, in full
+        assert [(w.id, w.serving) for w in store.workers()] == [("w", serving)]
+    finally:
+        store.close()

@@ -178,12 +178,19 @@ class Server:
     `home`. Start it again (after `kill()` or `stop()`) on the same home to test restarts.
 
     `preload` (gunicorn only): `--preload`, the master imports the app and calls the factory
-    before it forks the workers."""
+    before it forks the workers. `env`: more environment variables for the server."""
 
     def __init__(
-        self, tmp_path: Path, kind: str = "uvicorn", workers: int = 3, *, preload: bool = False
+        self,
+        tmp_path: Path,
+        kind: str = "uvicorn",
+        workers: int = 3,
+        *,
+        preload: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
         assert kind == "gunicorn" or not preload, "only gunicorn preloads"
+        self.extra_env = dict(env or {})
         self.kind = kind
         self.workers = workers
         self.preload = preload
@@ -287,6 +294,7 @@ class Server:
         env["MARKER_DIR"] = str(self.markers)
         # The test packages may import `testkit`, from the tests folder.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
+        env.update(self.extra_env)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 self.command(),
@@ -421,9 +429,14 @@ class Server:
 
 @contextmanager
 def running_server(
-    tmp_path: Path, kind: str = "uvicorn", workers: int = 3, *, preload: bool = False
+    tmp_path: Path,
+    kind: str = "uvicorn",
+    workers: int = 3,
+    *,
+    preload: bool = False,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
-    server = Server(tmp_path, kind, workers, preload=preload)
+    server = Server(tmp_path, kind, workers, preload=preload, env=env)
     try:
         server.start()
         yield server

@@ -6,21 +6,52 @@ and votes; only when all voted "prepared" does the coordinator commit (the desir
 in the same transaction); each worker then switches and votes "switched", and the coordinator
 answers once every live worker did. A worker whose heartbeat is older than `liveness` seconds is
 dead and is not waited for.
+
+The writes the other workers wait for (an operation begun, a vote, the commit, a phase) go
+through the methods below, each in one worker-thread hop that writes and then wakes the other
+workers of the host (`_wakeup.Wakeup`); they and `await_votes` wait for those wake-ups, with a
+slow timer as the safety net (`reconcile_interval`, `$HOTDEPLOY_RECONCILE_INTERVAL`). Without
+wake-ups (no AF_UNIX, a store without a home) or with a live worker on another host (whose
+writes wake nobody here) they poll every `poll_interval`.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import anyio.to_thread
+from anyio import TASK_STATUS_IGNORED
+from anyio.abc import TaskStatus
 
 from ._operation import Operation, OperationKind, Phase, Vote
 from ._store import Store, Worker
+from ._wakeup import Wakeup
+
+T = TypeVar("T")
+
+RECONCILE_ENV = "HOTDEPLOY_RECONCILE_INTERVAL"
+# While a coordinator waits for votes, it looks again this often (seconds) without a wake-up:
+# how soon it notices a worker that died without voting (its pid is gone).
+VOTE_RECHECK = 0.5
+
+
+def default_reconcile_interval() -> float:
+    """$HOTDEPLOY_RECONCILE_INTERVAL (seconds), else 1: how often a worker looks at the store
+    although nobody woke it up."""
+    try:
+        value = float(os.environ.get(RECONCILE_ENV, ""))
+    except ValueError:
+        return 1.0
+    return value if value > 0 else 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +60,7 @@ class VoteResult:
 
     failed: dict[str, str]
     missing: list[str]
+    live: set[str] = field(default_factory=set)  # the live workers at the last look
 
     @property
     def ok(self) -> bool:
@@ -45,10 +77,12 @@ class Cluster:
         self,
         store: Store,
         *,
-        heartbeat_interval: float = 0.5,
+        heartbeat_interval: float = 1.0,
         liveness: float = 5.0,
         poll_interval: float = 0.02,
+        reconcile_interval: float | None = None,
         timeout: float = 60.0,
+        wake_home: Path | None = None,
     ) -> None:
         self.store = store
         self._host = socket.gethostname()
@@ -57,22 +91,66 @@ class Cluster:
         self.worker_id = f"{self._host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
-        self.poll_interval = poll_interval
+        self.poll_interval = poll_interval  # without wake-ups: how often to look
+        # with them: the safety-net look
+        self.reconcile_interval = reconcile_interval or default_reconcile_interval()
         self.timeout = timeout
+        # The wake-up socket is bound now, so that wake-ups sent before anyone listens queue up.
+        home = wake_home if wake_home is not None else getattr(store, "home", None)
+        self.wakeup = Wakeup(Path(home) if home is not None else None)
+        self.wakeup.open()
+        self._remote = False  # a live worker on another host, at the last look
+        # What the last write said this worker serves (the periodic heartbeat repeats it), and
+        # the number of that map (see _beat).
+        self.serving: dict[str, str] | None = None
+        self._serving_seq = 0
+        self._written_seq = 0
+        self._beat_lock = threading.Lock()
+
+    @property
+    def wakes(self) -> bool:
+        """Every change wakes this worker up (its socket is bound, its reader runs, no live
+        worker on another host): no polling needed."""
+        return self.wakeup.is_open and self.wakeup.listening and not self._remote
+
+    async def listen(self, *, task_status: TaskStatus[None] = TASK_STATUS_IGNORED) -> None:
+        """Receive wake-ups until cancelled (the follower runs it in its background)."""
+        await self.wakeup.run(task_status=task_status)
+
+    async def wait_change(self, seen: int, timeout: float) -> bool:
+        """Until a wake-up arrived after `seen` (`self.wakeup.count` taken before the last look),
+        or `timeout`; without wake-ups, at most `poll_interval`."""
+        if not self.wakes:
+            timeout = min(timeout, self.poll_interval)
+        return await self.wakeup.wait(seen, timeout)
+
+    async def changed(self, write: Callable[[], T]) -> T:
+        """Run a store write the other workers wait for, then wake them: one thread hop."""
+
+        def run() -> T:
+            result = write()
+            self.wakeup.notify()
+            return result
+
+        return await anyio.to_thread.run_sync(run)
 
     def workers(self) -> list[Worker]:
         """Workers with a recent heartbeat; on this host, also a process that still exists (a
         worker killed a moment ago is not waited for). A blocking call."""
-        return [w for w in self.store.workers(self.liveness) if self._may_be_alive(w.id)]
+        return [w for w in self.store.workers(self.liveness) if self._may_be_alive(w)]
+
+    def _live_ids(self) -> set[str]:
+        ids = {w.id for w in self.workers()}
+        self._remote = any(w.partition(":")[0] != self._host for w in ids)
+        return ids | {self.worker_id}
 
     async def live(self) -> set[str]:
-        workers = await anyio.to_thread.run_sync(self.workers)
-        return {w.id for w in workers} | {self.worker_id}
+        return await anyio.to_thread.run_sync(self._live_ids)
 
-    def _may_be_alive(self, worker_id: str) -> bool:
-        host, _, rest = worker_id.partition(":")
+    def _may_be_alive(self, worker: Worker) -> bool:
+        host, _, rest = worker.id.partition(":")
         pid = rest.partition(":")[0]
-        if host != self._host or not pid.isdigit():
+        if host != self._host or not pid.isdigit() or worker.id == self.worker_id:
             return True
         try:
             os.kill(int(pid), 0)
@@ -80,13 +158,82 @@ class Cluster:
             return False
         except PermissionError:
             return True
-        return not _zombie(int(pid))
+        if _zombie(int(pid)):
+            return False
+        # A process with that pid started after the worker's last heartbeat: the pid was reused
+        # (a worker restarted in a container gets the same pid), the worker is gone. The last
+        # heartbeat, not the registration: a clock stepped forward since then cannot make a
+        # long-running worker look newer than its own process.
+        started = _process_start(int(pid))
+        return started is None or started <= worker.heartbeat_at + PID_REUSE_MARGIN
 
-    async def heartbeat(self, serving: dict[str, str]) -> None:
-        await anyio.to_thread.run_sync(self.store.heartbeat, self.worker_id, serving)
+    async def heartbeat(self, serving: dict[str, str] | None) -> None:
+        """Refresh this worker's heartbeat and what it serves (None: what it last wrote)."""
+        beat = self._beat(serving)
+        await anyio.to_thread.run_sync(beat)
+
+    def _beat(self, serving: dict[str, str] | None) -> Callable[[], None]:
+        """The blocking heartbeat of a map computed now (on the loop). Maps are numbered when
+        computed; one that reaches the store after a newer one was written there (two thread
+        hops overtaking each other) writes the newer one again instead of going back."""
+        self._serving_seq += 1
+        seq = self._serving_seq
+
+        def write() -> None:
+            with self._beat_lock:
+                latest = serving
+                if latest is None or seq < self._written_seq:
+                    latest = self.serving if self.serving is not None else {}
+                else:
+                    self._written_seq, self.serving = seq, latest
+                self.store.heartbeat(self.worker_id, latest)
+
+        return write
 
     async def leave(self) -> None:
-        await anyio.to_thread.run_sync(self.store.remove_worker, self.worker_id)
+        """Nobody waits for this worker any more (a coordinator waiting for its vote is woken)."""
+        try:
+            await self.changed(lambda: self.store.remove_worker(self.worker_id))
+        finally:
+            self.wakeup.close()
+
+    # -- the writes others wait for ---------------------------------------------------------
+
+    async def begin_operation(self, operation: Operation) -> Operation | None:
+        """Register an operation (the live workers read in the same hop); the one under way
+        on the package, if a live worker runs one."""
+        return await self.changed(lambda: self.store.begin_operation(operation, self._live_ids()))
+
+    async def vote(
+        self, op_id: str, vote: Vote, detail: str | None = None, *, serving: dict[str, str] | None = None
+    ) -> None:
+        """This worker's vote; with `serving`, the heartbeat first (same hop): once the vote is
+        in, the workers map shows what this worker serves."""
+
+        beat = self._beat(serving) if serving is not None else None
+
+        def write() -> None:
+            if beat is not None:
+                beat()
+            self.store.vote(op_id, self.worker_id, vote, detail)
+
+        await self.changed(write)
+
+    async def commit(self, operation: Operation) -> int:
+        return await self.changed(lambda: self.store.commit(operation))
+
+    async def set_phase(self, op_id: str, phase: Phase, *, serving: dict[str, str] | None = None) -> None:
+        beat = self._beat(serving) if serving is not None else None
+
+        def write() -> None:
+            self.store.set_phase(op_id, phase)
+            if beat is not None:
+                beat()
+
+        await self.changed(write)
+
+    async def abandon(self, operation: Operation) -> None:
+        await self.changed(lambda: self.store.abandon(operation))
 
     def new_operation(
         self,
@@ -112,9 +259,13 @@ class Cluster:
     async def await_votes(self, operation: Operation, wanted: Vote) -> VoteResult:
         """Wait until every live worker voted `wanted` (or FAILED), or the timeout."""
         deadline = time.monotonic() + self.timeout
+
+        def look() -> tuple[set[str], dict[str, tuple[Vote, str | None]]]:
+            return self._live_ids(), self.store.votes(operation.id)
+
         while True:
-            live = await self.live()
-            votes = await anyio.to_thread.run_sync(self.store.votes, operation.id)
+            seen = self.wakeup.count  # before the look: a vote cast during it wakes the wait
+            live, votes = await anyio.to_thread.run_sync(look)
             failed = {
                 w: detail or "failed"
                 for w, (vote, detail) in votes.items()
@@ -122,10 +273,43 @@ class Cluster:
             }
             waiting = sorted(w for w in live if votes.get(w, ("", None))[0] != wanted and w not in failed)
             if failed or not waiting:
-                return VoteResult(failed, [])
-            if time.monotonic() > deadline:
-                return VoteResult(failed, waiting)
-            await anyio.sleep(self.poll_interval)
+                return VoteResult(failed, [], live)
+            now = time.monotonic()
+            if now > deadline:
+                return VoteResult(failed, waiting, live)
+            # Votes wake this up; the timer notices a worker that died without voting.
+            await self.wait_change(seen, min(VOTE_RECHECK, deadline - now + 0.001))
+
+
+# /proc's start times are clock ticks after the boot time (whole seconds, rounded down): a
+# margin for the rounding and for the heartbeat's own clock.
+PID_REUSE_MARGIN = 1.0
+
+
+def _boot_time() -> float | None:
+    try:
+        with open("/proc/stat", "rb") as stat:
+            for line in stat:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+_BOOT = _boot_time()
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _process_start(pid: int) -> float | None:
+    """When process `pid` started (wall clock), from /proc (Linux); None if unknown."""
+    if _BOOT is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return _BOOT + int(stat.read().rpartition(b")")[2].split()[19]) / _TICKS
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _zombie(pid: int) -> bool:

@@ -240,7 +240,7 @@ class Coordinator:
             try:
                 await self.engine.remove(package, record)
             except Exception as exc:
-                await anyio.to_thread.run_sync(self.store.set_phase, operation.id, Phase.ABORT)
+                await self.cluster.set_phase(operation.id, Phase.ABORT)
                 await self._fail(record, _as_error_for(exc, name))
             await self._commit(operation, record)
             record.conclude(Outcome.SUCCEEDED)
@@ -299,8 +299,7 @@ class Coordinator:
 
     async def _begin(self, operation: Operation, record: Deployment) -> None:
         """Register a cluster-wide operation; refused while another worker runs one on the package."""
-        live = await self.cluster.live()
-        other = await anyio.to_thread.run_sync(self.store.begin_operation, operation, live)
+        other = await self.cluster.begin_operation(operation)
         if other is not None:
             error = DeploymentInProgress(
                 f"another operation on {operation.package} is in progress on worker {other.coordinator}; "
@@ -319,12 +318,11 @@ class Coordinator:
         to serve it. Without `done`, the operation stays open (no other worker may start one on
         the package) until the caller ends it: through the bake."""
         with record.step("commit"):
-            await anyio.to_thread.run_sync(self.store.commit, operation)
+            await self.cluster.commit(operation)
         await self.follower.vote(operation, Vote.SWITCHED)
         with record.step("converge") as step:
             result = await self.cluster.await_votes(operation, Vote.SWITCHED)
-            live = await self.cluster.live()
-            step.detail = f"{len(live)} worker(s) serve it"
+            step.detail = f"{len(result.live)} worker(s) serve it"
             if not result.ok:
                 # Committed: they converge when they can; the answer says who lags.
                 step.detail += f"; {result.describe()}"
@@ -333,8 +331,7 @@ class Coordinator:
             await self._done(operation)
 
     async def _done(self, operation: Operation) -> None:
-        await anyio.to_thread.run_sync(self.store.set_phase, operation.id, Phase.DONE)
-        await self.cluster.heartbeat(self.engine.serving())
+        await self.cluster.set_phase(operation.id, Phase.DONE, serving=self.engine.serving())
 
     async def _install(
         self,
@@ -393,7 +390,7 @@ class Coordinator:
                             version=version.version,
                             step="prepare workers",
                         )
-                    step.detail = f"{len(await self.cluster.live())} worker(s) prepared"
+                    step.detail = f"{len(result.live)} worker(s) prepared"
                 with record.step("switch") as step:
                     if warm is not None:
                         step.detail = "warm: one assignment"
@@ -404,7 +401,7 @@ class Coordinator:
                     else:
                         engine.switch(package, version, current)
             except BaseException as exc:
-                await anyio.to_thread.run_sync(self.store.set_phase, operation.id, Phase.ABORT)
+                await self.cluster.set_phase(operation.id, Phase.ABORT)
                 if warm is None:
                     await engine.discard(package, version)
                 elif version.state is not VersionState.ACTIVE:
@@ -471,7 +468,7 @@ class Coordinator:
             current.sha256 if current is not None else None,
             operation.lineage[:-1],
         )
-        other = await anyio.to_thread.run_sync(self.store.begin_operation, back, await self.cluster.live())
+        other = await self.cluster.begin_operation(back)
         if other is not None:
             # Another worker began an operation in the instant since this one ended: the switch
             # back stands here; the store's desired state is theirs to decide.

@@ -1,16 +1,19 @@
 """Follower: this worker's part in the other workers' operations.
 
-It keeps a heartbeat in the store, notices changes (SQLite's `PRAGMA data_version`, polled every
-20 ms, and a full look once a second), votes on operations in their prepare phase by preparing
-the version here, and makes every package serve exactly the store's desired state: at start-up
-(the restore) and whenever another worker committed a change. It changes nothing itself: every
-change goes through the engine's named methods, under the engine's claim on the package.
+It keeps a heartbeat in the store, notices changes (a wake-up from the worker that wrote them,
+see _wakeup, and a cheap look once a second: the desired generation and the operations under
+way), votes on operations in their prepare phase by preparing the version here, and makes every
+package serve exactly the store's desired state: at start-up (the restore, packages in parallel)
+and whenever another worker committed a change. It changes nothing itself: every change goes
+through the engine's named methods, under the engine's claim on the package.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.to_thread
@@ -24,6 +27,19 @@ from ._version import PackageVersion, VersionState
 
 logger = logging.getLogger("starlette_hotdeploy")
 
+# Packages restored at once (their imports run in worker threads; the start-up of each in the
+# runtime's task group): enough to overlap the thread hops and file reads, few enough to keep
+# the event loop serving.
+RESTORE_CONCURRENCY = 8
+# Even when nothing seems to have changed, a full converge this often (seconds): a safety net
+# (a change of the desired state moves its generation, which every look reads).
+FULL_LOOK_INTERVAL = 30.0
+# The periodic heartbeat recomputes what this worker serves every this many beats.
+SERVING_REFRESH_BEATS = 5
+
+_Fingerprint = tuple[int, tuple[tuple[str, str], ...]]
+_Look = tuple[_Fingerprint, set[str], list[Operation], dict[str, Desired]]
+
 
 class Follower:
     def __init__(self, engine: Engine, cluster: Cluster, store: Store, *, bake_time: float) -> None:
@@ -34,6 +50,10 @@ class Follower:
         # operation id -> the version prepared (or held warm) for it here, with its package
         self._prepared: dict[str, tuple[Package, PackageVersion]] = {}
         self._voted: set[tuple[str, Vote]] = set()  # (operation id, vote) this worker cast
+        # What the last complete converge saw (desired generation, operations under way); None:
+        # look again in full (never converged, or something was left to do).
+        self._fingerprint: _Fingerprint | None = None
+        self._last_full = 0.0
 
     @property
     def worker_id(self) -> str:
@@ -57,9 +77,13 @@ class Follower:
         beats = 0
         while True:
             try:
-                await self.cluster.heartbeat(self.engine.serving())
+                # Every change of what is served is written with its vote or phase (and after
+                # a converge); the periodic beat repeats the last map, recomputed only now and
+                # then (with 1000 packages, computing it is most of an idle worker's CPU).
+                fresh = self.cluster.serving is None or beats % SERVING_REFRESH_BEATS == 0
+                await self.cluster.heartbeat(self.engine.serving() if fresh else None)
                 beats += 1
-                if beats % 120 == 1:  # about once a minute: what is older than an hour goes
+                if beats % 60 == 1:  # about once a minute: what is older than an hour goes
                     live = await self.cluster.live()
 
                     def housekeeping(live: set[str] = live) -> None:
@@ -73,30 +97,51 @@ class Follower:
             await anyio.sleep(self.cluster.heartbeat_interval)
 
     async def follow(self) -> None:
-        """Converge whenever another worker committed something (and once a second anyway)."""
-        seen = -1
-        last = 0.0
-        while True:
-            current = await anyio.to_thread.run_sync(self.store.data_version)
-            if current != seen or time.monotonic() - last > 1.0:
-                seen, last = current, time.monotonic()
+        """Converge whenever another worker wakes this one up (and look once a second anyway:
+        a lost wake-up only delays). Without wake-ups, look every `poll_interval`."""
+        cluster = self.cluster
+        async with anyio.create_task_group() as tasks:
+            if cluster.wakeup.is_open:
+                # Listening before the first look: a change after it wakes this loop.
+                await tasks.start(cluster.listen, name="hotdeploy wake-ups")
+            while True:
+                seen = cluster.wakeup.count  # before the look: a wake-up during it is not lost
                 try:
-                    await self.converge()
+                    await self.converge(force=time.monotonic() - self._last_full > FULL_LOOK_INTERVAL)
                 except Exception:
                     logger.exception("converging on the desired state failed")
-            await anyio.sleep(self.cluster.poll_interval)
+                await cluster.wait_change(seen, cluster.reconcile_interval)
 
-    async def converge(self) -> None:
-        """Vote on other workers' operations, then serve exactly the desired state."""
-        live = await self.cluster.live()
+    def _look(self, force: bool) -> _Look | None:
+        """Blocking, one thread hop: what converge reads. None: nothing changed since the last
+        complete converge (only the generation and the operations under way are read)."""
+        generation = self.store.generation()  # first: a commit after it makes the next look full
+        operations = self.store.active_operations()
+        fingerprint = (generation, tuple((o.id, o.phase.value) for o in operations))
+        foreign = any(o.coordinator != self.worker_id for o in operations)
+        if not force and not foreign and fingerprint == self._fingerprint:
+            return None
+        return fingerprint, self.cluster._live_ids(), operations, self.store.desired()
+
+    async def converge(self, *, force: bool = True) -> None:
+        """Vote on other workers' operations, then serve exactly the desired state. Without
+        `force`, only if the store changed since the last complete converge."""
+        force = force or self._fingerprint is None or bool(self._prepared)
+        look = await anyio.to_thread.run_sync(self._look, force)
+        if look is None:
+            return
+        fingerprint, live, operations, desired = look
+        if force:
+            self._last_full = time.monotonic()
+        settled = True
         # Only unfinished operations: finished ones are history (and would grow without bound).
-        operations = await anyio.to_thread.run_sync(self.store.active_operations)
         latest: dict[str, Operation] = {}  # per package, the committed operation to vote on
         for operation in operations:
             if operation.coordinator == self.worker_id:
                 continue
             if operation.coordinator not in live:
-                await anyio.to_thread.run_sync(self.store.abandon, operation)
+                await self.cluster.abandon(operation)
+                settled = False
             elif operation.phase is Phase.COMMIT:
                 latest[operation.package] = operation
             elif not self._has_voted(operation, Vote.PREPARED, Vote.FAILED):
@@ -106,27 +151,83 @@ class Follower:
             # Aborted (or finished without this worker): what was prepared for it goes.
             await self._let_go(*self._prepared.pop(op_id))
         self._voted = {vote for vote in self._voted if vote[0] in unfinished}
-        desired = await anyio.to_thread.run_sync(self.store.desired)
+        work: list[Callable[[], Awaitable[bool]]] = []
         for name, wanted in desired.items():
-            if not self.engine.is_busy(name):
-                await self._converge_package(name, wanted, latest.get(name))
+            if self.engine.is_busy(name):
+                settled = False  # an operation of this worker: the next round looks again
+            elif not self._serves(name, wanted) or name in latest:
+                work.append(functools.partial(self._converge_package, name, wanted, latest.get(name)))
+        settled = await self._run_all(work) and settled
+        switched = bool(work)
         for package in self.engine.packages():
             name = package.name
             if name not in desired and not self.engine.is_busy(name) and package.active is not None:
                 with self.engine.claim(name):
                     await self.engine.remove(package, None)
+                switched = True
                 removal = latest.get(name)
                 if removal is not None:
-                    await self.vote(removal, Vote.SWITCHED)
+                    await self.vote(removal, Vote.SWITCHED, serving=self.engine.serving())
+        if switched and not latest:
+            await self.cluster.heartbeat(self.engine.serving())  # the restore: the workers map
+        self._fingerprint = fingerprint if settled else None
+
+    def _serves(self, name: str, wanted: Desired) -> bool:
+        package = self.engine.get(name)
+        active = package.active if package is not None else None
+        return active is not None and (active.version, active.sha256) == (wanted.version, wanted.sha256)
+
+    async def _run_all(self, work: list[Callable[[], Awaitable[bool]]]) -> bool:
+        """Run the packages' convergence, several at once (the restore of many packages); True
+        if every one settled. Those that failed are run again one at a time: a load refused
+        because another one, overlapping it, touched `sys.modules` (see _loader.audited) must
+        not keep an innocent package down. The first error is raised once all have finished."""
+        if len(work) == 1:
+            return await work[0]()
+        limiter = anyio.CapacityLimiter(RESTORE_CONCURRENCY)
+        failed: list[Callable[[], Awaitable[bool]]] = []
+
+        async def one(job: Callable[[], Awaitable[bool]]) -> None:
+            async with limiter:
+                try:
+                    settled = await job()
+                except Exception:
+                    settled = False
+                if not settled:
+                    failed.append(job)
+
+        async with anyio.create_task_group() as tasks:
+            for job in work:
+                tasks.start_soon(one, job)
+        if not failed:
+            return True
+        settled = True
+        errors: list[Exception] = []
+        for job in failed:  # alone this time
+            try:
+                settled = await job() and settled
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        return settled
 
     def _has_voted(self, operation: Operation, *votes: Vote) -> bool:
         return any((operation.id, vote) in self._voted for vote in votes)
 
-    async def vote(self, operation: Operation, vote: Vote, detail: str | None = None) -> None:
-        """Cast this worker's vote (once): the coordinator votes through here too."""
+    async def vote(
+        self,
+        operation: Operation,
+        vote: Vote,
+        detail: str | None = None,
+        *,
+        serving: dict[str, str] | None = None,
+    ) -> None:
+        """Cast this worker's vote (once): the coordinator votes through here too. With
+        `serving`, the heartbeat goes first, in the same thread hop."""
         if (operation.id, vote) not in self._voted:
             self._voted.add((operation.id, vote))
-            await anyio.to_thread.run_sync(self.store.vote, operation.id, self.worker_id, vote, detail)
+            await self.cluster.vote(operation.id, vote, detail, serving=serving)
 
     async def _prepare_for(self, operation: Operation) -> None:
         """Prepare another worker's change here, and vote."""
@@ -169,18 +270,29 @@ class Follower:
             self._prepared[operation.id] = (package, version)
             await self.vote(operation, Vote.PREPARED)
 
-    async def _converge_package(self, name: str, wanted: Desired, operation: Operation | None) -> None:
-        """Make this worker serve the desired version of one package (restore or follow)."""
+    async def _converge_package(self, name: str, wanted: Desired, operation: Operation | None) -> bool:
+        """Make this worker serve the desired version of one package (restore or follow); False
+        if it could not (the next full look tries again)."""
         engine = self.engine
         package = engine.get(name)
         active = package.active if package is not None else None
         if active is not None and (active.version, active.sha256) == (wanted.version, wanted.sha256):
             if operation is not None:
-                await self.vote(operation, Vote.SWITCHED)
-            return
+                await self.vote(operation, Vote.SWITCHED, serving=engine.serving())
+            return True
+        if engine.is_busy(name):
+            return False
+        if package is None:
+            # A worker that starts while another one's operation is being prepared prepares
+            # its version first: restore into that same Package, or the switch to the
+            # prepared version would leave a second one behind, still pointing at this one.
+            package = next((p for p, _ in self._prepared.values() if p.name == name), None)
         with engine.claim(name):
             target: PackageVersion | None = None
             prepared = self._prepared.pop(operation.id, None) if operation is not None else None
+            if prepared is not None and package is not None and prepared[0] is not package:
+                await self._let_go(*prepared)  # prepared for a Package that was never adopted
+                prepared = None
             if prepared is not None:
                 package, target = prepared
             elif package is not None:
@@ -190,7 +302,7 @@ class Follower:
             if target is None:
                 target, package = await engine.restore(name, wanted, package)
             if target is None:
-                return
+                return False
             assert package is not None
             engine.adopt(package)
             if target.manifest.strategy == "block" and active is not None and package.mount is not None:
@@ -200,7 +312,7 @@ class Follower:
             engine.confirm(package, wanted.version, wanted.sha256, wanted.lineage)
             if active is not None and active is not target:
                 engine.retire(package, active, None, delay=self.bake_time)
-            # Heartbeat first: once the vote is in, the workers map must show the new version.
-            await self.cluster.heartbeat(engine.serving())
             if operation is not None:
-                await self.vote(operation, Vote.SWITCHED)
+                # Heartbeat first: once the vote is in, the workers map must show the new version.
+                await self.vote(operation, Vote.SWITCHED, serving=engine.serving())
+        return True

@@ -170,6 +170,7 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._connection = self._connect()
+        self._serving_written: dict[str, dict[str, str]] = {}  # worker id -> its last heartbeat's
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(
@@ -464,12 +465,24 @@ class SQLiteStore:
 
     def heartbeat(self, worker_id: str, serving: dict[str, str]) -> None:
         now = time.time()
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO workers VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, serving = excluded.serving",
-                (worker_id, os.getpid(), now, now, json.dumps(serving)),
-            )
+        written = self._serving_written
+        try:
+            with self._transaction() as db:
+                # What it serves rarely changes: then only the time is written (with 1000
+                # packages, rewriting the map on every beat costs an idle worker more CPU).
+                if written.get(worker_id) == serving:
+                    updated = db.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (now, worker_id))
+                    if updated.rowcount == 1:
+                        return
+                db.execute(
+                    "INSERT INTO workers VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                    "heartbeat_at = excluded.heartbeat_at, serving = excluded.serving",
+                    (worker_id, os.getpid(), now, now, json.dumps(serving)),
+                )
+                written[worker_id] = dict(serving)  # under the lock: concurrent beats stay in order
+        except BaseException:
+            written.pop(worker_id, None)  # not known to be written: write it in full next time
+            raise
 
     def remove_worker(self, worker_id: str) -> None:
         with self._transaction() as db:

@@ -1,0 +1,205 @@
+"""Wakeup: the workers of one host wake each other up when they changed the store.
+
+Each worker binds a Unix datagram socket in a directory shared by the workers of the home and
+of this host (`<home>/wake/<host>/<pid>-<random>.sock`, or, when that path would not fit a socket
+address, a private directory under /tmp named after the home and the host). A worker that wrote
+something the others wait for (an operation, a vote, a commit, a phase) sends one byte to every
+other socket in that directory: non-blocking, from the worker thread that did the write. A socket
+nobody listens on any more (a killed worker's) answers ECONNREFUSED and is removed; the host is in
+the path because another host's sockets (a home on a shared file system) answer that too.
+
+The receiving side is one task (`run`, under anyio, so asyncio and trio alike) that drains the
+socket and bumps a counter; `wait(seen, timeout)` returns once the counter moved past `seen`, or
+after `timeout`. Nothing depends on a datagram arriving: the callers also look on a slow timer,
+so a lost one only delays. Where there is no AF_UNIX (Windows) or the loop cannot watch a socket,
+`open` or `run` fails, `listening` stays False and the callers poll.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import socket
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+import anyio
+from anyio import TASK_STATUS_IGNORED
+from anyio.abc import TaskStatus
+
+logger = logging.getLogger("starlette_hotdeploy")
+
+SUFFIX = ".sock"
+# sun_path is 108 bytes on Linux, 104 on macOS and the BSDs; keep a margin.
+MAX_SOCKET_PATH = 100
+# The longest name `Wakeup` makes (a 10-digit pid): every worker of a home must pick the same
+# directory, whatever the length of its own pid.
+LONGEST_NAME = len(f"{2**32}-{'0' * 8}{SUFFIX}")
+
+
+def _digest(text: str, size: int = 16) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:size]
+
+
+def _fits(directory: Path) -> bool:
+    return len(os.fsencode(directory)) + 1 + LONGEST_NAME <= MAX_SOCKET_PATH
+
+
+def wake_directory(home: Path, host: str | None = None) -> Path | None:
+    """Where the sockets of the home's workers on this host are: `<home>/wake/<host>`, else a
+    short directory under /tmp (the same for every worker: named after the home's real path).
+    None if even that is too long."""
+    host = host if host is not None else socket.gethostname()
+    real = home.resolve()
+    directory = real / "wake" / _digest(host, 8)
+    if _fits(directory):
+        return directory
+    user = os.getuid() if hasattr(os, "getuid") else 0
+    base = Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())
+    directory = base / f"hotdeploy-wake-{user}-{_digest(f'{real}:{host}')}"
+    return directory if _fits(directory) else None
+
+
+class Wakeup:
+    """This worker's wake-up socket, and the sending side to the others of the home."""
+
+    def __init__(self, home: Path | None) -> None:
+        self.name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}{SUFFIX}"
+        self.directory = wake_directory(home) if home is not None else None
+        self.path: Path | None = None
+        self._receiver: socket.socket | None = None
+        self._sender: socket.socket | None = None
+        self._lock = threading.Lock()  # notify (worker threads) against close (the loop)
+        self._count = 0
+        self._event: anyio.Event | None = None  # made on the event loop, by wait or _bump
+        self.listening = False  # `run` is draining the socket
+
+    @property
+    def is_open(self) -> bool:
+        return self._receiver is not None
+
+    @property
+    def count(self) -> int:
+        """How many wake-ups arrived (bursts count once): pass it to `wait`."""
+        return self._count
+
+    def open(self) -> bool:
+        """Bind this worker's socket (blocking, quick). False: no wake-ups here, poll instead."""
+        directory = self.directory
+        if directory is None or not hasattr(socket, "AF_UNIX"):
+            return False
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if hasattr(os, "getuid") and directory.stat().st_uid != os.getuid():
+                logger.warning("%s belongs to another user: workers poll the store", directory)
+                return False
+            path = directory / self.name
+            receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                receiver.setblocking(False)
+                receiver.bind(os.fspath(path))
+                sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                sender.setblocking(False)
+            except BaseException:
+                receiver.close()
+                raise
+        except OSError as exc:
+            logger.warning("no wake-up socket (%s): workers poll the store", exc)
+            return False
+        self._receiver, self._sender, self.path = receiver, sender, path
+        return True
+
+    def close(self) -> None:
+        """Unbind (idempotent). On the event loop: a `run` still waiting is told first."""
+        with self._lock:
+            receiver, sender, path = self._receiver, self._sender, self.path
+            self._receiver = self._sender = self.path = None
+        if receiver is not None and self.listening:
+            with contextlib.suppress(Exception):  # not on the loop's thread: nothing to tell
+                anyio.notify_closing(receiver)
+        self.listening = False
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        for sock in (receiver, sender):
+            if sock is not None:
+                sock.close()
+
+    def notify(self) -> int:
+        """Wake every other worker of the home (blocking but never waits: call it from the
+        worker thread that wrote). Returns how many sockets were sent to."""
+        directory = self.directory
+        if directory is None or self._sender is None:
+            return 0
+        try:
+            entries = [e for e in os.scandir(directory) if e.name != self.name and e.name.endswith(SUFFIX)]
+        except OSError:
+            return 0
+        sent = 0
+        with self._lock:  # close() cannot free the descriptor under a send
+            sender = self._sender
+            if sender is None:
+                return 0
+            for entry in entries:
+                try:
+                    sender.sendto(b"!", entry.path)
+                    sent += 1
+                except (BlockingIOError, InterruptedError):
+                    sent += 1  # its queue is full: it has wake-ups pending anyway
+                except OSError as exc:
+                    if exc.errno in (errno.ECONNREFUSED, errno.ENOTSOCK):
+                        # Nobody listens there: a worker that died without closing it.
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry.path)
+                    elif exc.errno not in (errno.ENOENT, errno.EPERM, errno.EACCES):
+                        logger.debug("wake-up to %s failed: %s", entry.name, exc)
+        return sent
+
+    async def run(self, *, task_status: TaskStatus[None] = TASK_STATUS_IGNORED) -> None:
+        """Receive wake-ups until cancelled (one task per worker; `tasks.start` returns once it
+        listens). If the event loop cannot watch the socket, return: `listening` is False and
+        the callers poll."""
+        receiver = self._receiver
+        if receiver is None:
+            task_status.started()
+            return
+        self.listening = True
+        task_status.started()
+        try:
+            while True:
+                await anyio.wait_readable(receiver)
+                got = False
+                while True:
+                    try:
+                        receiver.recv(64)
+                        got = True
+                    except OSError:  # BlockingIOError: drained
+                        break
+                if got:
+                    self._bump()
+        except (OSError, NotImplementedError, anyio.ClosedResourceError, anyio.BusyResourceError) as exc:
+            if self._receiver is receiver:
+                logger.warning("wake-ups cannot be received (%r): workers poll the store", exc)
+        finally:
+            self.listening = False
+
+    def _bump(self) -> None:
+        self._count += 1
+        event, self._event = self._event, anyio.Event()
+        if event is not None:
+            event.set()
+
+    async def wait(self, seen: int, timeout: float) -> bool:
+        """Until a wake-up arrived after `seen` (True), or `timeout` seconds passed (False)."""
+        if self._count != seen:
+            return True
+        if self._event is None:
+            self._event = anyio.Event()
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+        return self._count != seen
