@@ -404,6 +404,18 @@ def test_overlapping_mounts_are_refused(first: str, second: str) -> None:
     assert table.match("/a/b/c") is table.get(first)
 
 
+def test_a_removed_mount_no_longer_conflicts() -> None:
+    table = MountTable()
+    table.add(stub_mount("/a/b/c", "deep"))
+    with pytest.raises(MountConflict, match="'/a' overlaps '/a/b/c'"):
+        table.add(stub_mount("/a", "top"))  # found among the mounts below it, not by a scan
+    table.remove("/a/b/c")
+    table.add(stub_mount("/a", "top"))
+    with pytest.raises(MountConflict, match="'/a/b' overlaps '/a'"):
+        table.add(stub_mount("/a/b", "middle"))
+    assert len(table) == 1
+
+
 def test_segment_prefixes_do_not_overlap() -> None:
     table = MountTable()
     for prefix, package in [("/a", "a"), ("/ab", "ab"), ("/api/orders", "orders"), ("/api2", "api2")]:

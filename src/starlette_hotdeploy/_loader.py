@@ -489,8 +489,19 @@ class _Snapshot:
 
     @classmethod
     def take(cls) -> _Snapshot:
+        global _settled
         # .copy() is one step for the GIL: other threads import meanwhile.
-        modules = {name: m for name, m in sys.modules.copy().items() if not _initializing(m)}
+        current = sys.modules.copy()
+        # A module that was fully imported at the last snapshot is still: only the entries new
+        # since then are looked at (checking all of them made a restore of n packages O(n^2)).
+        settled = _settled
+        modules: dict[str, types.ModuleType] = {}
+        seen: dict[str, int] = {}
+        for name, module in current.items():
+            if settled.get(name) == id(module) or not _initializing(module):
+                modules[name] = module
+                seen[name] = id(module)
+        _settled = seen  # one assignment: snapshots run in several threads at once
         return cls(modules, builtins.__dict__.copy())
 
     def undo(self, namespace: Namespace) -> str:
@@ -515,6 +526,13 @@ class _Snapshot:
             changes["added"].append(f"builtins.{name}")
             real.pop(name, None)
         return ", ".join(f"{verb} {_and(sorted(names))}" for verb, names in changes.items() if names)
+
+
+# name -> id() of the module that the last snapshot found fully imported under that name. An id
+# only (no reference: unloaded modules must be freed); the cache is rebuilt from sys.modules by
+# every snapshot, so a name must leave and come back between two loads, with a new module at the
+# same address, to be mistaken, and then a load is refused that may be retried.
+_settled: dict[str, int] = {}
 
 
 def _initializing(module: object) -> bool:

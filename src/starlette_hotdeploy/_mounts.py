@@ -57,6 +57,16 @@ class Mount:
         return f"<Mount {self.prefix!r} -> {self.active!r}>"
 
 
+def ancestors(prefix: str) -> list[str]:
+    """The whole-segment prefixes above `prefix`: "/a/b/c" -> ["/a", "/a/b"]."""
+    found = []
+    end = prefix.find("/", 1)
+    while end != -1:
+        found.append(prefix[:end])
+        end = prefix.find("/", end + 1)
+    return found
+
+
 def overlaps(a: str, b: str) -> bool:
     """True when one prefix equals the other or contains it as whole path segments."""
     return a == b or a.startswith(b + "/") or b.startswith(a + "/")
@@ -71,6 +81,7 @@ class MountTable:
 
     def __init__(self) -> None:
         self._by_prefix: dict[str, Mount] = {}  # the packages' mounts
+        self._below: dict[str, set[str]] = {}  # a path -> the mount prefixes under it
         self._index: dict[str, Mount] = {}  # what `match` looks in: those and the reserved ones
         self._max_depth = 0
         self._reserved: dict[str, str] = {}  # prefix -> what owns it (the admin API)
@@ -99,8 +110,11 @@ class MountTable:
                     package=package,
                     step="manifest",
                 )
-        for other in self._by_prefix.values():
-            if other.package != package and overlaps(prefix, other.prefix):
+        # The mounts at `prefix` or above it, and those below it: O(depth), not O(mounts).
+        near = [p for p in (*ancestors(prefix), prefix) if p in self._by_prefix]
+        near += sorted(self._below.get(prefix, ()))
+        for other in (self._by_prefix[p] for p in near):
+            if other.package != package:
                 raise MountConflict(
                     f"mount {prefix!r} overlaps {other.prefix!r} of package {other.package!r}; "
                     "choose a prefix that neither contains nor is contained in it",
@@ -110,6 +124,9 @@ class MountTable:
 
     def add(self, mount: Mount) -> None:
         self.check(mount.prefix, mount.package)
+        if mount.prefix not in self._by_prefix:
+            for above in ancestors(mount.prefix):
+                self._below.setdefault(above, set()).add(mount.prefix)
         self._by_prefix[mount.prefix] = mount
         self._index[mount.prefix] = mount
         self._max_depth = max(self._max_depth, mount.prefix.count("/"))
@@ -118,6 +135,12 @@ class MountTable:
         mount = self._by_prefix.pop(prefix, None)
         if mount is not None:
             del self._index[prefix]
+            for above in ancestors(prefix):
+                below = self._below.get(above)
+                if below is not None:
+                    below.discard(prefix)
+                    if not below:
+                        del self._below[above]
         self._max_depth = max((p.count("/") for p in self._index), default=0)
         return mount
 
