@@ -589,3 +589,25 @@ async def test_plugins_load_from_the_entry_point_group(
         assert deployer.plugins.has_plugin("acme")
         with pytest.raises(DeploymentError, match=r"check acme\.hotdeploy_validate vetoed: acme policy"):
             await deployer.deploy(write_package(sources))
+
+
+async def test_a_failing_background_task_ends_the_runtime_with_a_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Behind uvicorn the error would not show: the runtime names it before it ends."""
+
+    async def broken() -> None:
+        raise RuntimeError("a background task broke")
+
+    deployer = Deployer(home=tmp_path / "home", entry_points=False)
+
+    async def run() -> None:
+        async with deployer.running():
+            deployer._engine.runtime().start_soon(broken)
+            await anyio.sleep_forever()
+
+    with pytest.raises(BaseExceptionGroup) as info:
+        await run()
+    assert info.group_contains(RuntimeError, match="a background task broke")
+    assert "the deployer's runtime failed: this worker no longer follows deployments" in caplog.text
+    assert not deployer.is_running

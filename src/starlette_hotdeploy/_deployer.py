@@ -198,7 +198,7 @@ class Deployer:
         middleware calls it once the host app's own startup completed)."""
         if self._runtime is not None:
             raise RuntimeError("this Deployer is already running")
-        async with anyio.create_task_group() as task_group:
+        async with self._runtime_failures_logged(), anyio.create_task_group() as task_group:
             self._stopped = False
             try:
                 store = await anyio.to_thread.run_sync(self._open_store)
@@ -237,6 +237,17 @@ class Deployer:
                 self._engine.close()
                 self._runtime = None
                 task_group.cancel_scope.cancel()
+
+    @asynccontextmanager
+    async def _runtime_failures_logged(self) -> AsyncIterator[None]:
+        """A background task that raised ends the runtime: say so. Behind uvicorn, an error
+        after the lifespan's startup is not shown, and the server would go on serving what it
+        had, following nothing and no longer in the cluster, without a word."""
+        try:
+            yield
+        except Exception:
+            logger.exception("the deployer's runtime failed: this worker no longer follows deployments")
+            raise
 
     async def restore(self) -> None:
         """Serve every stored package at its desired version (before the server sends us
