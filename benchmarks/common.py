@@ -168,6 +168,34 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, Any]:
 # -- the machine and the results files ------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Compared:
+    """One package dispatch (middleware or route) of a dispatch benchmark, beside the plain
+    Mount serving the same request with as many packages, and its own run with the fewest."""
+
+    app: str
+    call: str
+    kind: str
+    packages: int
+    result: dict[str, Any]
+    mount: dict[str, Any]
+    fewest: dict[str, Any]
+
+
+def against_mount(results: Sequence[dict[str, Any]]) -> list[Compared]:
+    """Pair each package dispatch's result with its Mount's (results keyed by app, call, kind
+    and packages, as both dispatch benchmarks write them)."""
+    by = {(r["app"], r["call"], r["kind"], r["packages"]): r for r in results}
+    pairs = []
+    for (app, call, kind, n), r in by.items():
+        mount = by.get((app, call, "mount", n))
+        if kind not in ("middleware", "route") or mount is None:
+            continue
+        fewest = min(m for a, c, k, m in by if (a, c, k) == (app, call, kind))
+        pairs.append(Compared(app, call, kind, n, r, mount, by[(app, call, kind, fewest)]))
+    return pairs
+
+
 def _version_of(distribution: str) -> str | None:
     try:
         return metadata.version(distribution)

@@ -47,12 +47,12 @@ from starlette_hotdeploy import Deployer
 from starlette_hotdeploy._types import ASGIApp, Message
 
 if __package__:
-    from .common import get_scope
+    from .common import against_mount, get_scope
     from .dispatch_apps import CALLS, LABELS, Call, middleware_app, mount_app, package_names, route_app
     from .dispatch_apps import write_package as write_app_package
 else:  # run as a script: benchmarks/dispatch_overhead.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks.common import get_scope
+    from benchmarks.common import against_mount, get_scope
     from benchmarks.dispatch_apps import (
         CALLS,
         LABELS,
@@ -233,14 +233,10 @@ def overheads(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     the plain Mount. `rps_ratio` is package req/s over Mount req/s, round by round (median, min,
     max); `vs_mount_pct` the extra time per request on all rounds' means; `vs_one_package_pct` the
     package's mean against its own with the fewest packages."""
-    by = {(r["app"], r["call"], r["kind"], r["packages"]): r for r in results}
     rows = []
-    for (app, call, kind, n), r in by.items():
-        mount = by.get((app, call, "mount", n))
-        if kind not in ("middleware", "route") or mount is None:
-            continue
-        base_n = min(m for a, c, k, m in by if (a, c, k) == (app, call, kind))
-        base = by[(app, call, kind, base_n)]["mean_us"]
+    for pair in against_mount(results):
+        app, call, kind, n, r, mount = pair.app, pair.call, pair.kind, pair.packages, pair.result, pair.mount
+        base = pair.fewest["mean_us"]
         ratios = [m / h for m, h in zip(mount["round_mean_us"], r["round_mean_us"], strict=True)]
         rows.append(
             {

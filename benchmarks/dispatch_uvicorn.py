@@ -45,7 +45,16 @@ import httpx
 
 from starlette_hotdeploy import Deployer
 
-from .common import BENCHMARKS, BenchmarkError, ServerProcess, free_port, machine, wait_until, write_results
+from .common import (
+    BENCHMARKS,
+    BenchmarkError,
+    ServerProcess,
+    against_mount,
+    free_port,
+    machine,
+    wait_until,
+    write_results,
+)
 from .dispatch_apps import (
     APP_ENV,
     CALLS,
@@ -337,14 +346,10 @@ def overheads(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     min-max and quartiles over the rounds; p50/p99 side by side (medians over the rounds);
     `vs_one_package_pct`: the package's time per request against its own with the fewest
     packages; `target_met`: ratio median >= 0.98 and p99 no worse than the Mount's."""
-    by = {(r["app"], r["call"], r["kind"], r["packages"]): r for r in results}
     rows = []
-    for (app, call, kind, n), r in by.items():
-        mount = by.get((app, call, "mount", n))
-        if kind not in ("middleware", "route") or mount is None:
-            continue
-        base_n = min(m for a, c, k, m in by if (a, c, k) == (app, call, kind))
-        base = by[(app, call, kind, base_n)]["us_per_request"]
+    for pair in against_mount(results):
+        app, call, kind, n, r, mount = pair.app, pair.call, pair.kind, pair.packages, pair.result, pair.mount
+        base = pair.fewest["us_per_request"]
         ratios = [h / m for h, m in zip(r["rps_rounds"], mount["rps_rounds"], strict=True)]
         q1, q3 = quartiles(ratios)
         median = statistics.median(ratios)

@@ -184,11 +184,22 @@ async def test_the_unloaded_version_is_collected_without_asking(
 
 async def test_the_collector_waits_for_operations_to_end() -> None:
     idle = False
-    collector = Collector(lambda: idle, settle=0.001, patience=60)
+    asked = 0
+    asked_thrice = anyio.Event()
+
+    def idle_now() -> bool:
+        nonlocal asked
+        asked += 1
+        if asked == 3:
+            asked_thrice.set()
+        return idle
+
+    collector = Collector(idle_now, settle=0.001, patience=60)
     async with anyio.create_task_group() as tg:
         tg.start_soon(collector.run)
         collector.unloaded()
-        await anyio.sleep(0.05)  # many settle periods, all during an operation
+        with anyio.fail_after(5):
+            await asked_thrice.wait()  # it looked three times, each during an operation
         assert (collector.collections, collector.pending) == (0, True)
         idle = True
         with anyio.fail_after(5):

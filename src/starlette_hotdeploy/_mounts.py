@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from ._errors import IllegalTransition, MountConflict
@@ -83,14 +84,16 @@ class MountTable:
         self._by_prefix: dict[str, Mount] = {}  # the packages' mounts
         self._below: dict[str, set[str]] = {}  # a path -> the mount prefixes under it
         self._index: dict[str, Mount] = {}  # what `match` looks in: those and the reserved ones
+        self._depths: Counter[int] = Counter()  # segments of each prefix in `_index`
         self._max_depth = 0
         self._reserved: dict[str, str] = {}  # prefix -> what owns it (the admin API)
 
     def reserve(self, prefix: str, owner: str) -> None:
         """Keep packages away from a prefix served by something else (`match` finds it)."""
         self._reserved[prefix] = owner
+        if prefix not in self._index:
+            self._indexed(prefix, +1)
         self._index[prefix] = Mount.reservation(prefix, owner)
-        self._max_depth = max(self._max_depth, prefix.count("/"))
 
     def __len__(self) -> int:
         return len(self._by_prefix)
@@ -127,9 +130,9 @@ class MountTable:
         if mount.prefix not in self._by_prefix:
             for above in ancestors(mount.prefix):
                 self._below.setdefault(above, set()).add(mount.prefix)
+            self._indexed(mount.prefix, +1)
         self._by_prefix[mount.prefix] = mount
         self._index[mount.prefix] = mount
-        self._max_depth = max(self._max_depth, mount.prefix.count("/"))
 
     def remove(self, prefix: str) -> Mount | None:
         mount = self._by_prefix.pop(prefix, None)
@@ -141,8 +144,16 @@ class MountTable:
                     below.discard(prefix)
                     if not below:
                         del self._below[above]
-        self._max_depth = max((p.count("/") for p in self._index), default=0)
+            self._indexed(prefix, -1)
         return mount
+
+    def _indexed(self, prefix: str, change: int) -> None:
+        """Keep `_max_depth` (how many segments `match` probes) without rescanning every mount."""
+        depths = self._depths
+        depths[prefix.count("/")] += change
+        for depth in [d for d, n in depths.items() if n <= 0]:
+            del depths[depth]
+        self._max_depth = max(depths, default=0)
 
     def match(self, route_path: str) -> Mount | None:
         """The mount (or reserved prefix) that is `route_path` or a whole-segment prefix of it."""
