@@ -35,7 +35,7 @@ import anyio
 import httpx
 
 from starlette_hotdeploy import Deployer, pack_directory
-from starlette_hotdeploy._sqlite_store import open_store
+from starlette_hotdeploy._store_url import open_store
 
 from .common import BenchmarkError, ServerProcess, free_port, machine, write_results
 from .servers import uvicorn_command

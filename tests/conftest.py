@@ -11,7 +11,10 @@ from starlette.routing import Route
 
 import testkit
 from drains import Drained
+from postgres import postgres_server, postgres_url
 from starlette_hotdeploy import Deployer, HotDeployMiddleware
+
+__all__ = ["postgres_server", "postgres_url"]  # fixtures of tests/postgres.py, for every test module
 
 
 @pytest.fixture(params=["asyncio", "trio"])

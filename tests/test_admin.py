@@ -1066,6 +1066,7 @@ REFERENCE: dict[str, dict[str, set[int]]] = {
     "/deployments": {"get": {200, 400}},
     "/deployments/{id}": {"get": {200, 404}},
     "/events": {"get": {200}},
+    "/cluster": {"get": {200, 503}},
     "/openapi.json": {"get": {200}},
 }
 
@@ -1285,3 +1286,23 @@ async def test_the_admin_api_makes_no_blocking_call_on_the_event_loop(tmp_path: 
                 assert response.status_code < 300, (path, response.text)
         LoopGuardedStore.loop_thread = None
     assert LoopGuardedStore.offences == []
+
+
+async def test_the_cluster_of_one_host_shows_its_worker_and_what_it_serves(
+    host: Starlette, deployer: Deployer, sources: Path
+) -> None:
+    async with connect(host) as client, connect(host, READ_TOKEN) as reader:
+        await deploy(client, archive(sources, "1.0"))
+        response = await reader.get(f"{PREFIX}/cluster")
+    assert response.status_code == 200, response.text
+    view = response.json()
+    assert view["store"].startswith("sqlite: ")
+    assert view["worker"] == deployer.worker_id
+    assert view["desired"]["greeter"]["version"] == "1.0"
+    [only] = view["hosts"]
+    assert only["host"] == view["host"] == deployer.worker_id.partition(":")[0]
+    [worker] = only["workers"]
+    assert worker["id"] == deployer.worker_id
+    assert worker["serving"] == {"greeter": "1.0"}
+    assert worker["lagging"] == []
+    assert only["lagging"] == []

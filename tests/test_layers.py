@@ -14,7 +14,18 @@ PACKAGE = Path(starlette_hotdeploy.__file__).parent
 BASE = {"_types", "_errors", "_detail", "_deployment", "_events", "_manifest", "_operation", "_store"}
 REQUEST_PATH = {"_dispatch", "_scope", "_mounts", "_version", "_tasks", "_lifespan", "_loader"}
 ENGINE = {"_engine", "_package", "_probe", "_archive", "_hooks", "_cleaners", "_host_routes", "_signing"}
-COORDINATION = {"_coordinator", "_follower", "_cluster", "_wakeup", "_records", "_sqlite_store"}
+COORDINATION = {
+    "_coordinator",
+    "_follower",
+    "_cluster",
+    "_cluster_view",
+    "_wakeup",
+    "_records",
+    "_sql_store",
+    "_sqlite_store",
+    "_postgres_store",
+    "_store_url",
+}
 SURFACES = {
     "_deployer",
     "_admin",

@@ -18,7 +18,7 @@ import pytest
 from conftest import host_app
 from packages import write_package
 from starlette_hotdeploy import Deployer, DeploymentError, PackageVersion, hookimpl
-from starlette_hotdeploy._sqlite_store import open_store
+from starlette_hotdeploy._store_url import open_store
 
 pytestmark = pytest.mark.anyio
 

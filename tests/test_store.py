@@ -13,7 +13,8 @@ import pytest
 
 from starlette_hotdeploy._errors import IllegalTransition
 from starlette_hotdeploy._operation import Operation, OperationKind, Phase
-from starlette_hotdeploy._sqlite_store import SQLiteStore, open_store
+from starlette_hotdeploy._sqlite_store import SQLiteStore
+from starlette_hotdeploy._store_url import open_store
 
 
 def sha(data: bytes) -> str:

@@ -1,8 +1,8 @@
 """Conformance: what every `Store` implementation must do, written against the protocol only.
 
-Each test runs once per entry of `IMPLEMENTATIONS`. To add one (PostgreSQL, say), append a
-factory `home -> Store`: two calls with the same home must share one state, as two workers of a
-host do. No processes here: two store objects on one home stand for two workers.
+Each test runs once per implementation: SQLite, and PostgreSQL on a throwaway server (see
+tests/postgres.py). To add one, add a factory `home -> Store`: two calls with the same home must
+share one state, as two workers do. No processes here: two store objects stand for two workers.
 
 The last section (schema migrations) is SQLite's own: it builds old homes with raw sqlite3.
 """
@@ -21,24 +21,29 @@ from typing import Any
 
 import pytest
 
+from postgres import schema_url
 from starlette_hotdeploy._errors import HotDeployError, IllegalTransition
 from starlette_hotdeploy._operation import PHASE_TRANSITIONS, Operation, OperationKind, Phase, Vote
+from starlette_hotdeploy._postgres_store import PostgresStore
 from starlette_hotdeploy._sqlite_store import _MIGRATIONS, SQLiteStore
 from starlette_hotdeploy._store import Store
 
 StoreFactory = Callable[[Path], Store]
 
-IMPLEMENTATIONS: list[tuple[str, StoreFactory]] = [
-    ("sqlite", SQLiteStore),
-]
-
 Connect = Callable[[], Store]
 
 
-@pytest.fixture(params=[factory for _, factory in IMPLEMENTATIONS], ids=[name for name, _ in IMPLEMENTATIONS])
-def connect(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Connect]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def factory(request: pytest.FixtureRequest) -> StoreFactory:
+    if request.param == "sqlite":
+        return SQLiteStore
+    url: str = request.getfixturevalue("postgres_url")
+    return lambda home: PostgresStore(schema_url(url, home), home)
+
+
+@pytest.fixture
+def connect(factory: StoreFactory, tmp_path: Path) -> Iterator[Connect]:
     """Opens another store object on the test's home: another worker. All closed at the end."""
-    factory: StoreFactory = request.param
     opened: list[Store] = []
 
     def open_one() -> Store:

@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 from starlette_hotdeploy import _archive
-from starlette_hotdeploy._sqlite_store import open_store
+from starlette_hotdeploy._store_url import open_store
 from workers_support import (
     Server,
     build_package,

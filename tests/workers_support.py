@@ -25,7 +25,8 @@ import httpx
 import pytest
 
 from packages import write_package, zip_directory
-from starlette_hotdeploy._sqlite_store import open_store
+from starlette_hotdeploy._store import Store
+from starlette_hotdeploy._store_url import open_store
 
 TESTS = Path(__file__).resolve().parent
 T = TypeVar("T")
@@ -178,7 +179,9 @@ class Server:
     `home`. Start it again (after `kill()` or `stop()`) on the same home to test restarts.
 
     `preload` (gunicorn only): `--preload`, the master imports the app and calls the factory
-    before it forks the workers. `env`: more environment variables for the server."""
+    before it forks the workers. `env`: more environment variables for the server. `store` and
+    `host_id`: one host of a cluster, its state in that database (`$HOTDEPLOY_STORE`), its
+    workers' ids starting with `host_id` (`$HOTDEPLOY_HOST_ID`)."""
 
     def __init__(
         self,
@@ -188,15 +191,23 @@ class Server:
         *,
         preload: bool = False,
         env: dict[str, str] | None = None,
+        store: str | None = None,
+        host_id: str | None = None,
     ) -> None:
         assert kind == "gunicorn" or not preload, "only gunicorn preloads"
         self.extra_env = dict(env or {})
+        self.store_url = store
+        self.host_id = host_id
+        if store is not None:
+            self.extra_env["HOTDEPLOY_STORE"] = store
+        if host_id is not None:
+            self.extra_env["HOTDEPLOY_HOST_ID"] = host_id
         self.kind = kind
         self.workers = workers
         self.preload = preload
         self.home = tmp_path / "home"
         self.markers = tmp_path / "markers"
-        self.markers.mkdir(exist_ok=True)
+        self.markers.mkdir(parents=True, exist_ok=True)
         self.logs = tmp_path / "logs"
         self.logs.mkdir(exist_ok=True)
         self.cwd = tmp_path
@@ -319,9 +330,9 @@ class Server:
         seen: list[str] = []
 
         def registered() -> bool | None:
-            store = open_store(self.home)
+            store = self.open_store()
             try:
-                seen[:] = sorted(w.id for w in store.workers() if w.started_at >= started)
+                seen[:] = sorted(w.id for w in store.workers() if w.started_at >= started and self.owns(w.id))
             finally:
                 store.close()
             return len(seen) >= self.workers or None
@@ -331,6 +342,14 @@ class Server:
         except pytest.fail.Exception:
             # Fewer ids than workers: two workers share one (an id made before the fork?).
             pytest.fail(f"{self.workers} workers never registered; the store has {seen}\n{self.log()}")
+
+    def open_store(self) -> Store:
+        """The store this server's workers share (the caller closes it)."""
+        return open_store(self.home, self.store_url)
+
+    def owns(self, worker_id: str) -> bool:
+        """A worker of this server (on a shared database, the others are other hosts')."""
+        return self.host_id is None or worker_id.startswith(f"{self.host_id}:")
 
     def kill(self) -> None:
         """SIGKILL the whole process group: the supervisor and every worker, at once."""
@@ -435,8 +454,10 @@ def running_server(
     *,
     preload: bool = False,
     env: dict[str, str] | None = None,
+    store: str | None = None,
+    host_id: str | None = None,
 ) -> Iterator[Server]:
-    server = Server(tmp_path, kind, workers, preload=preload, env=env)
+    server = Server(tmp_path, kind, workers, preload=preload, env=env, store=store, host_id=host_id)
     try:
         server.start()
         yield server

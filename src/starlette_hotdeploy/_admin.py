@@ -142,6 +142,7 @@ class AdminAPI:
             Route(f"{p}/deployments", self.list_deployments, methods=["GET"]),
             Route(f"{p}/deployments/{{id}}", self.get_deployment, methods=["GET"]),
             Route(f"{p}/events", self.events, methods=["GET"]),
+            Route(f"{p}/cluster", self.cluster, methods=["GET"]),
         ]
 
     @staticmethod
@@ -161,6 +162,13 @@ class AdminAPI:
     async def list_packages(self, request: Request) -> Response:
         packages = await anyio.to_thread.run_sync(self.deployer.status)
         return JSONResponse({"packages": [p.to_dict() for p in packages]})
+
+    async def cluster(self, request: Request) -> Response:
+        try:
+            view = await anyio.to_thread.run_sync(self.deployer.cluster)
+        except HotDeployError as exc:
+            return problem_for(exc)
+        return JSONResponse(view)
 
     async def get_package(self, request: Request) -> Response:
         try:

@@ -29,6 +29,7 @@ from . import __version__
 from ._admin import DEFAULT_PREFIX, TOKEN_ENV
 from ._archive import ArchiveLimits, pack_directory, read_source
 from ._client import DEFAULT_TIMEOUT, AdminClient
+from ._detail import redact_url
 from ._errors import (
     AdminClientError,
     AdminProblem,
@@ -36,6 +37,7 @@ from ._errors import (
     DeploymentTimeout,
     HotDeployError,
     SignatureError,
+    StoreError,
     UnreachableReason,
 )
 from ._manifest import MANIFEST_NAME, load_manifest
@@ -49,6 +51,7 @@ from ._signing import (
     signature_path,
     specs_from_env,
 )
+from ._store_url import STORE_ENV, open_store
 
 URL_ENV = "HOTDEPLOY_URL"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -209,6 +212,30 @@ def render_packages(packages: Sequence[dict[str, Any]]) -> list[str]:
             ]
         )
     return table(["NAME", "MOUNT", "ACTIVE", "LOADED", "AVAILABLE"], rows)
+
+
+def render_cluster(view: dict[str, Any]) -> list[str]:
+    lines = [f"store: {view.get('store')}  generation: {view.get('generation')}"]
+    desired = view.get("desired") or {}
+    lines.append(
+        "desired: " + (", ".join(f"{n} {d.get('version')}" for n, d in desired.items()) or "nothing")
+    )
+    rows = []
+    for host in view.get("hosts") or []:
+        for worker in host.get("workers") or []:
+            serving = ", ".join(f"{n} {v}" for n, v in (worker.get("serving") or {}).items())
+            rows.append(
+                [
+                    str(host.get("host")),
+                    str(worker.get("id")),
+                    f"{worker.get('heartbeat_age', 0):.1f}s",
+                    serving or "-",
+                    ", ".join(worker.get("lagging") or []) or "-",
+                ]
+            )
+    if not rows:
+        return [*lines, "no live workers"]
+    return [*lines, *table(["HOST", "WORKER", "HEARTBEAT", "SERVING", "LAGGING"], rows)]
 
 
 def render_history(deployments: Sequence[dict[str, Any]]) -> list[str]:
@@ -511,6 +538,19 @@ def status(client: AdminClient, name: str | None, as_json: bool) -> None:
         click.echo("\n".join(render_packages(packages)))
 
 
+@cli.command(short_help="Show every host and worker, and what each serves.")
+@click.option("--json", "as_json", is_flag=True, help="Print the admin API's JSON as it is.")
+@with_client
+def cluster(client: AdminClient, as_json: bool) -> None:
+    """The hosts and workers sharing the server's store: the versions each serves, the age of
+    its heartbeat, and the packages where it lags behind the desired state."""
+    view = client.cluster()
+    if as_json:
+        echo_json(view)
+    else:
+        click.echo("\n".join(render_cluster(view)))
+
+
 @cli.command(short_help="Go back to a package's previous version.")
 @click.argument("name")
 @with_client
@@ -577,6 +617,15 @@ def _http_url(host: str, port: int) -> str:
     help=f"Where unpacked versions are kept [env: {HOME_ENV}].",
 )
 @click.option(
+    "--store",
+    metavar="URL",
+    envvar=STORE_ENV,
+    help=(
+        "Share the state through this database (postgresql://...): every host pointing at it "
+        f"converges on one state. Default: SQLite under the home [env: {STORE_ENV}]."
+    ),
+)
+@click.option(
     "--host", metavar="HOST", default="127.0.0.1", show_default=True, help="The interface to listen on."
 )
 @click.option(
@@ -615,6 +664,7 @@ def _http_url(host: str, port: int) -> str:
 )
 def serve(
     home: Path,
+    store: str | None,
     host: str,
     port: int,
     workers: int,
@@ -639,12 +689,21 @@ def serve(
     # The app factory runs in each worker process and reads its settings from the environment.
     os.environ[HOME_ENV] = str(home.resolve())
     os.environ[TOKEN_ENV] = token
+    if store:
+        try:  # here too: a bad URL or an unreachable database stops `serve` with one line
+            open_store(home, store).close()
+        except StoreError as exc:
+            raise BadOption(str(exc)) from None
+        os.environ[STORE_ENV] = store
+    else:
+        os.environ.pop(STORE_ENV, None)
     if keys:
         os.environ[TRUSTED_KEYS_ENV] = os.pathsep.join(_absolute(spec) for spec in specs)
         click.echo(f"trusted keys: {', '.join(signer.describe() for signer in keys)}")
     else:
         os.environ.pop(TRUSTED_KEYS_ENV, None)
-    click.echo(f"admin API: {_http_url(host, port)}{DEFAULT_PREFIX}  home: {os.environ[HOME_ENV]}")
+    where = f"  store: {redact_url(store)}" if store else ""
+    click.echo(f"admin API: {_http_url(host, port)}{DEFAULT_PREFIX}  home: {os.environ[HOME_ENV]}{where}")
     uvicorn.run(
         HOST_APP, factory=True, host=host, port=port, workers=workers, lifespan="on", log_level=log_level
     )

@@ -85,6 +85,10 @@ class AdminClient:
         """One deployed package (`AdminProblem` 404 if it is not deployed)."""
         return self._call("GET", f"/packages/{quote(name, safe='')}")
 
+    def cluster(self) -> dict[str, Any]:
+        """Every live worker of every host: what it serves, heartbeat age, lag."""
+        return self._call("GET", "/cluster")
+
     def deployments(self, package: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """The deployment records, newest first (only `package`'s, if given)."""
         params: dict[str, str | int] = {"limit": limit}

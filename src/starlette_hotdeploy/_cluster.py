@@ -10,9 +10,14 @@ dead and is not waited for.
 The writes the other workers wait for (an operation begun, a vote, the commit, a phase) go
 through the methods below, each in one worker-thread hop that writes and then wakes the other
 workers of the host (`_wakeup.Wakeup`); they and `await_votes` wait for those wake-ups, with a
-slow timer as the safety net (`reconcile_interval`, `$HOTDEPLOY_RECONCILE_INTERVAL`). Without
-wake-ups (no AF_UNIX, a store without a home) or with a live worker on another host (whose
-writes wake nobody here) they poll every `poll_interval`.
+slow timer as the safety net (`reconcile_interval`, `$HOTDEPLOY_RECONCILE_INTERVAL`). A store that
+notifies (`_store.Notifying`: PostgreSQL) also wakes them for the writes of other hosts. Without
+wake-ups (no AF_UNIX, a store without a home), or with a live worker on another host and a store
+that does not notify, they poll every `poll_interval`.
+
+A worker's id is `<host>:<pid>:<random>`; the host is `$HOTDEPLOY_HOST_ID`, else the hostname
+(set it where hosts may share a hostname). Only for a worker of its own host can a worker tell
+that its process is gone; another host's worker is alive while its heartbeat is recent.
 """
 
 from __future__ import annotations
@@ -33,12 +38,13 @@ from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
 
 from ._operation import Operation, OperationKind, Phase, Vote
-from ._store import Store, Worker
+from ._store import Notifying, Store, Worker
 from ._wakeup import Wakeup
 
 T = TypeVar("T")
 
 RECONCILE_ENV = "HOTDEPLOY_RECONCILE_INTERVAL"
+HOST_ID_ENV = "HOTDEPLOY_HOST_ID"
 # While a coordinator waits for votes, it looks again this often (seconds) without a wake-up:
 # how soon it notices a worker that died without voting (its pid is gone).
 VOTE_RECHECK = 0.5
@@ -85,7 +91,7 @@ class Cluster:
         wake_home: Path | None = None,
     ) -> None:
         self.store = store
-        self._host = socket.gethostname()
+        self._host = (os.environ.get(HOST_ID_ENV) or socket.gethostname()).replace(":", "-")
         # Made when the runtime starts in this process, never at import: workers forked from a
         # preloading master (gunicorn --preload) each get their own.
         self.worker_id = f"{self._host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -100,6 +106,7 @@ class Cluster:
         self.wakeup = Wakeup(Path(home) if home is not None else None)
         self.wakeup.open()
         self._remote = False  # a live worker on another host, at the last look
+        self._notified = False  # the store wakes this worker for every host's writes
         # What the last write said this worker serves (the periodic heartbeat repeats it), and
         # the number of that map (see _beat).
         self.serving: dict[str, str] | None = None
@@ -111,11 +118,25 @@ class Cluster:
     def wakes(self) -> bool:
         """Every change wakes this worker up (its socket is bound, its reader runs, no live
         worker on another host): no polling needed."""
-        return self.wakeup.is_open and self.wakeup.listening and not self._remote
+        return self.wakeup.is_open and self.wakeup.listening and (self._notified or not self._remote)
+
+    @property
+    def host(self) -> str:
+        return self._host
 
     async def listen(self, *, task_status: TaskStatus[None] = TASK_STATUS_IGNORED) -> None:
-        """Receive wake-ups until cancelled (the follower runs it in its background)."""
-        await self.wakeup.run(task_status=task_status)
+        """Receive wake-ups until cancelled (the follower runs it in its background), the
+        store's notifications among them."""
+        stop = None
+        if isinstance(self.store, Notifying) and self.wakeup.is_open:
+            stop = self.store.subscribe(self.wakeup.poke)
+            self._notified = True
+        try:
+            await self.wakeup.run(task_status=task_status)
+        finally:
+            self._notified = False
+            if stop is not None:
+                stop()
 
     async def wait_change(self, seen: int, timeout: float) -> bool:
         """Until a wake-up arrived after `seen` (`self.wakeup.count` taken before the last look),

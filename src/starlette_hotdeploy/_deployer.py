@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -24,6 +25,7 @@ import pluggy
 
 from ._archive import ArchiveLimits, Source
 from ._cluster import Cluster
+from ._cluster_view import cluster_view
 from ._coordinator import Coordinator, DeployOptions
 from ._deployment import Action, Deployment
 from ._engine import Engine
@@ -35,9 +37,9 @@ from ._mounts import MountTable
 from ._package import Package
 from ._records import RecordLog
 from ._signing import TrustedKeys
-from ._sqlite_store import open_store
 from ._status import PackageStatus
 from ._store import Store
+from ._store_url import open_store, store_url_from_env
 from ._watch import WatchFolder
 
 logger = logging.getLogger("starlette_hotdeploy")
@@ -67,7 +69,9 @@ class Deployer:
         plugins: pluggy plugins (objects or modules with `@hookimpl` functions) for every package.
         entry_points: also load plugins from the `starlette_hotdeploy` entry-point group (when
             the runtime starts).
-        store: a `Store` to use instead of the SQLite one under `home`.
+        store: where the state is shared: a `postgresql://` URL (hosts that share that database
+            converge on one state; see docs/cluster.md), a `Store`, or None: `$HOTDEPLOY_STORE`,
+            else SQLite under `home` (the workers of one host).
         bake_time: seconds the previous version stays warm after a switch, so a failed
             post-activation check can switch back at once.
         check_timeout: seconds each check (hook or health request) may take.
@@ -93,7 +97,7 @@ class Deployer:
         *,
         plugins: Iterable[object] = (),
         entry_points: bool = True,
-        store: Store | None = None,
+        store: Store | str | None = None,
         bake_time: float = 0.0,
         check_timeout: float = 10.0,
         load_timeout: float = 30.0,
@@ -112,7 +116,8 @@ class Deployer:
         self.watch = Path(watch) if watch is not None else None
         self.events = EventHub()
         self._entry_points = entry_points
-        self._store: Store | None = store
+        self._store: Store | None = store if not isinstance(store, str) else None
+        self._store_url = store if isinstance(store, str) else store_url_from_env()
         self._cluster_timeout = cluster_timeout
         self._engine = Engine(
             home=self.home,
@@ -170,7 +175,7 @@ class Deployer:
         """The store, opened on first need (a blocking call)."""
         if self._store is None:
             self.home.mkdir(parents=True, exist_ok=True)
-            self._store = open_store(self.home)
+            self._store = open_store(self.home, self._store_url)
         return self._store
 
     def _running(self) -> _Runtime:
@@ -322,6 +327,12 @@ class Deployer:
                 serving[runtime.cluster.worker_id] = package.active.version
             result.append(PackageStatus.of(package, serving))
         return result
+
+    def cluster(self) -> dict[str, Any]:
+        """Every live worker of every host sharing the store: what it serves, its heartbeat's
+        age, the packages where it lags behind the desired state. A blocking call."""
+        runtime = self._running()
+        return cluster_view(runtime.store, runtime.cluster)
 
     def deployment(self, deployment_id: str) -> Deployment:
         """A deployment started by this worker (its live record)."""

@@ -2,7 +2,8 @@
 
 Details reach admin clients, logs and the deployment history. A package can make them huge (an
 exception message of megabytes, a 5 MiB version string echoed back), and file paths in them tell
-a client how the server's disk is laid out; paths under the home are named relative to it.
+a client how the server's disk is laid out; paths under the home are named relative to it. A
+database URL is shown without its password.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 MAX_DETAIL = 2000  # characters
 
@@ -47,3 +49,12 @@ class Redactor:
                 text = text.replace(root + os.sep, f"{name}{os.sep}" if name else "")
                 text = text.replace(root, name or ".")
         return shorten(text)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, fit for an error message or a log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -90,6 +90,11 @@ class SignatureError(HotDeployError):
         super().__init__(message, package=package, step="signature")
 
 
+class StoreError(HotDeployError):
+    """The store cannot be opened or used: a bad store URL, a missing driver, a database that
+    cannot be reached or is newer than this version knows. What is serving keeps serving."""
+
+
 class DeploymentInProgress(HotDeployError):
     """Another operation on the same package has not finished yet; retry when it has.
 

@@ -50,6 +50,8 @@ class Follower:
         # operation id -> the version prepared (or held warm) for it here, with its package
         self._prepared: dict[str, tuple[Package, PackageVersion]] = {}
         self._voted: set[tuple[str, Vote]] = set()  # (operation id, vote) this worker cast
+        # ...of which the store never got these (it failed): (detail, serving) to cast again
+        self._unsent: dict[tuple[str, Vote], tuple[str | None, dict[str, str] | None]] = {}
         # What the last complete converge saw (desired generation, operations under way); None:
         # look again in full (never converged, or something was left to do).
         self._fingerprint: _Fingerprint | None = None
@@ -126,11 +128,12 @@ class Follower:
     async def converge(self, *, force: bool = True) -> None:
         """Vote on other workers' operations, then serve exactly the desired state. Without
         `force`, only if the store changed since the last complete converge."""
-        force = force or self._fingerprint is None or bool(self._prepared)
+        force = force or self._fingerprint is None or bool(self._prepared) or bool(self._unsent)
         look = await anyio.to_thread.run_sync(self._look, force)
         if look is None:
             return
         fingerprint, live, operations, desired = look
+        await self._send_unsent_votes(operations)
         if force:
             self._last_full = time.monotonic()
         settled = True
@@ -227,7 +230,20 @@ class Follower:
         `serving`, the heartbeat goes first, in the same thread hop."""
         if (operation.id, vote) not in self._voted:
             self._voted.add((operation.id, vote))
-            await self.cluster.vote(operation.id, vote, detail, serving=serving)
+            try:
+                await self.cluster.vote(operation.id, vote, detail, serving=serving)
+            except Exception:
+                # Not in the store (it could not be reached): cast again on the next converge,
+                # or the coordinator waits for it until its timeout.
+                self._unsent[(operation.id, vote)] = (detail, serving)
+                raise
+
+    async def _send_unsent_votes(self, operations: list[Operation]) -> None:
+        under_way = {operation.id for operation in operations}
+        for (op_id, vote), (detail, serving) in list(self._unsent.items()):
+            if op_id in under_way:
+                await self.cluster.vote(op_id, vote, detail, serving=serving)
+            del self._unsent[(op_id, vote)]
 
     async def _prepare_for(self, operation: Operation) -> None:
         """Prepare another worker's change here, and vote."""

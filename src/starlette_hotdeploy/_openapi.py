@@ -118,6 +118,51 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                         "packages": {"type": "array", "items": {"$ref": "#/components/schemas/Package"}}
                     },
                 },
+                "Cluster": {
+                    "type": "object",
+                    "description": "Every live worker of every host sharing the store, by host",
+                    "required": ["store", "host", "worker", "generation", "desired", "hosts"],
+                    "properties": {
+                        "store": {"type": "string"},
+                        "host": {"type": "string", "description": "the host that answered"},
+                        "worker": {"type": "string", "description": "the worker that answered"},
+                        "generation": {"type": "integer"},
+                        "desired": {
+                            "type": "object",
+                            "additionalProperties": {
+                                "type": "object",
+                                "properties": {"version": {"type": "string"}, "sha256": {"type": "string"}},
+                            },
+                        },
+                        "hosts": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "host": {"type": "string"},
+                                    "lagging": {"type": "array", "items": {"type": "string"}},
+                                    "workers": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "properties": {
+                                                "id": {"type": "string"},
+                                                "pid": {"type": "integer"},
+                                                "started_at": {"type": "number"},
+                                                "heartbeat_age": {"type": "number"},
+                                                "serving": {
+                                                    "type": "object",
+                                                    "additionalProperties": {"type": "string"},
+                                                },
+                                                "lagging": {"type": "array", "items": {"type": "string"}},
+                                            },
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
                 "DeploymentList": {
                     "type": "object",
                     "properties": {
@@ -252,6 +297,12 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                     "summary": "One deployment",
                     "responses": {"200": _json("Deployment", "The deployment"), **_problems(401, 404)},
                 },
+            },
+            f"{prefix}/cluster": {
+                "get": {
+                    "summary": "The hosts and workers sharing the store: versions served, heartbeat age, lag",
+                    "responses": {"200": _json("Cluster", "The cluster"), **_problems(401, 503)},
+                }
             },
             f"{prefix}/events": {
                 "get": {

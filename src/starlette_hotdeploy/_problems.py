@@ -21,6 +21,7 @@ from ._errors import (
     PackageInUse,
     SignatureError,
     StartupError,
+    StoreError,
     UnknownPackage,
     UnknownVersion,
     VersionConflict,
@@ -44,6 +45,7 @@ _STATUS: list[tuple[type[HotDeployError], int, str]] = [
     (StartupError, 422, "package failed to start"),
     (CheckFailed, 422, "check failed"),
     (NotRunning, 503, "deployer not running"),
+    (StoreError, 503, "store unavailable"),
 ]
 
 

@@ -22,9 +22,10 @@ pass tests/test_store_conformance.py, and finishes a dead worker's records with 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ._operation import Operation, Phase, Vote
 
@@ -180,6 +181,16 @@ class Store(Protocol):
 
     def prune_operations(self, older_than: float) -> None:
         """Delete finished (DONE, ABORT) operations older than `older_than` seconds, with their votes."""
+
+
+@runtime_checkable
+class Notifying(Protocol):
+    """A store whose writes reach every host's workers (PostgreSQL's LISTEN/NOTIFY): they need
+    not poll for the workers of other hosts."""
+
+    def subscribe(self, on_change: Callable[[], None]) -> Callable[[], None]:
+        """Call `on_change` (from any thread) after the writes others wait for; returns the
+        function that stops it."""
 
 
 def finish_orphaned(record: dict[str, Any], worker: str, *, committed: bool) -> dict[str, Any]:

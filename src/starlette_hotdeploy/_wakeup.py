@@ -160,6 +160,14 @@ class Wakeup:
                         logger.debug("wake-up to %s failed: %s", entry.name, exc)
         return sent
 
+    def poke(self) -> None:
+        """Wake this worker itself (from any thread): a change another host wrote, say."""
+        with self._lock:
+            if self._sender is None or self.path is None:
+                return
+            with contextlib.suppress(OSError):  # a full queue has wake-ups pending anyway
+                self._sender.sendto(b"!", os.fspath(self.path))
+
     async def run(self, *, task_status: TaskStatus[None] = TASK_STATUS_IGNORED) -> None:
         """Receive wake-ups until cancelled (one task per worker; `tasks.start` returns once it
         listens). If the event loop cannot watch the socket, return: `listening` is False and
