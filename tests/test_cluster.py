@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +24,7 @@ import pytest
 from pgserver.postgres_server import PostgresServer
 
 from postgres import restart, schema_url
+from starlette_hotdeploy._postgres_store import PostgresStore
 from workers_support import Server, build_package, running_server, wait_for, worker_pid
 
 WORKERS = 2
@@ -286,3 +288,23 @@ def test_a_store_url_that_cannot_be_used_stops_serve_with_one_line(tmp_path: Pat
         assert run.returncode != 0
         assert says in run.stderr, run.stderr
         assert "Traceback" not in run.stderr
+
+
+def test_a_write_on_one_host_wakes_the_workers_of_another(postgres_url: str, tmp_path: Path) -> None:
+    """LISTEN/NOTIFY: a subscriber is told once when it starts listening, then of another store
+    object's writes (another host's)."""
+    url = schema_url(postgres_url, tmp_path)
+    listener = PostgresStore(url, tmp_path / "alpha")
+    writer = PostgresStore(url, tmp_path / "beta")
+    told = threading.Semaphore(0)
+    stop = listener.subscribe(told.release)
+    try:
+        assert told.acquire(timeout=10)  # the first wake-up: listening now, look once
+        writer.set_desired("greeter", "1.0", "a" * 64, [("1.0", "a" * 64)])
+        assert told.acquire(timeout=10)
+        writer.remove_desired("greeter")
+        assert told.acquire(timeout=10)
+    finally:
+        stop()
+        listener.close()
+        writer.close()
