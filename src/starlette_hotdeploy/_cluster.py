@@ -116,8 +116,8 @@ class Cluster:
 
     @property
     def wakes(self) -> bool:
-        """Every change wakes this worker up (its socket is bound, its reader runs, no live
-        worker on another host): no polling needed."""
+        """Every change wakes this worker up (its socket is bound, its reader runs, and no live
+        worker is on another host, or the store notifies): no polling needed."""
         return self.wakeup.is_open and self.wakeup.listening and (self._notified or not self._remote)
 
     @property
