@@ -48,7 +48,7 @@ PROBLEM = "application/problem+json"
 RECORD_KEYS = (
     "id operation package from_version to_version sha256 worker signer downgrade forced started_at decided_at"
     " finished_at duration_ms"
-    " outcome error error_step steps"
+    " outcome error error_step steps workers"
 )
 VERSION_KEYS = "version state in_flight sha256 served terminated loaded_at activated_at error"
 STEPS = DEPLOY_STEPS

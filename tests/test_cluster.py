@@ -10,6 +10,7 @@ when it comes back. Traffic goes to each host on new connections, so every worke
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -103,6 +104,11 @@ def test_a_deployment_on_one_host_reaches_every_worker_of_every_host(
         )
         converge = next(step for step in record["steps"] if step["name"] == "converge")
         assert converge["detail"] == f"{WORKERS * 2} worker(s) serve it"
+        # The record says which worker of which host prepared and switched, and when.
+        assert {w["host"] for w in record["workers"].values()} == {"alpha", "beta"}
+        assert len(record["workers"]) == WORKERS * 2
+        for worker in record["workers"].values():
+            assert 0 < worker["prepared_ms"] <= worker["switched_ms"] <= record["duration_ms"]
         # Sent after the 201: every worker of both hosts answers 2.0 already.
         assert host_workers(alpha, "greeter") == host_workers(beta, "greeter")
         assert set(host_workers(alpha, "greeter").values()) == {"2.0"}
@@ -165,6 +171,10 @@ def test_a_check_failing_on_one_host_leaves_every_host_on_the_old_version(
         assert victim.startswith("beta:")
         assert f"refusing in pid {worker_pid(victim)}" in problem["detail"]
         assert problem["deployment"]["outcome"] == "failed"
+        failed = problem["deployment"]["workers"][victim]
+        assert failed["host"] == "beta"
+        assert f"refusing in pid {worker_pid(victim)}" in failed["error"]
+        assert failed["failed_ms"] > 0
         assert host_workers(alpha, "greeter") == workers
         assert_serves(alpha, "greeter", "1.0")
         assert_serves(beta, "greeter", "1.0")
@@ -233,6 +243,88 @@ def test_a_host_killed_during_a_deployment_is_not_waited_for_and_converges_when_
         beta.start()
         assert_serves(beta, "greeter", "2.0")
         for_every_worker([alpha, beta], "greeter", "2.0")
+
+
+def test_the_coordinating_host_killed_mid_prepare_changes_nothing_anywhere(
+    tmp_path: Path, sources: Path, cluster_url: str
+) -> None:
+    """alpha coordinates; beta's workers pause in their check; alpha is SIGKILLed whole. Once
+    alpha's lease runs out, beta abandons the operation (nothing was committed) and keeps 1.0;
+    alpha, started again, serves 1.0 too, and the next deployment works."""
+    with hosts(tmp_path, cluster_url, "alpha", "beta") as (alpha, beta), ThreadPoolExecutor(1) as pool:
+        answer = deployment_paused_on(beta, alpha, pool, sources)
+        alpha.kill()
+        (beta.markers / "pause-all").unlink()
+        (beta.markers / "release").touch()
+        assert answer.exception(timeout=30) is not None  # the connection died with alpha
+
+        store = beta.open_store()
+        try:
+            wait_for("the operation to be abandoned", lambda: not store.active_operations() or None, 20)
+            [operation] = [o for o in store.operations() if o.version == "2.0"]
+            assert operation.phase == "abort"
+            assert store.desired()["greeter"].version == "1.0"
+        finally:
+            store.close()
+        assert_serves(beta, "greeter", "1.0")
+        alpha.start()
+        assert_serves(alpha, "greeter", "1.0")
+        beta.deployed(build_package(sources, "greeter", "3.0", checks=True))
+        for_every_worker([alpha, beta], "greeter", "3.0")
+
+
+def test_the_coordinating_host_killed_after_the_commit_leaves_the_change_standing(
+    tmp_path: Path, sources: Path, cluster_url: str
+) -> None:
+    """alpha coordinates 2.0 and is SIGKILLed in its post-activation check, after the commit:
+    the change stands. beta serves 2.0, and so does alpha once it is started again."""
+    with hosts(tmp_path, cluster_url, "alpha", "beta") as (alpha, beta), ThreadPoolExecutor(1) as pool:
+        alpha.deployed(build_package(sources, "greeter", "1.0", checks=True))
+        for_every_worker([alpha, beta], "greeter", "1.0")
+        (alpha.markers / "pause-after-all").touch()
+        answer = pool.submit(alpha.deploy, build_package(sources, "greeter", "2.0", checks=True))
+        wait_for(
+            "alpha to pause after the commit", lambda: list(alpha.markers.glob("paused-after-*")) or None, 15
+        )
+        alpha.kill()
+        assert answer.exception(timeout=30) is not None
+
+        assert_serves(beta, "greeter", "2.0")
+        store = beta.open_store()
+        try:
+            assert store.desired()["greeter"].version == "2.0"
+            wait_for("the operation to be finished", lambda: not store.active_operations() or None, 20)
+        finally:
+            store.close()
+        (alpha.markers / "pause-after-all").unlink()
+        alpha.start()
+        assert_serves(alpha, "greeter", "2.0")
+        for_every_worker([alpha, beta], "greeter", "2.0")
+
+
+def test_a_frozen_host_is_left_out_and_converges_soon_after_it_resumes(
+    tmp_path: Path, sources: Path, cluster_url: str
+) -> None:
+    """beta is SIGSTOPped whole (supervisor and workers): a deployment asked of alpha goes on
+    without it once beta's heartbeats are older than the 5 s lease. SIGCONT: beta's workers
+    serve the new version within a lease of resuming."""
+    with hosts(tmp_path, cluster_url, "alpha", "beta") as (alpha, beta):
+        alpha.deployed(build_package(sources, "greeter", "1.0"))
+        for_every_worker([alpha, beta], "greeter", "1.0")
+        assert beta.process is not None
+        os.killpg(beta.process.pid, signal.SIGSTOP)
+        try:
+            record = alpha.deployed(build_package(sources, "greeter", "2.0"))
+            converge = next(step for step in record["steps"] if step["name"] == "converge")
+            assert converge["detail"] == f"{WORKERS} worker(s) serve it"  # alpha's alone
+            assert_serves(alpha, "greeter", "2.0")
+        finally:
+            os.killpg(beta.process.pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        for_every_worker([alpha, beta], "greeter", "2.0", timeout=15)
+        took = time.monotonic() - resumed
+        assert took < 5, f"beta served 1.0 for {took:.1f}s after it resumed"
+        assert_serves(beta, "greeter", "2.0")
 
 
 def test_a_database_restarted_during_a_deployment_never_half_applies_it(

@@ -77,6 +77,18 @@ async def hotdeploy_check_before_activate(version):
                 return f"pid {pid} was never released"
             await anyio.sleep(0.02)
     return None
+
+
+@hookimpl
+async def hotdeploy_check_after_activate(version, previous):
+    # Runs in the coordinator only, after the commit: where a test kills it mid-commit.
+    pid = os.getpid()
+    if (MARKERS / "pause-after-all").exists():
+        (MARKERS / f"paused-after-{pid}").touch()
+        deadline = time.monotonic() + 8
+        while not (MARKERS / "release").exists() and time.monotonic() < deadline:
+            await anyio.sleep(0.02)
+    return None
 """
 
 

@@ -277,9 +277,16 @@ class Cluster:
             created_at=time.time(),
         )
 
-    async def await_votes(self, operation: Operation, wanted: Vote) -> VoteResult:
-        """Wait until every live worker voted `wanted` (or FAILED), or the timeout."""
+    async def await_votes(
+        self,
+        operation: Operation,
+        wanted: Vote,
+        on_vote: Callable[[str, Vote, str | None], None] | None = None,
+    ) -> VoteResult:
+        """Wait until every live worker voted `wanted` (or FAILED), or the timeout; `on_vote` is
+        told of each live worker's vote when it is first seen."""
         deadline = time.monotonic() + self.timeout
+        reported: set[tuple[str, Vote]] = set()
 
         def look() -> tuple[set[str], dict[str, tuple[Vote, str | None]]]:
             return self._live_ids(), self.store.votes(operation.id)
@@ -287,6 +294,11 @@ class Cluster:
         while True:
             seen = self.wakeup.count  # before the look: a vote cast during it wakes the wait
             live, votes = await anyio.to_thread.run_sync(look)
+            if on_vote is not None:
+                for worker, (vote, detail) in sorted(votes.items()):
+                    if worker in live and vote in (wanted, Vote.FAILED) and (worker, vote) not in reported:
+                        reported.add((worker, vote))
+                        on_vote(worker, vote, detail)
             failed = {
                 w: detail or "failed"
                 for w, (vote, detail) in votes.items()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,7 +321,7 @@ class Coordinator:
             await self.cluster.commit(operation)
         await self.follower.vote(operation, Vote.SWITCHED)
         with record.step("converge") as step:
-            result = await self.cluster.await_votes(operation, Vote.SWITCHED)
+            result = await self.cluster.await_votes(operation, Vote.SWITCHED, _reporter(record))
             step.detail = f"{len(result.live)} worker(s) serve it"
             if not result.ok:
                 # Committed: they converge when they can; the answer says who lags.
@@ -381,7 +381,7 @@ class Coordinator:
                         step.detail = "warm: the version was still loaded"
                 await self.follower.vote(operation, Vote.PREPARED)
                 with record.step("prepare workers") as step:
-                    result = await self.cluster.await_votes(operation, Vote.PREPARED)
+                    result = await self.cluster.await_votes(operation, Vote.PREPARED, _reporter(record))
                     if not result.ok:
                         raise CheckFailed(
                             f"not every worker could prepare it: {result.describe()}",
@@ -541,3 +541,12 @@ def _as_error(exc: BaseException, version: PackageVersion) -> HotDeployError:
     return HotDeployError(
         f"unexpected {type(exc).__name__}: {exc}", package=version.name, version=version.version
     )
+
+
+def _reporter(record: Deployment) -> Callable[[str, Vote, str | None], None]:
+    """Writes each worker's vote into the record, with when it was seen."""
+
+    def report(worker: str, vote: Vote, detail: str | None) -> None:
+        record.saw_vote(worker, vote.value, detail)
+
+    return report

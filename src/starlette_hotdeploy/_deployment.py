@@ -87,6 +87,9 @@ class Deployment:
     error: str | None = None
     error_step: str | None = None
     steps: list[Step] = field(default_factory=list)
+    # What each worker of a cluster operation did, as its coordinator saw it: worker id ->
+    # {"host", "prepared_ms" | "switched_ms" | "failed_ms" (after started_at), "error"}.
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Called with (record, step) when a step starts or ends, and with (record, None) when the
     # outcome is decided or the record finished: how progress reaches the event stream and store.
     on_change: Callable[[Deployment, Step | None], None] | None = field(
@@ -155,6 +158,14 @@ class Deployment:
         self.decide(outcome, error, step)
         self.finish()
 
+    def saw_vote(self, worker: str, vote: str, detail: str | None = None) -> None:
+        """A worker's vote ("prepared", "switched", "failed"), first seen now."""
+        entry = self.workers.setdefault(worker, {"host": worker.partition(":")[0]})
+        entry.setdefault(f"{vote}_ms", round((time.time() - self.started_at) * 1000, 3))
+        if detail and vote == "failed":
+            entry["error"] = self.tidy(detail)
+        # No event of its own: the step that waits for the votes ends next, and carries it.
+
     @property
     def decided(self) -> bool:
         return self.outcome is not Outcome.PENDING
@@ -186,6 +197,7 @@ class Deployment:
             "error": self.error,
             "error_step": self.error_step,
             "steps": [s.to_dict() for s in self.steps],
+            "workers": {worker: dict(entry) for worker, entry in self.workers.items()},
         }
 
     @classmethod
@@ -210,4 +222,5 @@ class Deployment:
             error=data.get("error"),
             error_step=data.get("error_step"),
             steps=[Step.from_dict(s) for s in data.get("steps", [])],
+            workers={worker: dict(entry) for worker, entry in (data.get("workers") or {}).items()},
         )

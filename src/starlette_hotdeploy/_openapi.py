@@ -88,6 +88,20 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                         "error": {"type": ["string", "null"]},
                         "error_step": {"type": ["string", "null"]},
                         "steps": {"type": "array", "items": {"$ref": "#/components/schemas/Step"}},
+                        "workers": {
+                            "type": "object",
+                            "description": "each worker's votes, as its coordinator saw them, in ms after started_at",
+                            "additionalProperties": {
+                                "type": "object",
+                                "properties": {
+                                    "host": {"type": "string"},
+                                    "prepared_ms": {"type": "number"},
+                                    "switched_ms": {"type": "number"},
+                                    "failed_ms": {"type": "number"},
+                                    "error": {"type": "string"},
+                                },
+                            },
+                        },
                     },
                 },
                 "Version": {
