@@ -62,17 +62,33 @@ class SwitchConfig:
 
 
 class Server:
-    """The hot-deploy host app under `uvicorn --workers N` on a fresh home."""
+    """The hot-deploy host app under `uvicorn --workers N` on a fresh home. With `store` and
+    `host_id`: one host of a cluster sharing that database; `cluster_workers` is then how many
+    workers all its hosts have together (what `all_on` expects to see)."""
 
-    def __init__(self, workdir: Path, workers: int) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        workers: int,
+        *,
+        store: str | None = None,
+        host_id: str | None = None,
+        cluster_workers: int | None = None,
+    ) -> None:
         self.workdir = workdir
         self.workers = workers
+        self.cluster_workers = cluster_workers or workers
         self.token = secrets.token_urlsafe(16)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {"HOTDEPLOY_HOME": str(workdir / "home"), "HOTDEPLOY_ADMIN_TOKEN": self.token}
+        if store is not None:
+            env["HOTDEPLOY_STORE"] = store
+        if host_id is not None:
+            env["HOTDEPLOY_HOST_ID"] = host_id
         target = "starlette_hotdeploy._serve:create_host_app"
         command = uvicorn_command(target, self.port, workers)
+        workdir.mkdir(parents=True, exist_ok=True)
         self.process = ServerProcess(command, workdir / "server.log", env=env)
         self.admin = httpx.Client(headers={"Authorization": f"Bearer {self.token}"}, timeout=60)
 
@@ -110,7 +126,7 @@ class Server:
         if response.status_code != 200:
             return False
         workers: dict[str, str] = response.json().get("workers", {})
-        return len(workers) == self.workers and set(workers.values()) == {version}
+        return len(workers) == self.cluster_workers and set(workers.values()) == {version}
 
 
 @dataclass

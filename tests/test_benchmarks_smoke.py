@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
-from benchmarks import dispatch_overhead, dispatch_uvicorn, many_swaps, upgrade
+from benchmarks import cluster, dispatch_overhead, dispatch_uvicorn, many_swaps, upgrade
 from benchmarks.loadgen import PlainLoadResult, ProbeStats, StreamStats, WebSocketStats, WrkLoad
 from benchmarks.servers import METHODS, HotDeploy, UpgradeCommand, UvicornRestart
 
@@ -139,6 +139,24 @@ def test_many_swaps() -> None:
     assert result["retired_alive"] == []
     assert result["terminated_at_drain_timeout"] == 0
     assert set(result["rss_kib"]) == {"before", "after", "growth"}
+
+
+def test_cluster() -> None:
+    config = cluster.ClusterConfig(
+        hosts=2, workers=1, deploys=2, load_deploys=2, rollbacks=1, rate=40, connections=1
+    )
+    result = anyio.run(cluster.run, config)
+    for key in ("single_host_sqlite", "single_host_sqlite_all_workers", "cluster_postgresql"):
+        assert result[key]["count"] == 2
+        assert result[key]["p50_ms"] > 0
+        assert "converge" in result[key]["steps_p50_ms"]
+    assert result["ratio_cluster_to_sqlite"]["median"] > 0
+    load = result["under_load"]
+    assert load["rollbacks"] == 1
+    assert load["deploys"]["count"] == 2 + 1  # the rollback is followed by the deploy again
+    assert load["requests"] > 0
+    assert load["failed"] == 0, load["errors"]
+    assert "cluster_postgresql" in cluster.table(result)
 
 
 def test_upgrade_analysis_and_plots(tmp_path: Path) -> None:

@@ -108,6 +108,15 @@ class _Adapter:
         return self._connection.execute(query.replace("?", "%s").encode(), parameters)
 
 
+class _Line:
+    """One connection of the store, its lock, and the process that opened it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+        self.connection: psycopg.Connection[Any] | None = None
+
+
 class PostgresStore(SQLStore):
     """The store of every host whose deployer points at this database (and schema)."""
 
@@ -116,14 +125,17 @@ class PostgresStore(SQLStore):
         self.home = home
         self.archives_dir = home / "archives"
         self.archives_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._pid = os.getpid()
         self._serving_written = {}
         self._offset = 0.0
-        self._connection: psycopg.Connection[Any] | None = None
+        # Two connections: reads never queue behind this process's writes, which may wait for
+        # the write lock while other hosts hold it.
+        self._writer = _Line()
+        self._reader = _Line()
+        self._migrated = False
         self._channel = f"{_CHANNEL}.{self.schema}"[:63]  # one schema's workers wake each other
-        with self._lock:
-            self._connected()
+        self._notify = "SELECT pg_notify(" + _literal(self._channel) + ", '')"
+        with self._writer.lock:
+            self._connected(self._writer)
 
     def describe(self) -> str:
         """Where it is, without the password."""
@@ -142,7 +154,9 @@ class PostgresStore(SQLStore):
         except psycopg.Error as exc:
             raise StoreError(f"the store {self.describe()} cannot be reached: {_cause(exc)}") from exc
         try:
-            self._migrate(connection)
+            if not self._migrated:
+                self._migrate(connection)
+                self._migrated = True
             connection.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
             self._measure_offset(connection)
         except BaseException:
@@ -150,15 +164,15 @@ class PostgresStore(SQLStore):
             raise
         return connection
 
-    def _connected(self) -> psycopg.Connection[Any]:
-        """The open connection (under `_lock`): made again after a fork or a lost connection."""
-        if os.getpid() != self._pid:  # never share a connection across a fork (gunicorn --preload)
-            self._pid, self._connection = os.getpid(), None
-        connection = self._connection
+    def _connected(self, line: _Line) -> psycopg.Connection[Any]:
+        """The line's open connection (under its lock): made again after a fork or a lost one."""
+        if os.getpid() != line.pid:  # never share a connection across a fork (gunicorn --preload)
+            line.pid, line.connection = os.getpid(), None
+        connection = line.connection
         if connection is None or connection.closed or connection.broken:
             if connection is not None:
                 connection.close()
-            self._connection = connection = self._connect()
+            line.connection = connection = self._connect()
         return connection
 
     def _migrate(self, connection: psycopg.Connection[Any]) -> None:
@@ -191,40 +205,51 @@ class PostgresStore(SQLStore):
                 )
 
     def close(self) -> None:
-        with self._lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
+        for line in (self._writer, self._reader):
+            with line.lock:
+                if line.connection is not None:
+                    line.connection.close()
+                    line.connection = None
 
     @contextmanager
     def _transaction(self, *, durable: bool = False, serialized: bool = True) -> Iterator[Db]:
-        # Every commit is durable in PostgreSQL (synchronous_commit is the server's to set).
-        with self._lock:
-            connection = self._begin()
+        # Its opening and its closing statements go in one round trip each (simple query
+        # protocol, no parameters): with every worker of every host writing, each round trip
+        # is a context switch into the database and back.
+        opening = ["BEGIN"]
+        if not durable:
+            # As SQLite's synchronous=NORMAL: it survives a crash of this process or of the
+            # database, not a power loss, and skips the WAL flush (ms each). A durable commit
+            # later flushes it too (the WAL is written in order).
+            opening.append("SET LOCAL synchronous_commit TO off")
+        if serialized:
+            opening.append(f"SELECT pg_advisory_xact_lock({_WRITE_LOCK})")
+        closing = ["SELECT nextval('changes')"]
+        if serialized:
+            closing.append(self._notify)
+        closing.append("COMMIT")
+        with self._writer.lock:
+            connection = self._begin("; ".join(opening))
             try:
                 try:
-                    if serialized:
-                        connection.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
                     yield _Adapter(connection)
-                    connection.execute("SELECT nextval('changes')")
-                    if serialized:
-                        connection.execute("SELECT pg_notify(%s, '')", (self._channel,))
+                    connection.execute("; ".join(closing).encode())
                 except BaseException:
                     if not connection.broken:
                         with suppress(psycopg.Error):
                             connection.execute("ROLLBACK")
                     raise
-                connection.execute("COMMIT")
             except psycopg.OperationalError as exc:
                 raise StoreError(f"the store {self.describe()} failed: {_cause(exc)}") from exc
 
-    def _begin(self) -> psycopg.Connection[Any]:
-        """BEGIN on the open connection; once more on a new one if that one was lost since the
-        last call (a restarted database): nothing ran yet, so that retry is always safe."""
+    def _begin(self, opening: str) -> psycopg.Connection[Any]:
+        """The opening statements on the open connection; once more on a new one if that one
+        was lost since the last call (a restarted database): nothing ran yet, so that retry is
+        always safe."""
         for attempt in (1, 2):
-            connection = self._connected()
+            connection = self._connected(self._writer)
             try:
-                connection.execute("BEGIN")
+                connection.execute(opening.encode())
                 return connection
             except psycopg.OperationalError as exc:
                 if attempt == 2 or not connection.broken:
@@ -233,12 +258,13 @@ class PostgresStore(SQLStore):
 
     def _query(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
         """A read; retried once on a connection lost since the last call (a restarted database)."""
-        with self._lock:
+        line = self._reader
+        with line.lock:
             for attempt in (1, 2):
                 try:
-                    return _Adapter(self._connected()).execute(query, args).fetchall()
+                    return _Adapter(self._connected(line)).execute(query, args).fetchall()
                 except psycopg.OperationalError as exc:
-                    if attempt == 2 or (self._connection is not None and not self._connection.broken):
+                    if attempt == 2 or (line.connection is not None and not line.connection.broken):
                         raise StoreError(f"the store {self.describe()} failed: {_cause(exc)}") from exc
             raise AssertionError("unreachable")
 
@@ -337,6 +363,11 @@ class PostgresStore(SQLStore):
             except psycopg.Error:
                 stop.wait(pause)
                 pause = min(pause * 2, 2.0)
+
+
+def _literal(text: str) -> str:
+    """A SQL string literal (standard_conforming_strings, on since PostgreSQL 9.1)."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _cause(exc: BaseException) -> str:

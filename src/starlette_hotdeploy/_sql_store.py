@@ -225,7 +225,8 @@ class SQLStore:
     # -- history ----------------------------------------------------------------------------
 
     def record(self, record: dict[str, Any]) -> None:
-        with self._transaction() as db:
+        # One upsert of one row: nothing to serialize with (nobody waits for history).
+        with self._transaction(serialized=False) as db:
             self._write_record(db, record)
 
     @staticmethod
