@@ -180,6 +180,36 @@ def test_a_check_failing_on_one_host_leaves_every_host_on_the_old_version(
         assert_serves(beta, "greeter", "1.0")
 
 
+def test_a_post_activation_check_failing_on_one_host_switches_every_host_back(
+    tmp_path: Path, sources: Path, cluster_url: str
+) -> None:
+    with hosts(tmp_path, cluster_url, "alpha", "beta") as (alpha, beta):
+        alpha.deployed(build_package(sources, "greeter", "1.0", checks=True))
+        workers = for_every_worker([alpha, beta], "greeter", "1.0")
+        victim = max(w for w in workers if beta.owns(w))
+        (beta.markers / f"fail-after-{worker_pid(victim)}").touch()
+
+        response = alpha.deploy(build_package(sources, "greeter", "2.0", checks=True))
+        assert response.status_code == 422, response.text
+        problem = response.json()
+        assert problem["title"] == "rolled back"
+        assert problem["step"] == "bake"
+        assert f"worker {victim}: " in problem["detail"]
+        assert f"post-activation check refusing in pid {worker_pid(victim)}" in problem["detail"]
+        record = problem["deployment"]
+        assert record["outcome"] == "rolled_back"
+        # Its one vote went from switched to failed (the coordinator may not have seen the first).
+        assert record["workers"][victim]["failed_ms"] > 0
+        assert "post-activation check refusing" in record["workers"][victim]["error"]
+        # Every worker of every host is back on 1.0, and the desired state says so.
+        for_every_worker([alpha, beta], "greeter", "1.0")
+        assert_serves(alpha, "greeter", "1.0")
+        assert_serves(beta, "greeter", "1.0")
+        (beta.markers / f"fail-after-{worker_pid(victim)}").unlink()
+        beta.deployed(build_package(sources, "greeter", "2.0", checks=True))
+        for_every_worker([alpha, beta], "greeter", "2.0")
+
+
 def test_a_new_host_with_an_empty_home_restores_from_the_database(
     tmp_path: Path, sources: Path, cluster_url: str
 ) -> None:
@@ -400,3 +430,51 @@ def test_a_write_on_one_host_wakes_the_workers_of_another(postgres_url: str, tmp
         stop()
         listener.close()
         writer.close()
+
+
+def test_store_migrate_moves_a_single_host_home_into_the_cluster(
+    tmp_path: Path, sources: Path, cluster_url: str
+) -> None:
+    """A SQLite home that deployed 1.0, 2.0, 3.0 and rolled back to 2.0, migrated: a host that
+    starts on the database with an empty home serves 2.0, rolls back to 1.0 as the old home
+    would have, and shows the old home's history."""
+    with running_server(tmp_path / "old", "uvicorn", 1) as old:
+        for version in ("1.0", "2.0", "3.0"):
+            old.deployed(build_package(sources, "greeter", version))
+        assert old.rollback("greeter").status_code == 200
+        history = old.admin.get(old.url + "/_hotdeploy/deployments").json()["deployments"]
+        home = old.home
+
+    def migrate() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "starlette_hotdeploy._cli",
+                "store",
+                "migrate",
+                "--home",
+                str(home),
+                "--to",
+                cluster_url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    moved = migrate()
+    assert moved.returncode == 0, moved.stderr
+    assert "greeter 2.0" in moved.stdout
+    assert "migrated 1 package(s), 3 archive(s), 4 record(s)" in moved.stdout
+    again = migrate()
+    assert again.returncode == 1
+    assert "already has packages (greeter)" in again.stderr
+
+    with hosts(tmp_path, cluster_url, "alpha") as (alpha,):
+        assert_serves(alpha, "greeter", "2.0")
+        records = alpha.admin.get(alpha.url + "/_hotdeploy/deployments").json()["deployments"]
+        assert [r["id"] for r in records] == [r["id"] for r in history]
+        response = alpha.rollback("greeter")
+        assert response.status_code == 200, response.text
+        assert_serves(alpha, "greeter", "1.0")

@@ -25,6 +25,7 @@ COORDINATION = {
     "_sqlite_store",
     "_postgres_store",
     "_store_url",
+    "_store_migrate",
 }
 SURFACES = {
     "_deployer",

@@ -81,8 +81,10 @@ async def hotdeploy_check_before_activate(version):
 
 @hookimpl
 async def hotdeploy_check_after_activate(version, previous):
-    # Runs in the coordinator only, after the commit: where a test kills it mid-commit.
+    # Runs in every worker after the switch, while the coordinator bakes the change.
     pid = os.getpid()
+    if (MARKERS / f"fail-after-{pid}").exists():
+        return f"post-activation check refusing in pid {pid}"
     if (MARKERS / "pause-after-all").exists():
         (MARKERS / f"paused-after-{pid}").touch()
         deadline = time.monotonic() + 8

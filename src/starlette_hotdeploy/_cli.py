@@ -709,6 +709,60 @@ def serve(
     )
 
 
+@cli.group()
+def store() -> None:
+    """The store a server keeps its state in (SQLite under the home, or PostgreSQL)."""
+
+
+@store.command("migrate", short_help="Copy a home's packages and history into another store.")
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar=HOME_ENV,
+    default=DEFAULT_HOME,
+    show_default=True,
+    help=f"The home whose store is copied [env: {HOME_ENV}].",
+)
+@click.option(
+    "--from",
+    "source_url",
+    metavar="URL",
+    help="Copy from this database instead of the home's SQLite store.",
+)
+@click.option(
+    "--to", "target_url", metavar="URL", required=True, help="The store to copy into: postgresql://..."
+)
+def store_migrate(home: Path, source_url: str | None, target_url: str) -> None:
+    """Copy every package (its activated archives, active version and rollback lineage) and the
+    deployment history into an empty store. Stop the servers of both first; then start the new
+    hosts with --store URL: they restore from it."""
+    import tempfile
+
+    from ._store_migrate import migrate
+
+    if source_url is None and not (home / "state.db").is_file():
+        raise BadOption(f"{home} has no state.db: nothing to migrate (is --home right?)")
+    try:
+        source = open_store(home, source_url)
+        try:
+            with tempfile.TemporaryDirectory(prefix="hotdeploy-migrate-") as cache:
+                target = open_store(Path(cache), target_url)
+                try:
+                    done = migrate(source, target)
+                finally:
+                    target.close()
+        finally:
+            source.close()
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    for name, version in done.packages.items():
+        click.echo(f"{name} {version}")
+    click.echo(
+        f"migrated {len(done.packages)} package(s), {done.archives} archive(s), {done.records} record(s) "
+        f"to {redact_url(target_url)}"
+    )
+
+
 def main() -> None:
     """The console script `hotdeploy`."""
     cli(prog_name="hotdeploy")

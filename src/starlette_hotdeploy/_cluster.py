@@ -296,15 +296,22 @@ class Cluster:
             live, votes = await anyio.to_thread.run_sync(look)
             if on_vote is not None:
                 for worker, (vote, detail) in sorted(votes.items()):
-                    if worker in live and vote in (wanted, Vote.FAILED) and (worker, vote) not in reported:
-                        reported.add((worker, vote))
-                        on_vote(worker, vote, detail)
+                    counted = wanted if vote.reaches(wanted) else vote
+                    if (
+                        worker in live
+                        and counted in (wanted, Vote.FAILED)
+                        and (worker, counted) not in reported
+                    ):
+                        reported.add((worker, counted))
+                        on_vote(worker, counted, detail)
             failed = {
                 w: detail or "failed"
                 for w, (vote, detail) in votes.items()
                 if vote is Vote.FAILED and w in live
             }
-            waiting = sorted(w for w in live if votes.get(w, ("", None))[0] != wanted and w not in failed)
+            waiting = sorted(
+                w for w in live if not (w in votes and votes[w][0].reaches(wanted)) and w not in failed
+            )
             if failed or not waiting:
                 return VoteResult(failed, [], live)
             now = time.monotonic()

@@ -41,7 +41,7 @@ from ._errors import (
     VersionConflict,
 )
 from ._follower import Follower
-from ._hooks import notify, run_checks
+from ._hooks import implemented, notify, run_checks
 from ._host_routes import host_routes, shadowed
 from ._manifest import Manifest
 from ._operation import Operation, OperationKind, Phase, Vote
@@ -424,6 +424,18 @@ class Coordinator:
                         version=version.version,
                         step="bake",
                     )
+                    await self.follower.vote(operation, Vote.CHECKED)
+                    if implemented("hotdeploy_check_after_activate", engine.managers(version)):
+                        # They run on every worker: a failure anywhere switches every one back.
+                        result = await self.cluster.await_votes(operation, Vote.CHECKED, _reporter(record))
+                        if not result.ok:
+                            raise CheckFailed(
+                                f"the post-activation checks did not pass everywhere: {result.describe()}",
+                                check="workers",
+                                package=version.name,
+                                version=version.version,
+                                step="bake",
+                            )
                     if self.bake_time > 0:
                         await anyio.sleep(self.bake_time)
                     step.detail = (

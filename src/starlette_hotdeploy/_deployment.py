@@ -88,7 +88,7 @@ class Deployment:
     error_step: str | None = None
     steps: list[Step] = field(default_factory=list)
     # What each worker of a cluster operation did, as its coordinator saw it: worker id ->
-    # {"host", "prepared_ms" | "switched_ms" | "failed_ms" (after started_at), "error"}.
+    # {"host", "prepared_ms" | "switched_ms" | "checked_ms" | "failed_ms" (after started_at), "error"}.
     workers: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Called with (record, step) when a step starts or ends, and with (record, None) when the
     # outcome is decided or the record finished: how progress reaches the event stream and store.

@@ -20,6 +20,7 @@ import anyio.to_thread
 
 from ._cluster import Cluster
 from ._engine import Engine
+from ._hooks import run_checks
 from ._operation import Operation, OperationKind, Phase, Vote
 from ._package import Package
 from ._store import Desired, Store
@@ -295,6 +296,7 @@ class Follower:
         if active is not None and (active.version, active.sha256) == (wanted.version, wanted.sha256):
             if operation is not None:
                 await self.vote(operation, Vote.SWITCHED, serving=engine.serving())
+                await self._check_after_activate(operation, active, None)
             return True
         if engine.is_busy(name):
             return False
@@ -331,4 +333,33 @@ class Follower:
             if operation is not None:
                 # Heartbeat first: once the vote is in, the workers map must show the new version.
                 await self.vote(operation, Vote.SWITCHED, serving=engine.serving())
+        if operation is not None:  # outside the claim: a switch back may need the package
+            await self._check_after_activate(operation, target, active)
         return True
+
+    async def _check_after_activate(
+        self, operation: Operation, version: PackageVersion, previous: PackageVersion | None
+    ) -> None:
+        """The post-activation checks, here too, while the coordinator bakes the change (the
+        operation is still in COMMIT); the vote tells it whether they passed. A failure
+        anywhere makes it switch every worker back."""
+        if (
+            operation.kind is not OperationKind.ACTIVATE
+            or operation.phase is not Phase.COMMIT
+            or self._has_voted(operation, Vote.CHECKED, Vote.FAILED)
+        ):
+            return
+        try:
+            await run_checks(
+                "hotdeploy_check_after_activate",
+                self.engine.managers(version),
+                {"version": version, "previous": previous},
+                timeout=self.engine.check_timeout,
+                package=version.name,
+                version=version.version,
+                step="bake",
+            )
+        except Exception as exc:
+            await self.vote(operation, Vote.FAILED, self.engine.redact(str(exc)))
+        else:
+            await self.vote(operation, Vote.CHECKED)

@@ -110,6 +110,11 @@ def _plugin_label(pm: pluggy.PluginManager, impl: pluggy.HookImpl) -> str:
     return str(name or type(impl.plugin).__name__)
 
 
+def implemented(hook_name: str, managers: Sequence[pluggy.PluginManager]) -> bool:
+    """Whether any plugin of these managers implements the hook."""
+    return any(getattr(pm.hook, hook_name).get_hookimpls() for pm in managers)
+
+
 async def run_checks(
     hook_name: str,
     managers: Sequence[pluggy.PluginManager],

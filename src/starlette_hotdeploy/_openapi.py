@@ -97,6 +97,7 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                                     "host": {"type": "string"},
                                     "prepared_ms": {"type": "number"},
                                     "switched_ms": {"type": "number"},
+                                    "checked_ms": {"type": "number"},
                                     "failed_ms": {"type": "number"},
                                     "error": {"type": "string"},
                                 },

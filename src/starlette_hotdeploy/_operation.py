@@ -41,6 +41,16 @@ class Vote(enum.StrEnum):
     PREPARED = "prepared"  # the version is loaded, started and checked here
     FAILED = "failed"  # it could not be prepared here (the detail says why)
     SWITCHED = "switched"  # this worker serves the committed change
+    CHECKED = "checked"  # and its post-activation checks passed here (FAILED: one vetoed)
+
+    def reaches(self, wanted: Vote) -> bool:
+        """This vote is `wanted` or a later one: a worker has one vote per operation, replaced
+        as it goes on (prepared, then switched, then checked), so a later one answers an
+        earlier question too."""
+        return self in _PROGRESS and wanted in _PROGRESS and _PROGRESS[self] >= _PROGRESS[wanted]
+
+
+_PROGRESS = {Vote.PREPARED: 0, Vote.SWITCHED: 1, Vote.CHECKED: 2}
 
 
 class OperationKind(enum.StrEnum):
