@@ -357,6 +357,43 @@ def test_a_frozen_host_is_left_out_and_converges_soon_after_it_resumes(
         assert_serves(beta, "greeter", "2.0")
 
 
+def test_a_stale_coordinator_cannot_commit_what_the_others_abandoned(
+    tmp_path: Path, sources: Path, cluster_url: str
+) -> None:
+    """alpha coordinates 2.0 and is frozen (SIGSTOP) while beta's workers prepare it. Past
+    alpha's lease, beta abandons the operation. Resumed, alpha finds every vote in and tries to
+    commit: the store refuses (the operation is no longer in PREPARE), so nothing changes."""
+    with hosts(tmp_path, cluster_url, "alpha", "beta") as (alpha, beta), ThreadPoolExecutor(1) as pool:
+        answer = deployment_paused_on(beta, alpha, pool, sources)
+        assert alpha.process is not None
+        os.killpg(alpha.process.pid, signal.SIGSTOP)
+        try:
+            (beta.markers / "pause-all").unlink()
+            (beta.markers / "release").touch()
+            store = beta.open_store()
+            try:
+                wait_for(
+                    "beta to abandon alpha's operation", lambda: not store.active_operations() or None, 30
+                )
+                [operation] = [o for o in store.operations() if o.version == "2.0"]
+                assert operation.phase == "abort"
+            finally:
+                store.close()
+        finally:
+            os.killpg(alpha.process.pid, signal.SIGCONT)
+        response = answer.result(timeout=60)
+        assert response.status_code == 422, response.text
+        problem = response.json()
+        assert "is in phase abort: only one in phase prepare can be committed" in problem["detail"]
+        assert problem["deployment"]["outcome"] == "failed"
+        # alpha had switched before it tried to commit: it went back at once.
+        steps = [step["name"] for step in problem["deployment"]["steps"]]
+        assert steps[-2:] == ["commit", "switch back"]
+        for_every_worker([alpha, beta], "greeter", "1.0")
+        assert_serves(alpha, "greeter", "1.0")
+        assert_serves(beta, "greeter", "1.0")
+
+
 def test_a_database_restarted_during_a_deployment_never_half_applies_it(
     tmp_path: Path, sources: Path, cluster_url: str, postgres_server: PostgresServer
 ) -> None:

@@ -603,19 +603,24 @@ def _absolute(spec: str) -> str:
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
+def home_option(what: str) -> Callable[[F], F]:
+    """`--home DIR` ($HOTDEPLOY_HOME, else .hotdeploy), for the commands that work on a home."""
+    return click.option(
+        "--home",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar=HOME_ENV,
+        default=DEFAULT_HOME,
+        show_default=True,
+        help=f"{what} [env: {HOME_ENV}].",
+    )
+
+
 def _http_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @cli.command(short_help="Run the package host on uvicorn.")
-@click.option(
-    "--home",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar=HOME_ENV,
-    default=DEFAULT_HOME,
-    show_default=True,
-    help=f"Where unpacked versions are kept [env: {HOME_ENV}].",
-)
+@home_option("Where unpacked versions are kept")
 @click.option(
     "--store",
     metavar="URL",
@@ -715,14 +720,7 @@ def store() -> None:
 
 
 @store.command("migrate", short_help="Copy a home's packages and history into another store.")
-@click.option(
-    "--home",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar=HOME_ENV,
-    default=DEFAULT_HOME,
-    show_default=True,
-    help=f"The home whose store is copied [env: {HOME_ENV}].",
-)
+@home_option("The home whose store is copied")
 @click.option(
     "--from",
     "source_url",

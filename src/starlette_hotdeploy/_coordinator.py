@@ -13,6 +13,7 @@ The engine owns the state; this module only calls its named methods.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from collections.abc import Callable, Iterator
@@ -410,9 +411,26 @@ class Coordinator:
                     raise
                 await self._fail(record, _as_error(exc, version))
             first_install = engine.get(package.name) is None
+            lineage_before = package.lineage_pairs()
             engine.adopt(package)
             engine.confirm(package, version.version, version.sha256, lineage)
-            await self._commit(operation, record, done=False)
+            try:
+                await self._commit(operation, record, done=False)
+            except Exception as exc:
+                # Not committed: the store refused (this coordinator was thought dead and its
+                # operation abandoned) or failed. Nothing changed anywhere else, so nothing may
+                # change here: back to what served before. (If a failed commit did land, the
+                # generation moved and this worker's follower converges on it.)
+                with record.step("switch back") as step:
+                    step.detail = f"back to {current.version}" if current is not None else "unmounted"
+                    engine.switch(package, current, version)
+                engine.set_lineage(package, lineage_before)
+                with contextlib.suppress(Exception):  # abandoned already, or committed after all
+                    await self.cluster.set_phase(operation.id, Phase.ABORT)
+                await engine.discard(package, version)
+                if first_install:
+                    engine.forget(package)
+                await self._fail(record, _as_error(exc, version))
             try:
                 with record.step("bake") as step:
                     await run_checks(
