@@ -189,7 +189,8 @@ def test_a_post_activation_check_failing_on_one_host_switches_every_host_back(
         victim = max(w for w in workers if beta.owns(w))
         (beta.markers / f"fail-after-{worker_pid(victim)}").touch()
 
-        response = alpha.deploy(build_package(sources, "greeter", "2.0", checks=True))
+        new = build_package(sources, "greeter", "2.0", checks=True)
+        response = alpha.deploy(new)
         assert response.status_code == 422, response.text
         problem = response.json()
         assert problem["title"] == "rolled back"
@@ -206,7 +207,7 @@ def test_a_post_activation_check_failing_on_one_host_switches_every_host_back(
         assert_serves(alpha, "greeter", "1.0")
         assert_serves(beta, "greeter", "1.0")
         (beta.markers / f"fail-after-{worker_pid(victim)}").unlink()
-        beta.deployed(build_package(sources, "greeter", "2.0", checks=True))
+        beta.deployed(new)  # the same archive: a rebuilt one would differ (zip timestamps)
         for_every_worker([alpha, beta], "greeter", "2.0")
 
 

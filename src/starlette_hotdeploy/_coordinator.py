@@ -314,12 +314,17 @@ class Coordinator:
             raise error
         await self.records.save(record)
 
-    async def _commit(self, operation: Operation, record: Deployment, *, done: bool = True) -> None:
-        """Confirm the change in the store (the desired state), then wait for every live worker
-        to serve it. Without `done`, the operation stays open (no other worker may start one on
-        the package) until the caller ends it: through the bake."""
+    async def _commit(self, operation: Operation, record: Deployment) -> None:
+        """Confirm the change in the store (the desired state), wait for every live worker to
+        serve it, and end the operation."""
         with record.step("commit"):
             await self.cluster.commit(operation)
+        await self._converge(operation, record)
+
+    async def _converge(self, operation: Operation, record: Deployment, *, done: bool = True) -> None:
+        """After the commit: this worker's vote, then every live worker's switch. Without
+        `done`, the operation stays open (no other worker may start one on the package) until
+        the caller ends it: through the bake."""
         await self.follower.vote(operation, Vote.SWITCHED)
         with record.step("converge") as step:
             result = await self.cluster.await_votes(operation, Vote.SWITCHED, _reporter(record))
@@ -415,7 +420,8 @@ class Coordinator:
             engine.adopt(package)
             engine.confirm(package, version.version, version.sha256, lineage)
             try:
-                await self._commit(operation, record, done=False)
+                with record.step("commit"):
+                    await self.cluster.commit(operation)
             except Exception as exc:
                 # Not committed: the store refused (this coordinator was thought dead and its
                 # operation abandoned) or failed. Nothing changed anywhere else, so nothing may
@@ -431,6 +437,7 @@ class Coordinator:
                 if first_install:
                     engine.forget(package)
                 await self._fail(record, _as_error(exc, version))
+            await self._converge(operation, record, done=False)
             try:
                 with record.step("bake") as step:
                     await run_checks(
