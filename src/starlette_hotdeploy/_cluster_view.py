@@ -29,9 +29,8 @@ def cluster_view(store: Store, cluster: Cluster) -> dict[str, Any]:
                 "lagging": lag,
             }
         )
-    describe = getattr(store, "describe", None)
     return {
-        "store": describe() if callable(describe) else type(store).__name__,
+        "store": store.describe(),
         "host": cluster.host,
         "worker": cluster.worker_id,
         "generation": store.generation(),

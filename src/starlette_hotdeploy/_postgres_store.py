@@ -35,7 +35,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ._detail import redact_url
 from ._errors import StoreError
-from ._sql_store import ARCHIVE_COLUMNS, Cursor, Db, SQLStore
+from ._sql_store import Cursor, Db, SQLStore
 from ._store import StoredArchive
 
 try:
@@ -290,22 +290,14 @@ class PostgresStore(SQLStore):
 
     # -- archives: bytes in the database, a verified copy in the home ----------------------
 
-    def _cache_path(self, name: str, version: str, sha256: str) -> Path:
-        return self.archives_dir / name / f"{version}-{sha256[:12]}.zip"
-
     def save_archive(self, name: str, version: str, sha256: str, data: bytes) -> Path:
-        path = self._cache_path(name, version, sha256)
+        path = self._archive_path(name, version, sha256)
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO blobs (sha256, size, data) VALUES (?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
                 (sha256, len(data), data),
             )
-            db.execute(
-                f"INSERT INTO archives ({ARCHIVE_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL) "
-                "ON CONFLICT (name, version, sha256) DO UPDATE SET created_at = excluded.created_at "
-                "WHERE archives.activated_at IS NULL",
-                (name, version, sha256, str(path.relative_to(self.home)), time.time()),
-            )
+            self._index_archive(db, name, version, sha256, path)
         _write_file(path, data)
         return path
 

@@ -53,6 +53,7 @@ class SQLStore:
     """The queries of every `Store` method; the subclass owns the connection and the files."""
 
     home: Path
+    archives_dir: Path  # home/archives
     _serving_written: dict[str, dict[str, str]]  # worker id -> its last heartbeat's map
 
     def _transaction(self, *, durable: bool = False, serialized: bool = True) -> AbstractContextManager[Db]:
@@ -73,6 +74,20 @@ class SQLStore:
         return 0.0
 
     # -- archives ---------------------------------------------------------------------------
+
+    def _archive_path(self, name: str, version: str, sha256: str) -> Path:
+        """Where the archive's file is in the home (the store's own, or a database's cache)."""
+        return self.archives_dir / name / f"{version}-{sha256[:12]}.zip"
+
+    def _index_archive(self, db: Db, name: str, version: str, sha256: str, path: Path) -> None:
+        """Index an upload, not yet activated. Uploaded again while never activated: a
+        deployment under way again, not stale (a new created_at); an activated one stays."""
+        db.execute(
+            f"INSERT INTO archives ({ARCHIVE_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL) "
+            "ON CONFLICT (name, version, sha256) DO UPDATE SET created_at = excluded.created_at "
+            "WHERE archives.activated_at IS NULL",
+            (name, version, sha256, str(path.relative_to(self.home)), time.time()),
+        )
 
     def archive(self, name: str, version: str, sha256: str | None = None) -> StoredArchive | None:
         rows = self._query(

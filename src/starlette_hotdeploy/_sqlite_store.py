@@ -19,7 +19,7 @@ from typing import Any
 
 from ._errors import HotDeployError
 from ._operation import OperationKind
-from ._sql_store import ARCHIVE_COLUMNS, COMMITTED_PHASES, SQLStore, sql_in
+from ._sql_store import COMMITTED_PHASES, SQLStore, sql_in
 
 # -- schema migrations --------------------------------------------------------------------------
 
@@ -218,8 +218,8 @@ class SQLiteStore(SQLStore):
     def save_archive(self, name: str, version: str, sha256: str, data: bytes) -> Path:
         """Written to a temporary file, fsynced, renamed (never overwritten in place), then
         indexed, not yet activated."""
-        directory = self.archives_dir / name
-        path = directory / f"{version}-{sha256[:12]}.zip"
+        path = self._archive_path(name, version, sha256)
+        directory = path.parent
         if not path.exists():
             directory.mkdir(parents=True, exist_ok=True)
             temporary = directory / f".{path.name}.{os.getpid()}.tmp"
@@ -230,13 +230,7 @@ class SQLiteStore(SQLStore):
             os.replace(temporary, path)
             _fsync_directory(directory)
         with self._transaction(durable=True) as db:
-            # Uploaded again while never activated: a deployment under way again, not stale.
-            db.execute(
-                f"INSERT INTO archives ({ARCHIVE_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL) "
-                "ON CONFLICT (name, version, sha256) DO UPDATE SET created_at = excluded.created_at "
-                "WHERE activated_at IS NULL",
-                (name, version, sha256, str(path.relative_to(self.home)), time.time()),
-            )
+            self._index_archive(db, name, version, sha256, path)
         return path
 
 

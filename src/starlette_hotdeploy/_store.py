@@ -72,6 +72,9 @@ class Store(Protocol):
     def close(self) -> None:
         """Release the connection; the store object is not used afterwards."""
 
+    def describe(self) -> str:
+        """Where the state is, fit for an operator's eyes (a database URL without its password)."""
+
     def data_version(self) -> int:
         """A number that changes whenever another store object (another worker) committed."""
 
