@@ -1,7 +1,9 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -11,10 +13,11 @@ from starlette.routing import Route
 
 import testkit
 from drains import Drained
-from postgres import postgres_server, postgres_url
-from starlette_hotdeploy import Deployer, HotDeployMiddleware
+from starlette_hotdeploy import Deployer, HotDeployMiddleware, Store
 
-__all__ = ["postgres_server", "postgres_url"]  # fixtures of tests/postgres.py, for every test module
+S = TypeVar("S", bound=Store)
+
+pytest_plugins = ["postgres"]  # tests/postgres.py: the throwaway PostgreSQL's fixtures
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -59,6 +62,22 @@ def host_app(deployer: Deployer) -> Starlette:
     app = Starlette(routes=[Route("/", home)])
     app.add_middleware(HotDeployMiddleware, deployer=deployer)
     return app
+
+
+@asynccontextmanager
+async def running_on(
+    tmp_path: Path, make_store: Callable[[Path], S]
+) -> AsyncIterator[tuple[Deployer, S, httpx.AsyncClient]]:
+    """A running deployer on a store of the test's own (gated or failing at will), made on
+    `tmp_path / "home"`, and a client to its host app."""
+    home = tmp_path / "home"
+    home.mkdir()
+    store = make_store(home)
+    deployer = Deployer(home=home, store=store, entry_points=False)
+    async with deployer.running():
+        transport = httpx.ASGITransport(app=host_app(deployer))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield deployer, store, client
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ import pytest
 from pgserver.postgres_server import PostgresServer
 
 from postgres import restart, schema_url
+from starlette_hotdeploy._errors import StoreError
 from starlette_hotdeploy._postgres_store import PostgresStore
 from workers_support import Server, build_package, running_server, wait_for, worker_pid
 
@@ -468,6 +469,42 @@ def test_a_write_on_one_host_wakes_the_workers_of_another(postgres_url: str, tmp
         stop()
         listener.close()
         writer.close()
+
+
+def test_a_writer_frozen_inside_its_write_does_not_stall_the_other_hosts(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A host frozen (SIGSTOP) in the middle of a write holds the cluster's write lock: the
+    database ends its session, so another host's write goes through; the frozen one, resumed,
+    gets a StoreError for that write (rolled back) and its next write reconnects."""
+    url = schema_url(postgres_url, tmp_path)
+    frozen = PostgresStore(url, tmp_path / "alpha")
+    other = PostgresStore(url, tmp_path / "beta")
+    inside, resume = threading.Event(), threading.Event()
+
+    def write_and_freeze() -> None:
+        with frozen._transaction() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES ('frozen', 1)")
+            inside.set()
+            resume.wait(60)  # idle in its transaction, holding the write lock, as a frozen host
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            write = pool.submit(write_and_freeze)
+            assert inside.wait(30)
+            done = pool.submit(other.set_desired, "greeter", "1.0", "a" * 64, [("1.0", "a" * 64)])
+            try:
+                assert done.result(timeout=30) > 0  # not forever: the lock was let go
+            finally:
+                resume.set()
+            with pytest.raises(StoreError, match="failed"):
+                write.result(timeout=30)
+        assert "frozen" not in dict(other._query("SELECT key, value FROM meta"))
+        frozen.set_desired("greeter", "2.0", "b" * 64, [("1.0", "a" * 64), ("2.0", "b" * 64)])
+        assert other.desired()["greeter"].version == "2.0"
+    finally:
+        frozen.close()
+        other.close()
 
 
 def test_store_migrate_moves_a_single_host_home_into_the_cluster(

@@ -14,8 +14,7 @@ Between the rollback's look at the version and its hold there is no await, so no
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import anyio
@@ -25,7 +24,7 @@ import httpx
 import pytest
 
 import testkit
-from conftest import host_app
+from conftest import running_on
 from packages import write_package
 from starlette_hotdeploy import Deployer, IllegalTransition, PackageVersion, VersionState, hookimpl
 from starlette_hotdeploy._mounts import Mount
@@ -78,16 +77,8 @@ class Traffic:
         return [answer for answer in self.answers if answer not in ("1.0", "2.0")]
 
 
-@asynccontextmanager
-async def running(tmp_path: Path) -> AsyncIterator[tuple[Deployer, GatedStore, httpx.AsyncClient]]:
-    home = tmp_path / "home"
-    home.mkdir()
-    store = GatedStore(home)
-    deployer = Deployer(home=home, store=store, entry_points=False)
-    async with deployer.running():
-        transport = httpx.ASGITransport(app=host_app(deployer))
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield deployer, store, client
+def running(tmp_path: Path) -> AbstractAsyncContextManager[tuple[Deployer, GatedStore, httpx.AsyncClient]]:
+    return running_on(tmp_path, GatedStore)
 
 
 def instances(deployer: Deployer, version: str) -> list[PackageVersion]:

@@ -22,6 +22,7 @@ that its process is gone; another host's worker is alive while its heartbeat is 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -37,6 +38,7 @@ import anyio.to_thread
 from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
 
+from ._errors import StoreError
 from ._operation import Operation, OperationKind, Phase, Vote
 from ._store import Notifying, Store, Worker
 from ._wakeup import Wakeup
@@ -48,6 +50,11 @@ HOST_ID_ENV = "HOTDEPLOY_HOST_ID"
 # While a coordinator waits for votes, it looks again this often (seconds) without a wake-up:
 # how soon it notices a worker that died without voting (its pid is gone).
 VOTE_RECHECK = 0.5
+# How long a coordinator tries to end an operation while the store does not answer (a database
+# restarting) before it leaves that to its follower (`await_votes` rides it out to its timeout).
+STORE_RETRY_FOR = 10.0
+
+logger = logging.getLogger("starlette_hotdeploy")
 
 
 def default_reconcile_interval() -> float:
@@ -253,6 +260,29 @@ class Cluster:
 
         await self.changed(write)
 
+    async def end(self, op_id: str, phase: Phase, *, serving: dict[str, str] | None = None) -> bool:
+        """Move an operation to its last phase (ABORT or DONE), tried again while the store is
+        unreachable, for up to `STORE_RETRY_FOR` seconds. False if it never went through: the
+        operation then stays open (no one may begin another on its package) until this worker's
+        follower ends it once the store answers (see `Follower.converge`)."""
+        deadline = time.monotonic() + STORE_RETRY_FOR
+        delay = 0.1
+        while True:
+            try:
+                await self.set_phase(op_id, phase, serving=serving)
+                return True
+            except StoreError as exc:
+                if time.monotonic() + delay > deadline:
+                    logger.warning(
+                        "operation %s could not be moved to phase %s (%s); it is ended once the store answers",
+                        op_id,
+                        phase,
+                        exc,
+                    )
+                    return False
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
     async def abandon(self, operation: Operation) -> None:
         await self.changed(lambda: self.store.abandon(operation))
 
@@ -293,7 +323,15 @@ class Cluster:
 
         while True:
             seen = self.wakeup.count  # before the look: a vote cast during it wakes the wait
-            live, votes = await anyio.to_thread.run_sync(look)
+            try:
+                live, votes = await anyio.to_thread.run_sync(look)
+            except StoreError:
+                # A database restarting: the votes are still there when it is back (and the
+                # voters send theirs again), so look again until the deadline.
+                if time.monotonic() > deadline:
+                    raise
+                await anyio.sleep(VOTE_RECHECK)
+                continue
             if on_vote is not None:
                 for worker, (vote, detail) in sorted(votes.items()):
                     counted = wanted if vote.reaches(wanted) else vote

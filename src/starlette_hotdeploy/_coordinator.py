@@ -35,9 +35,11 @@ from ._errors import (
     DeploymentError,
     DeploymentInProgress,
     HotDeployError,
+    IllegalTransition,
     MountConflict,
     NoPreviousVersion,
     PackageInUse,
+    StoreError,
     UnknownVersion,
     VersionConflict,
 )
@@ -241,7 +243,7 @@ class Coordinator:
             try:
                 await self.engine.remove(package, record)
             except Exception as exc:
-                await self.cluster.set_phase(operation.id, Phase.ABORT)
+                await self.cluster.end(operation.id, Phase.ABORT)
                 await self._fail(record, _as_error_for(exc, name))
             await self._commit(operation, record)
             record.conclude(Outcome.SUCCEEDED)
@@ -325,7 +327,7 @@ class Coordinator:
         """After the commit: this worker's vote, then every live worker's switch. Without
         `done`, the operation stays open (no other worker may start one on the package) until
         the caller ends it: through the bake."""
-        await self.follower.vote(operation, Vote.SWITCHED)
+        await self._vote(operation, Vote.SWITCHED)
         with record.step("converge") as step:
             result = await self.cluster.await_votes(operation, Vote.SWITCHED, _reporter(record))
             step.detail = f"{len(result.live)} worker(s) serve it"
@@ -336,8 +338,16 @@ class Coordinator:
         if done:
             await self._done(operation)
 
+    async def _vote(self, operation: Operation, vote: Vote) -> None:
+        """This worker's own vote. A store that fails it (a database restarting, this process
+        frozen past the database's patience) is ridden out: the follower casts it again on its
+        next look, and the votes are awaited until the cluster timeout."""
+        with contextlib.suppress(StoreError):
+            await self.follower.vote(operation, vote)
+
     async def _done(self, operation: Operation) -> None:
-        await self.cluster.set_phase(operation.id, Phase.DONE, serving=self.engine.serving())
+        # Committed already: a store that fails this write does not undo the deployment.
+        await self.cluster.end(operation.id, Phase.DONE, serving=self.engine.serving())
 
     async def _install(
         self,
@@ -385,7 +395,7 @@ class Coordinator:
                 else:
                     with record.step("prepare") as step:
                         step.detail = "warm: the version was still loaded"
-                await self.follower.vote(operation, Vote.PREPARED)
+                await self._vote(operation, Vote.PREPARED)
                 with record.step("prepare workers") as step:
                     result = await self.cluster.await_votes(operation, Vote.PREPARED, _reporter(record))
                     if not result.ok:
@@ -407,7 +417,9 @@ class Coordinator:
                     else:
                         engine.switch(package, version, current)
             except BaseException as exc:
-                await self.cluster.set_phase(operation.id, Phase.ABORT)
+                # Ended even if the store fails it (the store may be why this failed): what was
+                # prepared here must go, and the error that failed it is the answer.
+                await self.cluster.end(operation.id, Phase.ABORT)
                 if warm is None:
                     await engine.discard(package, version)
                 elif version.state is not VersionState.ACTIVE:
@@ -431,8 +443,8 @@ class Coordinator:
                     step.detail = f"back to {current.version}" if current is not None else "unmounted"
                     engine.switch(package, current, version)
                 engine.set_lineage(package, lineage_before)
-                with contextlib.suppress(Exception):  # abandoned already, or committed after all
-                    await self.cluster.set_phase(operation.id, Phase.ABORT)
+                with contextlib.suppress(IllegalTransition):  # abandoned already, or committed after all
+                    await self.cluster.end(operation.id, Phase.ABORT)
                 await engine.discard(package, version)
                 if first_install:
                     engine.forget(package)
@@ -449,7 +461,7 @@ class Coordinator:
                         version=version.version,
                         step="bake",
                     )
-                    await self.follower.vote(operation, Vote.CHECKED)
+                    await self._vote(operation, Vote.CHECKED)
                     if implemented("hotdeploy_check_after_activate", engine.managers(version)):
                         # They run on every worker: a failure anywhere switches every one back.
                         result = await self.cluster.await_votes(operation, Vote.CHECKED, _reporter(record))

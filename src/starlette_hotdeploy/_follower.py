@@ -121,8 +121,9 @@ class Follower:
         generation = self.store.generation()  # first: a commit after it makes the next look full
         operations = self.store.active_operations()
         fingerprint = (generation, tuple((o.id, o.phase.value) for o in operations))
-        foreign = any(o.coordinator != self.worker_id for o in operations)
-        if not force and not foreign and fingerprint == self._fingerprint:
+        # Another worker's to vote on, or one of this worker's that its coordinator left open.
+        to_act_on = any(o.coordinator != self.worker_id or self._left_open(o) for o in operations)
+        if not force and not to_act_on and fingerprint == self._fingerprint:
             return None
         return fingerprint, self.cluster._live_ids(), operations, self.store.desired()
 
@@ -142,6 +143,15 @@ class Follower:
         latest: dict[str, Operation] = {}  # per package, the committed operation to vote on
         for operation in operations:
             if operation.coordinator == self.worker_id:
+                if self._left_open(operation):
+                    logger.warning(
+                        "%s: operation %s was left open by this worker (the store failed its last "
+                        "write); it is ended now",
+                        operation.package,
+                        operation.id,
+                    )
+                    await self.cluster.abandon(operation)
+                    settled = False
                 continue
             if operation.coordinator not in live:
                 await self.cluster.abandon(operation)
@@ -175,6 +185,13 @@ class Follower:
         if switched and not latest:
             await self.cluster.heartbeat(self.engine.serving())  # the restore: the workers map
         self._fingerprint = fingerprint if settled else None
+
+    def _left_open(self, operation: Operation) -> bool:
+        """This worker's operation, yet no operation on its package runs here: its coordinator
+        ended without the closing write (`Cluster.end` gave up on an unreachable store). It is
+        ended as a dead coordinator's would be. (One that finished meanwhile is left as it is:
+        `abandon` reads the stored phase.)"""
+        return operation.coordinator == self.worker_id and not self.engine.is_busy(operation.package)
 
     def _serves(self, name: str, wanted: Desired) -> bool:
         package = self.engine.get(name)

@@ -53,6 +53,11 @@ _CHANNEL = "starlette_hotdeploy"
 _WRITE_LOCK = 0x686F7464_65706C6F
 _MIGRATION_LOCK = _WRITE_LOCK + 1
 CONNECT_TIMEOUT = 10  # seconds: a database that does not answer is reported, not waited for
+# A write holds the cluster's one write lock until it commits, and ours run for milliseconds. A
+# process frozen (SIGSTOP, a paused VM) inside one would hold it, and stall every host, until it
+# resumes: the database ends such a session instead, well inside a worker's 5 s lease, so the
+# others can abandon what the frozen one led. Its transaction is rolled back, and it reconnects.
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 2000
 
 
 _MIGRATIONS: list[list[str]] = [
@@ -157,7 +162,11 @@ class PostgresStore(SQLStore):
             if not self._migrated:
                 self._migrate(connection)
                 self._migrated = True
-            connection.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+            connection.execute(
+                sql.SQL("SET search_path TO {}; SET idle_in_transaction_session_timeout TO {}").format(
+                    sql.Identifier(self.schema), sql.Literal(f"{IDLE_IN_TRANSACTION_TIMEOUT_MS}ms")
+                )
+            )
             self._measure_offset(connection)
         except BaseException:
             connection.close()
@@ -239,8 +248,12 @@ class PostgresStore(SQLStore):
                         with suppress(psycopg.Error):
                             connection.execute("ROLLBACK")
                     raise
-            except psycopg.OperationalError as exc:
-                raise StoreError(f"the store {self.describe()} failed: {_cause(exc)}") from exc
+            except psycopg.Error as exc:
+                # A lost connection, or a session the database ended (the idle-in-transaction
+                # timeout is not an OperationalError); any other error is a bug, raised as it is.
+                if isinstance(exc, psycopg.OperationalError) or connection.broken:
+                    raise StoreError(f"the store {self.describe()} failed: {_cause(exc)}") from exc
+                raise
 
     def _begin(self, opening: str) -> psycopg.Connection[Any]:
         """The opening statements on the open connection; once more on a new one if that one
