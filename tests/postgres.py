@@ -7,6 +7,8 @@ Nothing is skipped: a machine where it cannot start fails these tests, as CI mus
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,15 +19,21 @@ from pgserver.postgres_server import PostgresServer, get_server
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    """The session's PostgreSQL server."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs: no XDG_RUNTIME_DIR
-        server = get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+def postgres_server() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL server. Its data lives outside pytest's temporary tree: as root,
+    pgserver runs PostgreSQL as a user of its own, and another pytest session resets that tree
+    to 0700 when it starts (a restart then fails with "Permission denied")."""
+    pgdata = Path(tempfile.mkdtemp(prefix="hotdeploy-test-pg-"))
     try:
-        yield server
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs: no XDG_RUNTIME_DIR
+            server = get_server(pgdata, cleanup_mode="stop")
+        try:
+            yield server
+        finally:
+            server.cleanup()
     finally:
-        server.cleanup()
+        shutil.rmtree(pgdata, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
