@@ -44,6 +44,7 @@ TOKEN, READ_TOKEN = "s3cret", "reader"
 PREFIX = "/_hotdeploy"
 MAX_UPLOAD = 32 * 1024
 ZIP = "application/zip"
+ZIP_HEADERS = {"Content-Type": ZIP}
 PROBLEM = "application/problem+json"
 RECORD_KEYS = (
     "id operation package from_version to_version sha256 worker signer downgrade forced started_at decided_at"
@@ -955,6 +956,74 @@ async def test_activate_needs_a_version(
     assert_problem(response, 400, detail, title="invalid body")
     assert len(deployer.history) == history
     await assert_serving(admin, "2.0")
+
+
+def consumer(sources: Path, version: str, requires: str) -> bytes:
+    return archive(sources, version, "consumer", manifest_extra=f"requires = {{ {requires} }}\n")
+
+
+async def test_a_deploy_whose_requirement_is_missing_or_too_old_is_refused(
+    admin: httpx.AsyncClient, sources: Path
+) -> None:
+    missing = await admin.post(
+        f"{PREFIX}/packages", content=consumer(sources, "1.0", 'greeter = ">=1.0"'), headers=ZIP_HEADERS
+    )
+    problem = assert_problem(
+        missing, 409, "consumer 1.0 requires greeter>=1.0, and it is not active", title="unmet requirement"
+    )
+    assert (problem["package"], problem["step"]) == ("consumer", "requirements")
+    assert problem["deployment"]["outcome"] == "failed"
+    await deploy(admin, archive(sources, "1.0"))
+    too_old = await admin.post(
+        f"{PREFIX}/packages", content=consumer(sources, "1.0", 'greeter = ">=2"'), headers=ZIP_HEADERS
+    )
+    assert_problem(too_old, 409, "consumer 1.0 requires greeter>=2, and greeter 1.0 is active")
+    assert (await admin.get(f"{PREFIX}/packages/consumer")).status_code == 404
+    assert (await admin.get("/consumer/")).status_code == 404
+    # Nothing of the refused upload is kept: the same archive deploys once greeter 2.0 serves.
+    await deploy(admin, archive(sources, "2.0"))
+    record = await deploy(admin, consumer(sources, "1.0", 'greeter = ">=2"'))
+    assert record["outcome"] == "succeeded"
+    assert await version_of(admin, "/consumer/") == "1.0"
+
+
+async def test_a_change_of_a_required_package_that_its_dependant_does_not_accept_is_refused(
+    admin: httpx.AsyncClient, sources: Path
+) -> None:
+    await deploy(admin, archive(sources, "1.0"))
+    await deploy(admin, archive(sources, "2.0"))
+    await deploy(admin, consumer(sources, "1.0", 'greeter = ">=2,<3"'))
+
+    upgrade = await admin.post(f"{PREFIX}/packages", content=archive(sources, "3.0"), headers=ZIP_HEADERS)
+    assert_problem(
+        upgrade,
+        409,
+        "consumer 1.0 (active) requires greeter<3,>=2, and greeter 3.0 would be active",
+        title="unmet requirement",
+    )
+    rollback = await admin.post(f"{PREFIX}/packages/greeter/rollback")
+    problem = assert_problem(rollback, 409, "and greeter 1.0 would be active", title="unmet requirement")
+    assert (problem["package"], problem["version"]) == ("greeter", "1.0")
+    assert await version_of(admin) == "2.0"
+    assert await version_of(admin, "/consumer/") == "1.0"
+
+
+async def test_a_cycle_of_requirements_is_refused_and_named(admin: httpx.AsyncClient, sources: Path) -> None:
+    await deploy(admin, archive(sources, "1.0"))
+    await deploy(admin, consumer(sources, "1.0", 'greeter = ">=1"'))
+    cycle = await admin.post(
+        f"{PREFIX}/packages",
+        content=archive(sources, "2.0", manifest_extra='requires = { consumer = ">=1" }\n'),
+        headers=ZIP_HEADERS,
+    )
+    assert_problem(cycle, 409, "greeter 2.0: its requirements form a cycle: greeter -> consumer -> greeter")
+    itself = await admin.post(
+        f"{PREFIX}/packages",
+        content=archive(sources, "3.0", manifest_extra='requires = { greeter = ">=1" }\n'),
+        headers=ZIP_HEADERS,
+    )
+    assert_problem(itself, 409, "greeter 3.0: its requirements form a cycle: greeter -> greeter")
+    assert await version_of(admin) == "1.0"
 
 
 async def test_delete(admin: httpx.AsyncClient, sources: Path) -> None:

@@ -21,6 +21,8 @@ COORDINATION = {
     "_cluster_view",
     "_wakeup",
     "_records",
+    "_requirements",
+    "_restore_order",
     "_sql_store",
     "_sqlite_store",
     "_postgres_store",

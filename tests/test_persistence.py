@@ -16,6 +16,7 @@ import anyio
 import httpx
 import pytest
 
+import testkit
 from conftest import host_app
 from packages import write_package, zip_directory
 from starlette_hotdeploy import Deployer, DeploymentError, hookimpl
@@ -59,6 +60,43 @@ async def test_a_restart_restores_the_confirmed_versions(tmp_path: Path, sources
 
     async with worker(home) as (_, client):
         assert await answer(client) == "1.0"  # the rollback was confirmed too
+
+
+SLOW_BASE = """
+import contextlib
+
+import anyio
+import testkit
+from starlette.applications import Starlette
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    await anyio.sleep(0.3)  # a slow start, which a dependant restored beside it must wait for
+    testkit.calls.append("base started")
+    yield
+
+
+app = Starlette(lifespan=lifespan)
+"""
+
+
+async def test_a_restart_starts_each_package_after_the_packages_it_requires(
+    tmp_path: Path, sources: Path
+) -> None:
+    home = tmp_path / "home"
+    async with worker(home) as (deployer, _):
+        await deployer.deploy(write_package(sources, name="base", version="1.0", app=SLOW_BASE))
+        for name in ("consumer", "another"):  # restored in the same batch as base
+            await deployer.deploy(
+                write_package(sources, name=name, version="1.0", manifest_extra='requires = { base = ">=1" }')
+            )
+    testkit.calls.clear()
+    async with worker(home) as (_, client):
+        assert await answer(client, "/consumer/") == "1.0"
+    started = [call for call in testkit.calls if call.startswith(("base", "startup"))]
+    assert started[0] == "base started", started
+    assert sorted(started[1:]) == ["startup another 1.0", "startup consumer 1.0"]
 
 
 async def test_a_confirmed_version_that_no_longer_starts_falls_back_to_the_one_before(

@@ -31,6 +31,7 @@ from ._errors import (
     StoreError,
     UnknownPackage,
     UnknownVersion,
+    UnmetRequirement,
     VersionConflict,
 )
 from ._hooks import HookSpecs, hookimpl, hookspec
@@ -87,6 +88,7 @@ __all__ = [
     "UnknownPackage",
     "UnknownVersion",
     "Unloaded",
+    "UnmetRequirement",
     "VersionConflict",
     "VersionState",
     "VersionStatus",

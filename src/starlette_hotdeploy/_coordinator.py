@@ -41,6 +41,7 @@ from ._errors import (
     PackageInUse,
     StoreError,
     UnknownVersion,
+    UnmetRequirement,
     VersionConflict,
 )
 from ._follower import Follower
@@ -50,6 +51,7 @@ from ._manifest import Manifest
 from ._operation import Operation, OperationKind, Phase, Vote
 from ._package import Package
 from ._records import RecordLog
+from ._requirements import check_change
 from ._store import Store
 from ._version import PackageVersion, VersionState
 
@@ -300,6 +302,14 @@ class Coordinator:
         stored = await anyio.to_thread.run_sync(self.store.archives, package.name)
         self.engine.note_available(package, [(a.version, a.sha256) for a in stored])
 
+    async def _check_requirements(self, record: Deployment, manifest: Manifest) -> None:
+        """Refused (409) if activating `manifest` would leave a requirement unmet, or form a cycle."""
+        active = [p.active.manifest for p in self.engine.packages() if p.active is not None]
+        try:
+            check_change(active, manifest)
+        except UnmetRequirement as error:
+            await self._fail(record, error)
+
     async def _begin(self, operation: Operation, record: Deployment) -> None:
         """Register a cluster-wide operation; refused while another worker runs one on the package."""
         other = await self.cluster.begin_operation(operation)
@@ -384,6 +394,7 @@ class Coordinator:
         )
         with anyio.CancelScope(shield=True):  # a deployment runs to its outcome; every step is bounded
             try:
+                await self._check_requirements(record, manifest)
                 await self._begin(operation, record)
             except BaseException:
                 if warm is not None:

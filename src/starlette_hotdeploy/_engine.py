@@ -17,7 +17,7 @@ import gc
 import logging
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +47,7 @@ from ._errors import (
 )
 from ._hooks import make_plugin_manager, notify, run_checks, unload_cleaners
 from ._loader import audited, collected, weak_refs, what_raised
-from ._manifest import MANIFEST_NAME, load_manifest
+from ._manifest import MANIFEST_NAME, Manifest, load_manifest
 from ._mounts import Mount, MountTable
 from ._package import Package
 from ._probe import ProbeCrashed, probe
@@ -352,9 +352,14 @@ class Engine:
         return unpack(stored.path, self.home / "packages", self.limits)
 
     async def restore(
-        self, name: str, wanted: Desired, package: Package | None
+        self,
+        name: str,
+        wanted: Desired,
+        package: Package | None,
+        before_load: Callable[[Manifest], Awaitable[None]] | None = None,
     ) -> tuple[PackageVersion | None, Package | None]:
         """Load and start a confirmed version from its archive (no checks: it passed them).
+        `before_load` is awaited once its manifest is read (`RestoreOrder.before_load`).
 
         If it no longer starts, fall back to the versions before it (the salvage copies)."""
         candidates = [(wanted.version, wanted.sha256), *reversed(wanted.lineage[:-1])]
@@ -370,6 +375,8 @@ class Engine:
 
                 unpacked, found = await anyio.to_thread.run_sync(fetch)  # one thread hop
                 package = found
+                if before_load is not None:
+                    await before_load(unpacked.manifest)
                 version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
                 try:
                     await self._load(found, version)

@@ -115,6 +115,11 @@ class PackageInUse(HotDeployError):
     """The package cannot be removed: another deployed package requires it."""
 
 
+class UnmetRequirement(HotDeployError):
+    """The change would leave an active package's `requires` unmet (a package missing, or active
+    at a version outside the specifier), or would close a cycle of requirements. Nothing changed."""
+
+
 class NoPreviousVersion(HotDeployError):
     """A rollback was asked for, but the package has no earlier version to go back to."""
 

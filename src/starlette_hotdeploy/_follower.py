@@ -23,6 +23,7 @@ from ._engine import Engine
 from ._hooks import run_checks
 from ._operation import Operation, OperationKind, Phase, Vote
 from ._package import Package
+from ._restore_order import RestoreOrder
 from ._store import Desired, Store
 from ._version import PackageVersion, VersionState
 
@@ -165,13 +166,18 @@ class Follower:
             # Aborted (or finished without this worker): what was prepared for it goes.
             await self._let_go(*self._prepared.pop(op_id))
         self._voted = {vote for vote in self._voted if vote[0] in unfinished}
-        work: list[Callable[[], Awaitable[bool]]] = []
+        to_converge: list[str] = []
         for name, wanted in desired.items():
             if self.engine.is_busy(name):
                 settled = False  # an operation of this worker: the next round looks again
             elif not self._serves(name, wanted) or name in latest:
-                work.append(functools.partial(self._converge_package, name, wanted, latest.get(name)))
-        settled = await self._run_all(work) and settled
+                to_converge.append(name)
+        order = RestoreOrder(to_converge, RESTORE_CONCURRENCY)
+        work: dict[str, Callable[[], Awaitable[bool]]] = {
+            name: functools.partial(self._converge_package, name, desired[name], latest.get(name), order)
+            for name in to_converge
+        }
+        settled = await self._run_all(work, order) and settled
         switched = bool(work)
         for package in self.engine.packages():
             name = package.name
@@ -198,33 +204,36 @@ class Follower:
         active = package.active if package is not None else None
         return active is not None and (active.version, active.sha256) == (wanted.version, wanted.sha256)
 
-    async def _run_all(self, work: list[Callable[[], Awaitable[bool]]]) -> bool:
-        """Run the packages' convergence, several at once (the restore of many packages); True
-        if every one settled. Those that failed are run again one at a time: a load refused
-        because another one, overlapping it, touched `sys.modules` (see _loader.audited) must
-        not keep an innocent package down. The first error is raised once all have finished."""
+    async def _run_all(self, work: dict[str, Callable[[], Awaitable[bool]]], order: RestoreOrder) -> bool:
+        """Run the packages' convergence, several at once (the restore of many packages), each
+        after those it requires (`order`); True if every one settled. Those that failed are run
+        again one at a time: a load refused because another one, overlapping it, touched
+        `sys.modules` (see _loader.audited) must not keep an innocent package down. The first
+        error is raised once all have finished."""
         if len(work) == 1:
-            return await work[0]()
-        limiter = anyio.CapacityLimiter(RESTORE_CONCURRENCY)
+            [job] = work.values()
+            return await job()
         failed: list[Callable[[], Awaitable[bool]]] = []
 
-        async def one(job: Callable[[], Awaitable[bool]]) -> None:
-            async with limiter:
+        async def one(name: str, job: Callable[[], Awaitable[bool]]) -> None:
+            async with order.limiter:
                 try:
                     settled = await job()
                 except Exception:
                     settled = False
+                finally:
+                    order.finished(name)
                 if not settled:
                     failed.append(job)
 
         async with anyio.create_task_group() as tasks:
-            for job in work:
-                tasks.start_soon(one, job)
+            for name, job in work.items():
+                tasks.start_soon(one, name, job)
         if not failed:
             return True
         settled = True
         errors: list[Exception] = []
-        for job in failed:  # alone this time
+        for job in failed:  # alone this time (every restore of the batch has finished: no waits)
             try:
                 settled = await job() and settled
             except Exception as exc:
@@ -304,7 +313,9 @@ class Follower:
             self._prepared[operation.id] = (package, version)
             await self.vote(operation, Vote.PREPARED)
 
-    async def _converge_package(self, name: str, wanted: Desired, operation: Operation | None) -> bool:
+    async def _converge_package(
+        self, name: str, wanted: Desired, operation: Operation | None, order: RestoreOrder
+    ) -> bool:
         """Make this worker serve the desired version of one package (restore or follow); False
         if it could not (the next full look tries again)."""
         engine = self.engine
@@ -335,7 +346,7 @@ class Follower:
                 if warm is not None and warm.sha256 == wanted.sha256 and engine.hold(warm):
                     target = warm
             if target is None:
-                target, package = await engine.restore(name, wanted, package)
+                target, package = await engine.restore(name, wanted, package, order.before_load)
             if target is None:
                 return False
             assert package is not None

@@ -24,6 +24,7 @@ from ._errors import (
     StoreError,
     UnknownPackage,
     UnknownVersion,
+    UnmetRequirement,
     VersionConflict,
 )
 
@@ -39,6 +40,7 @@ _STATUS: list[tuple[type[HotDeployError], int, str]] = [
     (MountConflict, 409, "mount conflict"),
     (NoPreviousVersion, 409, "no previous version"),
     (PackageInUse, 409, "package in use"),
+    (UnmetRequirement, 409, "unmet requirement"),
     (UnknownPackage, 404, "unknown package"),
     (UnknownVersion, 404, "unknown version"),
     (LoadError, 422, "package failed to load"),
