@@ -12,7 +12,16 @@ PACKAGE = Path(starlette_hotdeploy.__file__).parent
 # Lower layers never import higher ones (DESIGN.md: request path <- engine <- coordination <- surfaces),
 # under a base of shared vocabulary: types, errors, records, the manifest, the store's interface.
 BASE = {"_types", "_errors", "_detail", "_deployment", "_events", "_manifest", "_operation", "_store"}
-REQUEST_PATH = {"_dispatch", "_scope", "_mounts", "_version", "_tasks", "_lifespan", "_loader"}
+REQUEST_PATH = {
+    "_dispatch",
+    "_scope",
+    "_mounts",
+    "_version",
+    "_tasks",
+    "_lifespan",
+    "_loader",
+    "_package_logging",
+}
 ENGINE = {"_engine", "_package", "_probe", "_archive", "_hooks", "_cleaners", "_host_routes", "_signing"}
 COORDINATION = {
     "_coordinator",
@@ -21,6 +30,7 @@ COORDINATION = {
     "_cluster_view",
     "_wakeup",
     "_records",
+    "_oplog",
     "_requirements",
     "_restore_order",
     "_sql_store",

@@ -386,6 +386,12 @@ class Engine:
                     with anyio.CancelScope(shield=True):
                         await self.discard(found, version)
                     raise
+                logger.info(
+                    "%s %s restored from the store",
+                    name,
+                    version_name,
+                    extra={"package": name, "version": version_name},
+                )
                 return version, found
             except Exception:
                 logger.exception("%s %s: cannot restore this version", name, version_name)

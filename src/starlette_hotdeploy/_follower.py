@@ -155,6 +155,14 @@ class Follower:
                     settled = False
                 continue
             if operation.coordinator not in live:
+                logger.warning(
+                    "%s: operation %s abandoned: its coordinator %s is gone (no heartbeat within %gs)",
+                    operation.package,
+                    operation.id,
+                    operation.coordinator,
+                    self.cluster.liveness,
+                    extra={"package": operation.package, "worker": operation.coordinator},
+                )
                 await self.cluster.abandon(operation)
                 settled = False
             elif operation.phase is Phase.COMMIT:

@@ -76,6 +76,7 @@ import anyio
 
 from ._errors import LoadError
 from ._manifest import Manifest
+from ._package_logging import PackageLogging
 from ._types import ASGIApp
 
 logger = logging.getLogger("starlette_hotdeploy")
@@ -98,6 +99,7 @@ class Namespace:
         self.top_level = _top_level_names(root)
         self.builtins = dict(builtins.__dict__)
         self.builtins["__import__"] = self._import
+        self.logging = PackageLogging(self.name, self.package, self.version, self.top_level)
         self._loaded = False
 
     def __repr__(self) -> str:
@@ -122,7 +124,10 @@ class Namespace:
                 return module
             # `import orders.models` binds `orders`: the version's top-level package.
             return sys.modules[f"{self.name}.{name.partition('.')[0]}"]
-        return builtins.__import__(name, globals, locals, fromlist, level)
+        module = builtins.__import__(name, globals, locals, fromlist, level)
+        if level == 0 and (name == "logging" or (name.startswith("logging.") and not fromlist)):
+            return self.logging  # `import logging`: the package's own logger names
+        return module
 
     def open(self) -> None:
         """Make the namespace importable."""
@@ -190,6 +195,7 @@ class Namespace:
             for key in [k for k in list(overloads) if self.owns(k)]:
                 overloads.pop(key, None)
         self.builtins.clear()
+        self.logging.close()
         self._loaded = False
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from . import _oplog
 from ._deployment import Action, Deployment, Step
 from ._detail import shorten
 from ._events import EventHub
@@ -43,6 +44,7 @@ class RecordLog:
         record.on_change = self._changed
         self.history.append(record)
         self.events.publish({"type": "deployment.started", "deployment": record.to_dict()})
+        _oplog.started(record)
         return record
 
     def find(self, deployment_id: str) -> Deployment | None:
@@ -53,7 +55,10 @@ class RecordLog:
 
     def _changed(self, record: Deployment, step: Step | None) -> None:
         if step is None:
-            kind = "deployment.finished" if record.finished_at is not None else "deployment.decided"
+            finished = record.finished_at is not None
+            # decide() and finish() each come here once, in that order.
+            (_oplog.finished if finished else _oplog.decided)(record)
+            kind = "deployment.finished" if finished else "deployment.decided"
             self.events.publish({"type": kind, "deployment": record.to_dict()})
         else:
             kind = "step.started" if step.ok is None else "step.finished"
