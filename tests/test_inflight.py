@@ -99,7 +99,11 @@ def task_is_cancelling() -> bool:
 
 
 async def test_an_app_that_swallows_the_drain_timeout_still_ends_and_its_task_goes_on(
-    deployer: Deployer, client: httpx.AsyncClient, sources: Path, drained: Drained
+    deployer: Deployer,
+    client: httpx.AsyncClient,
+    sources: Path,
+    drained: Drained,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     await deployer.deploy(package(sources, "1.0", drain_timeout=0.1))
     after: list[object] = []
@@ -124,6 +128,10 @@ async def test_an_app_that_swallows_the_drain_timeout_still_ends_and_its_task_go
     assert after[1:] == [False, "2.0"]
     assert drained.terminated_by["1.0"] == 1
     assert in_flight(deployer, "2.0") == 0
+    assert (
+        "WARNING",
+        "greeter 1.0: drain timeout (0.1s): 1 request(s), stream(s) or websocket(s) still open were ended",
+    ) in [(r.levelname, r.getMessage()) for r in caplog.records]
 
 
 async def test_a_request_cancelled_by_its_caller_is_not_ended_by_the_drain(

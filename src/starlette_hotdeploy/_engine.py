@@ -512,6 +512,14 @@ class Engine:
         terminated = 0
         if not idle:
             terminated = await old.terminate()
+            logger.warning(
+                "%s %s: drain timeout (%gs): %d request(s), stream(s) or websocket(s) still open were ended",
+                old.name,
+                old.version,
+                old.manifest.drain_timeout,
+                terminated,
+                extra={"package": old.name, "version": old.version, "terminated": terminated},
+            )
         if record is not None and retirement.drain is not None:
             detail = f"{terminated} still open at the drain timeout were ended" if terminated else None
             record.end_step(retirement.drain, detail=detail)
