@@ -22,6 +22,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import signal
 import statistics
 import sys
 import tempfile
@@ -81,9 +82,21 @@ def start_once(home: Path, workdir: Path, workers: int, count: int, index: int) 
             return response.status_code == 200 and len(response.json().get("workers", {})) == workers
 
         every = _until(server, started, registered)
+        # A graceful stop (what a deploy tool's SIGTERM does): every worker's lifespan shutdown
+        # stops and unloads every package, then the supervisor exits.
+        stopping = time.monotonic()
+        server.signal(signal.SIGTERM)
+        if server.wait(120) is None:
+            raise BenchmarkError(f"the server did not stop within 120 s:\n{server.log_tail()}")
+        stop = time.monotonic() - stopping
     finally:
         server.kill()
-    return {"start": index, "first_answer_s": round(first, 3), "every_worker_s": round(every, 3)}
+    return {
+        "start": index,
+        "first_answer_s": round(first, 3),
+        "every_worker_s": round(every, 3),
+        "graceful_stop_s": round(stop, 3),
+    }
 
 
 def _until(server: ServerProcess, started: float, probe: Any, timeout: float = 300.0) -> float:
@@ -115,6 +128,7 @@ def run(count: int, workers: int, starts: int) -> dict[str, Any]:
             print(f"start {index}: {result}", flush=True)
             results.append(result)
     warm = [r["first_answer_s"] for r in results[1:]]
+    stops = [r["graceful_stop_s"] for r in results]
     return {
         "config": {"packages": count, "workers": workers, "starts": starts},
         "seed_s": round(seeded, 2),
@@ -124,6 +138,11 @@ def run(count: int, workers: int, starts: int) -> dict[str, Any]:
             "median": round(statistics.median(warm), 3) if warm else None,
             "min": min(warm, default=None),
             "max": max(warm, default=None),
+        },
+        "graceful_stop_s": {
+            "median": round(statistics.median(stops), 3),
+            "min": min(stops),
+            "max": max(stops),
         },
     }
 

@@ -146,6 +146,34 @@ async def test_fifty_swaps_leave_no_retired_version_alive(
     assert len(shutdowns) == 49  # every replaced version ran its lifespan shutdown
 
 
+LATER_APP = """
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+
+async def index(request):
+    from greeter import later  # first imported by a request, long after the load
+
+    return PlainTextResponse(later.VALUE)
+"""
+
+
+async def test_a_module_first_imported_by_a_request_is_unloaded_with_its_version(
+    deployer: Deployer, client: httpx.AsyncClient, sources: Path, drained: Drained
+) -> None:
+    app = LATER_APP + "\napp = Starlette(routes=[Route('/', index)])\n"
+    files = {"greeter/later.py": "VALUE = 'later'\n"}
+    await deployer.deploy(write_package(sources, version="1.0", app=app, files=files))
+    assert [key for key in sys.modules if key.endswith(".greeter.later")] == []
+    assert (await client.get("/greeter/")).text == "later"
+    [late] = [key for key in sys.modules if key.endswith(".greeter.later")]
+    await deployer.deploy(write_package(sources, version="2.0"))
+    await drained.wait_for("1.0")
+    assert late not in sys.modules
+    assert deployer.retired_alive() == []
+
+
 async def test_lifespan_state_is_per_version(
     deployer: Deployer, client: httpx.AsyncClient, sources: Path
 ) -> None:

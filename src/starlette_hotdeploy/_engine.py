@@ -60,6 +60,8 @@ if TYPE_CHECKING:
     from ._signing import TrustedKeys
 
 logger = logging.getLogger("starlette_hotdeploy")
+# How many unloaded versions are tracked before the collected ones are first forgotten.
+_FORGET_FIRST = 16
 
 _PREPARING = frozenset({VersionState.STAGED, VersionState.STARTING, VersionState.READY})
 
@@ -115,6 +117,7 @@ class Engine:
         self._retirements: dict[PackageVersion, Retirement] = {}
         self._held: set[PackageVersion] = set()  # draining versions taken back for a switch back
         self._unloaded: deque[tuple[str, list[weakref.ref[Any]]]] = deque(maxlen=1000)
+        self._forget_at = _FORGET_FIRST
         self.collector = Collector(lambda: not self._preparing())  # frees unloaded versions
         self._collecting_in: anyio.abc.TaskGroup | None = None  # the runtime its task runs in
 
@@ -594,9 +597,12 @@ class Engine:
             if version in package._loaded:
                 package._loaded.remove(version)
             # Versions already collected are forgotten: only those still alive are worth a look.
-            alive = [(label, r) for label, r in self._unloaded if not collected(r, collect=False)]
-            if len(alive) < len(self._unloaded):
+            # Looked at once the list has doubled since the last look, not on every unload: a
+            # server stopping 1000 packages collects nothing in between (that was quadratic).
+            if len(self._unloaded) >= self._forget_at:
+                alive = [(label, r) for label, r in self._unloaded if not collected(r, collect=False)]
                 self._unloaded = deque(alive, maxlen=self._unloaded.maxlen)
+                self._forget_at = max(_FORGET_FIRST, 2 * len(alive))
             self._unloaded.append((f"{version.name} {version.version}", refs))
             self._schedule_collection()
 

@@ -100,6 +100,10 @@ class Namespace:
         self.builtins = dict(builtins.__dict__)
         self.builtins["__import__"] = self._import
         self.logging = PackageLogging(self.name, self.package, self.version, self.top_level)
+        # Every module name looked up under the namespace (by `_NamespaceFinder`): what unload
+        # goes through, rather than all of `sys.modules` once per version (quadratic when a
+        # server with 1000 packages stops).
+        self._names: set[str] = {self.name}
         self._loaded = False
 
     def __repr__(self) -> str:
@@ -151,14 +155,22 @@ class Namespace:
     def owns(self, module_name: str) -> bool:
         return module_name == self.name or module_name.startswith(self.name + ".")
 
+    def noted(self, module_name: str) -> None:
+        """`module_name` (under this namespace) is being imported."""
+        self._names.add(module_name)
+
+    def modules(self) -> list[tuple[str, types.ModuleType]]:
+        """This version's modules in `sys.modules` now."""
+        # list() copies in one step: imports in other threads change the set meanwhile.
+        found = ((name, sys.modules.get(name)) for name in list(self._names))
+        return [(name, module) for name, module in found if module is not None]
+
     def definitions(self) -> list[object]:
         """The classes and functions defined in this version's modules. A module can be freed
         while its globals live on (a cached class's methods hold them): weak references to these
         show what the modules' own do not."""
         found: list[object] = []
-        for key, module in list(sys.modules.items()):
-            if not self.owns(key):
-                continue
+        for _, module in self.modules():
             for value in list(getattr(module, "__dict__", {}).values()):
                 if not isinstance(value, type | types.FunctionType):
                     continue
@@ -174,12 +186,15 @@ class Namespace:
         """Remove every module of this version from the interpreter's caches. Idempotent: an
         abandoned import thread calls it again when it returns, for what it installed since."""
         _namespaces.pop(self.name, None)
-        # list() copies in one step: imports in other threads change these dicts meanwhile.
-        for key in [k for k in list(sys.modules) if self.owns(k)]:
+        modules = self.modules()
+        # The directories the path finder cached a finder for: the root and each package's.
+        directories = {str(self.root)}
+        for key, module in modules:
             sys.modules.pop(key, None)
+            directories.update(str(path) for path in getattr(module, "__path__", None) or ())
+        for directory in directories:
+            sys.path_importer_cache.pop(directory, None)
         root = str(self.root)
-        for key in [k for k in list(sys.path_importer_cache) if k.startswith(root)]:
-            sys.path_importer_cache.pop(key, None)
         # The lines of every source file `inspect.getsource` read (FastAPI does, per endpoint).
         for key in [k for k in list(linecache.cache) if k.startswith(root)]:
             linecache.cache.pop(key, None)
@@ -222,6 +237,7 @@ class _NamespaceFinder(importlib.abc.MetaPathFinder):
         namespace = _namespaces.get(fullname.partition(".")[0])
         if namespace is None or path is None:
             return None
+        namespace.noted(fullname)
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or not isinstance(spec.loader, importlib.machinery.SourceFileLoader):
             return spec
@@ -583,6 +599,10 @@ def audited(namespace: Namespace, load: Callable[[], T]) -> T:
     except BaseException as exc:  # a worker thread: nothing here is ours to let through
         error = exc
     _audits.end(audit, lambda: before.undo(namespace))
+    # Entries the load put under its namespace by hand (not through the finder) go at unload too.
+    for name in sys.modules.copy().keys() - before.modules.keys():
+        if namespace.owns(name):
+            namespace.noted(name)
     context = {"package": namespace.package, "version": namespace.version, "step": "load"}
     if not namespace.is_open:
         namespace.close()  # again: its modules and loggers from after the first close

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import sys
 import time
 import weakref
 from contextlib import suppress
@@ -181,12 +180,7 @@ class PackageVersion:
             with suppress(TypeError):
                 refs.append(weakref.ref(self.app))
         if self.namespace is not None:
-            prefix = self.namespace.name
-            refs.extend(
-                weakref.ref(module)
-                for key, module in list(sys.modules.items())
-                if key == prefix or key.startswith(prefix + ".")
-            )
+            refs.extend(weakref.ref(module) for _, module in self.namespace.modules())
             self.namespace.close()
         self.app = None
         self.namespace = None
