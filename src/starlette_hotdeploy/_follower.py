@@ -180,13 +180,14 @@ class Follower:
                 settled = False  # an operation of this worker: the next round looks again
             elif not self._serves(name, wanted) or name in latest:
                 to_converge.append(name)
-        order = RestoreOrder(to_converge, RESTORE_CONCURRENCY)
-        work: dict[str, Callable[[], Awaitable[bool]]] = {
-            name: functools.partial(self._converge_package, name, desired[name], latest.get(name), order)
-            for name in to_converge
-        }
-        settled = await self._run_all(work, order) and settled
-        switched = bool(work)
+        if to_converge:  # (the idle look, once a second, allocates nothing here)
+            order = RestoreOrder(to_converge, RESTORE_CONCURRENCY)
+            work: dict[str, Callable[[], Awaitable[bool]]] = {
+                name: functools.partial(self._converge_package, name, desired[name], latest.get(name), order)
+                for name in to_converge
+            }
+            settled = await self._run_all(work, order) and settled
+        switched = bool(to_converge)
         for package in self.engine.packages():
             name = package.name
             if name not in desired and not self.engine.is_busy(name) and package.active is not None:

@@ -33,9 +33,11 @@ class RestoreOrder:
         needed = {
             other
             for other in manifest.requires
-            if other in self._done and other != manifest.name and not self._done[other].is_set()
+            if other in self._done
+            and other != manifest.name
+            and not self._done[other].is_set()
+            and not self._waits_for(other, manifest.name)  # that wait would close a cycle
         }
-        needed = {other for other in needed if not self._waits_for(other, manifest.name)}
         if not needed:
             return
         self._waiting[manifest.name] = needed
