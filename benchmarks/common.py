@@ -189,7 +189,7 @@ def against_mount(results: Sequence[dict[str, Any]]) -> list[Compared]:
     pairs = []
     for (app, call, kind, n), r in by.items():
         mount = by.get((app, call, "mount", n))
-        if kind not in ("middleware", "route") or mount is None:
+        if kind not in ("middleware", "route", "nometrics") or mount is None:
             continue
         fewest = min(m for a, c, k, m in by if (a, c, k) == (app, call, kind))
         pairs.append(Compared(app, call, kind, n, r, mount, by[(app, call, kind, fewest)]))

@@ -43,11 +43,13 @@ HOME_ENV = "BENCH_HOME"
 SOURCES_ENV = "BENCH_SOURCES"
 APP_ENV = "BENCH_APP"
 
-KINDS = ("mount", "middleware", "route")
+# nometrics: HotDeployMiddleware with Deployer(metrics=False), the cost of counting requests.
+KINDS = ("mount", "middleware", "route", "nometrics")
 LABELS = {
     "mount": "Starlette Mount",
     "middleware": "HotDeployMiddleware",
     "route": "HotDeployRoute",
+    "nometrics": "Middleware, no metrics",
     "host": "host endpoint",
 }
 
@@ -207,6 +209,10 @@ def create_mount_app() -> Starlette:
 
 def create_middleware_app() -> Starlette:
     return middleware_app(Deployer(home=os.environ[HOME_ENV], entry_points=False))
+
+
+def create_nometrics_app() -> Starlette:
+    return middleware_app(Deployer(home=os.environ[HOME_ENV], entry_points=False, metrics=False))
 
 
 def create_route_app() -> Starlette:

@@ -1,9 +1,10 @@
 """Dispatch overhead through a real server: wrk against one uvicorn process that serves the same
-sub-app (i) under a plain Starlette `Mount`, (ii) as a package behind HotDeployMiddleware and
-(iii) as a package behind HotDeployRoute in the host's routes.
+sub-app (i) under a plain Starlette `Mount`, (ii) as a package behind HotDeployMiddleware,
+(iii) as a package behind HotDeployRoute in the host's routes and (iv) behind HotDeployMiddleware
+with metrics off (`Deployer(metrics=False)`): the cost of counting requests is (ii) against (iv).
 
     .venv/bin/python -m benchmarks.dispatch_uvicorn [--quick] [--apps fastapi,tiny]
-        [--scales 1,10,100,1000] [--rounds 6] [--seconds 5] [--no-wrk]
+        [--scales 1,10,100,1000] [--rounds 6] [--seconds 5] [--no-wrk] [--kinds mount,middleware,...]
 
 Sub-apps (benchmarks/dispatch_apps.py): `fastapi`, a FastAPI app with pydantic models (`GET
 /items/{id}` with a response model, `POST /items` with a validated JSON body), with one package:
@@ -14,7 +15,7 @@ the package's module the ordinary way from the same files that the deployer load
 uvicorn runs as users run it: one worker, `--no-access-log`, `--loop`/`--http` left at `auto`
 (uvloop and httptools when installed, as with `uvicorn[standard]`; the server reports what it
 runs, and the results record it). Each round starts a fresh server for each of the three
-hosts in turn, the order rotated from one round to the next (A B C, B C A, C A B, ...), warms it
+hosts in turn (four), the order rotated from one round to the next (A B C, B C A, C A B, ...), warms it
 up, runs wrk on each request for `seconds`, and stops it, so that only the measured server is on
 its core and a round's three measurements are close in time. Where `taskset` exists the server
 runs on CPU 0 and wrk on CPU 1. The packages are deployed beforehand into a home (this process),
@@ -74,6 +75,7 @@ FACTORIES = {
     "mount": "create_mount_app",
     "middleware": "create_middleware_app",
     "route": "create_route_app",
+    "nometrics": "create_nometrics_app",
 }
 
 
@@ -88,6 +90,7 @@ class DispatchConfig:
     warmup_s: float = 1.0  # per request kind, on each fresh server
     connections: int = 16
     use_wrk: bool = True
+    kinds: tuple[str, ...] = KINDS  # the hosts compared; the Mount is always measured
     pinning: list[str] = field(default_factory=list)  # filled in by run()
     uvicorn: dict[str, Any] = field(default_factory=dict)  # loop/http the servers reported
 
@@ -289,7 +292,7 @@ def measure_scenario(scenario: Scenario, config: DispatchConfig, workdir: Path) 
     )
     server_prefix, load_prefix = pinning()
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {
-        (call.name, kind): [] for call in scenario.calls for kind in KINDS
+        (call.name, kind): [] for call in scenario.calls for kind in config.kinds
     }
 
     def load(url: str, call: Call, seconds: float) -> dict[str, Any]:
@@ -298,7 +301,7 @@ def measure_scenario(scenario: Scenario, config: DispatchConfig, workdir: Path) 
         return httpx_run(url, call, config, seconds)
 
     for r in range(scenario.rounds):
-        for kind in rotated(KINDS, r):
+        for kind in rotated(config.kinds, r):
             server = Server(kind, scenario, workdir, server_prefix, r)
             try:
                 server.wait_ready(scenario)
@@ -385,6 +388,39 @@ def overheads(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def metrics_cost(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each sub-app, request and package count: HotDeployMiddleware with metrics on against
+    the same with metrics off, req/s ratio per round (median, min-max), p50/p99 side by side."""
+    by = {(r["app"], r["call"], r["kind"], r["packages"]): r for r in results}
+    rows = []
+    for (app, call, kind, n), on in by.items():
+        off = by.get((app, call, "nometrics", n))
+        if kind != "middleware" or off is None:
+            continue
+        ratios = [a / b for a, b in zip(on["rps_rounds"], off["rps_rounds"], strict=True)]
+        median = statistics.median(ratios)
+        rows.append(
+            {
+                "app": app,
+                "call": call,
+                "packages": n,
+                "rps_ratio": {
+                    "median": round(median, 4),
+                    "min": round(min(ratios), 4),
+                    "max": round(max(ratios), 4),
+                    "rounds": [round(x, 4) for x in ratios],
+                },
+                "cost_pct": round((1 / median - 1) * 100, 2),
+                "p50_us": on["p50_us"],
+                "off_p50_us": off["p50_us"],
+                "p99_us": on["p99_us"],
+                "off_p99_us": off["p99_us"],
+                "target_met": median >= 0.98,
+            }
+        )
+    return rows
+
+
 def run(config: DispatchConfig) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     config.pinning = [" ".join(p) or "none" for p in pinning()]
@@ -422,6 +458,19 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{o['p50_us']:>7.0f}/{o['mount_p50_us']:<7.0f} {o['p99_us']:>7.0f}/{o['mount_p99_us']:<7.0f} "
             f"{o['vs_one_package_pct']:>+8.1f}% {'met' if o['target_met'] else 'NOT met'}"
         )
+    lines += [
+        "",
+        f"{'sub-app, request':26} {'pkgs':>5} {'metrics on / off':20} {'req/s ratio med [min-max]':>26} "
+        f"{'p50 us on/off':>15} {'p99 us on/off':>15} {'cost':>9} target (<2%)",
+    ]
+    for m in metrics_cost(results):
+        ratio = m["rps_ratio"]
+        lines.append(
+            f"{m['app'] + ' ' + m['call']:26} {m['packages']:>5} {'':20} "
+            f"{ratio['median']:>10.3f} [{ratio['min']:.3f}-{ratio['max']:.3f}] "
+            f"{m['p50_us']:>7.0f}/{m['off_p50_us']:<7.0f} {m['p99_us']:>7.0f}/{m['off_p99_us']:<7.0f} "
+            f"{m['cost_pct']:>+8.1f}% {'met' if m['target_met'] else 'NOT met'}"
+        )
     return "\n".join(lines)
 
 
@@ -441,11 +490,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="rounds with one package")
     parser.add_argument("--seconds", type=float, help="seconds per wrk run with one package")
     parser.add_argument("--no-wrk", action="store_true")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"hosts to compare, of {','.join(KINDS)}")
     parser.add_argument("--name", default="dispatch_uvicorn", help="results file name (no .json)")
     args = parser.parse_args(argv)
     config = config_for(args.quick, not args.no_wrk and shutil.which("wrk") is not None)
     config.scales = tuple(int(n) for n in args.scales.split(","))
     config.apps = tuple(a for a in args.apps.split(",") if a)
+    config.kinds = tuple(dict.fromkeys(["mount", *(k for k in args.kinds.split(",") if k in KINDS)]))
     if args.rounds:
         config.rounds = args.rounds
     if args.seconds:
@@ -457,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "results": results,
         "overheads": overheads(results),
+        "metrics_cost": metrics_cost(results),
     }
     print(f"written: {write_results(args.name, payload)}")
     return 0

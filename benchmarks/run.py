@@ -67,7 +67,12 @@ def run_dispatch_uvicorn(quick: bool, use_wrk: bool) -> None:
     config = dispatch_uvicorn.config_for(quick, use_wrk)
     results = dispatch_uvicorn.run(config)
     print(dispatch_uvicorn.table(results))
-    payload = {"config": asdict(config), "results": results, "overheads": dispatch_uvicorn.overheads(results)}
+    payload = {
+        "config": asdict(config),
+        "results": results,
+        "overheads": dispatch_uvicorn.overheads(results),
+        "metrics_cost": dispatch_uvicorn.metrics_cost(results),
+    }
     write_results("dispatch_uvicorn", payload)
 
 

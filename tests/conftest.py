@@ -17,7 +17,8 @@ from starlette_hotdeploy import Deployer, HotDeployMiddleware, Store
 
 S = TypeVar("S", bound=Store)
 
-pytest_plugins = ["postgres"]  # tests/postgres.py: the throwaway PostgreSQL's fixtures
+# tests/postgres.py: the throwaway PostgreSQL's fixtures; pytester: a user's run of our pytest plugin.
+pytest_plugins = ["postgres", "pytester"]
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -1136,6 +1136,7 @@ REFERENCE: dict[str, dict[str, set[int]]] = {
     "/deployments/{id}": {"get": {200, 404}},
     "/events": {"get": {200}},
     "/cluster": {"get": {200, 503}},
+    "/metrics": {"get": {200, 404}},
     "/openapi.json": {"get": {200}},
 }
 

@@ -117,7 +117,7 @@ def test_dispatch_through_uvicorn(tool: str) -> None:
         use_wrk=tool == "wrk",
     )
     results = dispatch_uvicorn.run(config)
-    kinds = ("mount", "middleware", "route")
+    kinds = ("mount", "middleware", "route", "nometrics")
     # The FastAPI app with one package, the tiny one with two.
     assert {(r["app"], r["kind"], r["packages"]) for r in results} == {
         (app, kind, n) for app, n in (("fastapi", 1), ("tiny", 2)) for kind in kinds
@@ -128,6 +128,8 @@ def test_dispatch_through_uvicorn(tool: str) -> None:
         (app, k) for app in ("fastapi", "tiny") for k in kinds[1:]
     }
     assert all(row["rps_ratio"]["min"] > 0 for row in rows)
+    costs = dispatch_uvicorn.metrics_cost(results)
+    assert {(row["app"], row["packages"]) for row in costs} == {("fastapi", 1), ("tiny", 2)}
 
 
 def test_many_swaps() -> None:

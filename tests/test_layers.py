@@ -21,8 +21,19 @@ REQUEST_PATH = {
     "_lifespan",
     "_loader",
     "_package_logging",
+    "_figures",
 }
-ENGINE = {"_engine", "_package", "_probe", "_archive", "_hooks", "_cleaners", "_host_routes", "_signing"}
+ENGINE = {
+    "_engine",
+    "_package",
+    "_probe",
+    "_archive",
+    "_hooks",
+    "_cleaners",
+    "_host_routes",
+    "_signing",
+    "_worker_figures",
+}
 COORDINATION = {
     "_coordinator",
     "_follower",
@@ -31,6 +42,7 @@ COORDINATION = {
     "_wakeup",
     "_records",
     "_oplog",
+    "_figures_share",
     "_requirements",
     "_restore_order",
     "_sql_store",
@@ -50,6 +62,8 @@ SURFACES = {
     "_watch",
     "_status",
     "_route",
+    "_metrics",
+    "testing",
 }
 
 

@@ -51,9 +51,27 @@ def test_all_is_sorted_and_unique() -> None:
 
 
 def test_nothing_public_leaks() -> None:
-    """Every public name of the package is in `__all__`, and `dir()` lists the lazy ones too."""
-    public = {name for name in dir(starlette_hotdeploy) if not name.startswith("_")}
-    assert public - {"TYPE_CHECKING"} == set(EXPORTED) - DATA
+    """Every public name of the package is in `__all__`, and `dir()` lists the lazy ones too.
+    `testing` is the pytest plugin's module (pytest imports it through its entry point, and
+    rewrites the asserts of its distribution's modules: the `@py_` names)."""
+    public = {name for name in dir(starlette_hotdeploy) if not name.startswith(("_", "@py_", "@pytest_"))}
+    assert public - {"TYPE_CHECKING", "testing"} == set(EXPORTED) - DATA
+
+
+def test_the_testing_module_exports_what_it_documents() -> None:
+    from starlette_hotdeploy import testing
+
+    assert testing.__all__ == sorted(set(testing.__all__))
+    for name in testing.__all__:
+        value = getattr(testing, name)
+        assert value.__module__ == "starlette_hotdeploy.testing"
+        assert (vars(value).get("__doc__") or "").strip(), f"testing.{name} has no docstring"
+    public = {
+        n
+        for n, v in vars(testing).items()
+        if not n.startswith("_") and getattr(v, "__module__", "") == testing.__name__
+    }
+    assert public - {"hotdeploy_server", "hotdeploy_host_app", "Traffic"} == set(testing.__all__)
 
 
 @pytest.mark.parametrize("name", EXPORTED)

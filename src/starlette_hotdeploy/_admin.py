@@ -143,6 +143,7 @@ class AdminAPI:
             Route(f"{p}/deployments/{{id}}", self.get_deployment, methods=["GET"]),
             Route(f"{p}/events", self.events, methods=["GET"]),
             Route(f"{p}/cluster", self.cluster, methods=["GET"]),
+            Route(f"{p}/metrics", self.metrics, methods=["GET"]),
         ]
 
     @staticmethod
@@ -169,6 +170,17 @@ class AdminAPI:
         except HotDeployError as exc:
             return problem_for(exc)
         return JSONResponse(view)
+
+    async def metrics(self, request: Request) -> Response:
+        collector = self.deployer.metrics
+        if collector is None:
+            return problem(404, "not found", "metrics are off: the deployer was made with metrics=False")
+        from prometheus_client.exposition import choose_encoder
+
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        # In a worker thread: it reads the other workers' files.
+        body = await anyio.to_thread.run_sync(encode, collector)
+        return Response(body, media_type=content_type)
 
     async def get_package(self, request: Request) -> Response:
         try:

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -31,6 +31,7 @@ from ._deployment import Action, Deployment
 from ._engine import Engine
 from ._errors import HotDeployError, NotRunning
 from ._events import EventHub
+from ._figures_share import SharedFigures
 from ._follower import Follower
 from ._hooks import ENTRY_POINT_GROUP, make_plugin_manager
 from ._mounts import MountTable
@@ -41,6 +42,10 @@ from ._status import PackageStatus
 from ._store import Store
 from ._store_url import open_store, store_url_from_env
 from ._watch import WatchFolder
+from ._worker_figures import WorkerFigures
+
+if TYPE_CHECKING:
+    from ._metrics import HotDeployMetrics
 
 logger = logging.getLogger("starlette_hotdeploy")
 
@@ -58,6 +63,7 @@ class _Runtime:
     background: anyio.CancelScope
     background_done: anyio.Event
     background_started: bool = False  # restore() ran: heartbeats, follower, records, watch folder
+    shared: SharedFigures | None = None  # metrics on: this worker's figures for the host's others
 
 
 class Deployer:
@@ -86,6 +92,8 @@ class Deployer:
         trusted_keys: OpenSSH ed25519 public keys (paths to `.pub` or `allowed_signers` files, or
             key lines; default `$HOTDEPLOY_TRUSTED_KEYS`, separated by os.pathsep): when given,
             only archives signed by one of them are deployed (see docs/security.md).
+        metrics: count requests, deployments and drains for Prometheus: the admin API serves
+            them at `<prefix>/metrics`, and `deployer.metrics` is their collector.
 
     Constructing it does no I/O: the store is opened, entry points are scanned and the worker's
     identity is made when the runtime starts (`running()`, or the server's lifespan).
@@ -108,6 +116,7 @@ class Deployer:
         watch: str | os.PathLike[str] | None = None,
         cluster_timeout: float = 60.0,
         trusted_keys: Iterable[str | os.PathLike[str]] | None = None,
+        metrics: bool = True,
     ) -> None:
         self.home = Path(home if home is not None else os.environ.get("HOTDEPLOY_HOME", ".hotdeploy"))
         self.plugins: pluggy.PluginManager = make_plugin_manager(plugins, entry_points=False)
@@ -133,6 +142,13 @@ class Deployer:
         self._records = RecordLog(self.events, history_size, tidy=self._engine.redact)
         self._runtime: _Runtime | None = None
         self._stopped = True  # until running()
+        self._figures = WorkerFigures() if metrics else None
+        self._engine.figures = self._records.figures = self._figures
+        self._metrics: HotDeployMetrics | None = None
+        if metrics:
+            from ._metrics import HotDeployMetrics  # prometheus_client: only when metrics are on
+
+            self._metrics = HotDeployMetrics(self._snapshot, self._shared)
 
     @property
     def limits(self) -> ArchiveLimits:
@@ -168,6 +184,26 @@ class Deployer:
     @property
     def worker_id(self) -> str:
         return self._running().cluster.worker_id
+
+    @property
+    def metrics(self) -> HotDeployMetrics | None:
+        """The prometheus_client collector of this host's `hotdeploy_*` metrics (every worker's);
+        register it in a registry of your own with `registry.register(deployer.metrics)`. None
+        when the deployer was made with `metrics=False`."""
+        return self._metrics
+
+    def _snapshot(self) -> dict[str, Any] | None:
+        """This worker's figures (None before the runtime started or with metrics off)."""
+        runtime = self._runtime
+        if self._figures is None or runtime is None:
+            return None
+        # Copied in steps that hold the GIL (`loaded` is a tuple): a scrape may run in a thread.
+        loaded = [version for package in self._engine.packages() for version in package.loaded]
+        return self._figures.snapshot(runtime.cluster.worker_id, loaded)
+
+    def _shared(self) -> SharedFigures | None:
+        runtime = self._runtime
+        return runtime.shared if runtime is not None else None
 
     # -- runtime ----------------------------------------------------------------------------
 
@@ -231,6 +267,8 @@ class Deployer:
                 self._runtime = _Runtime(
                     store, cluster, follower, coordinator, anyio.CancelScope(), anyio.Event()
                 )
+                if self._figures is not None:
+                    self._runtime.shared = SharedFigures(self.home / "metrics", cluster.worker_id)
                 await anyio.to_thread.run_sync(self._engine.clean_staging)
                 await cluster.heartbeat({})
                 live = await cluster.live()
@@ -270,6 +308,8 @@ class Deployer:
                     tasks.start_soon(runtime.follower.heartbeats, name="hotdeploy heartbeats")
                     tasks.start_soon(runtime.follower.follow, name="hotdeploy follower")
                     tasks.start_soon(self._records.run, name="hotdeploy records")
+                    if runtime.shared is not None:
+                        tasks.start_soon(runtime.shared.run, self._snapshot, name="hotdeploy metrics")
                     if self.watch is not None:
                         folder = WatchFolder(
                             self.watch, self._deploy_dropped, lock_path=self.home / "watch.lock"
@@ -298,6 +338,9 @@ class Deployer:
         await runtime.follower.discard_prepared()
         await self._engine.shutdown()
         await self._records.flush()
+        snapshot = self._snapshot()
+        if runtime.shared is not None and snapshot is not None:
+            await anyio.to_thread.run_sync(runtime.shared.stopped, snapshot)
         await runtime.cluster.leave()
 
     # -- queries ----------------------------------------------------------------------------

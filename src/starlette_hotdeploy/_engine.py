@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -45,6 +46,7 @@ from ._errors import (
     UnknownPackage,
     UnknownVersion,
 )
+from ._figures import RequestFigures
 from ._hooks import make_plugin_manager, notify, run_checks, unload_cleaners
 from ._loader import audited, collected, weak_refs, what_raised
 from ._manifest import MANIFEST_NAME, Manifest, load_manifest
@@ -55,6 +57,7 @@ from ._scope import attach_routing
 from ._store import Desired, Store
 from ._types import ASGIApp
 from ._version import PackageVersion, VersionState
+from ._worker_figures import WorkerFigures
 
 if TYPE_CHECKING:
     from ._signing import TrustedKeys
@@ -108,6 +111,7 @@ class Engine:
         self.redact = Redactor(home)  # what error details may say of the server's paths
         self.trusted_keys: TrustedKeys | None = None  # set: only signed archives are accepted
         self.host_app: object | None = None  # the app the packages sit beside (its routes)
+        self.figures: WorkerFigures | None = None  # set: metrics are on (requests, drains)
         self.shutdown_timeout = shutdown_timeout
         self.mounts = MountTable()
         self._store: Store | None = None
@@ -303,6 +307,8 @@ class Engine:
 
     async def _start(self, version: PackageVersion) -> None:
         manifest = version.manifest
+        if self.figures is not None:
+            version.figures = RequestFigures()
         try:
             await version.start(self.runtime(), manifest.startup_timeout)
         except (LifespanFailed, LifespanTimeout) as exc:
@@ -500,11 +506,13 @@ class Engine:
     async def _retire(self, retirement: Retirement, delay: float) -> None:
         package, old, record = retirement.package, retirement.version, retirement.record
         idle = False
+        drain_started = time.perf_counter()
         with retirement.scope:
             if delay > 0:
                 await anyio.sleep(delay)  # a following worker keeps it warm for the bake
             if record is not None:
                 retirement.drain = record.begin_step(f"drain {old.version}")
+            drain_started = time.perf_counter()
             idle = await old.wait_idle(old.manifest.drain_timeout)
         # The decision, in one synchronous step (no await since the check): a hold() that came
         # first wins; past this line nobody can switch back to it.
@@ -523,6 +531,7 @@ class Engine:
                 terminated,
                 extra={"package": old.name, "version": old.version, "terminated": terminated},
             )
+        self._drained(old, time.perf_counter() - drain_started, terminated)
         if record is not None and retirement.drain is not None:
             detail = f"{terminated} still open at the drain timeout were ended" if terminated else None
             record.end_step(retirement.drain, detail=detail)
@@ -543,7 +552,7 @@ class Engine:
         for version in list(package._loaded):
             self._withdraw(version, "ended by the removal of the package")
             with maybe_step(record, f"drain {version.version}") as step:
-                ended = await _drain(version)
+                ended = await self._drain(version)
                 if step is not None and ended:
                     step.detail = f"{ended} still open at the drain timeout were ended"
             with maybe_step(record, f"shutdown {version.version}"):
@@ -554,8 +563,21 @@ class Engine:
         """Throw away a version that failed before or right after the switch (never active)."""
         self._withdraw(version, "discarded")
         if version.state is VersionState.DRAINING:
-            await _drain(version)
+            await self._drain(version)
         await self._stop_and_unload(package, version, VersionState.FAILED)
+
+    async def _drain(self, version: PackageVersion) -> int:
+        """Wait for the version's in-flight work; at its drain timeout end what is left (the count)."""
+        started = time.perf_counter()
+        terminated = 0
+        if not await version.wait_idle(version.manifest.drain_timeout):
+            terminated = await version.terminate()
+        self._drained(version, time.perf_counter() - started, terminated)
+        return terminated
+
+    def _drained(self, version: PackageVersion, seconds: float, terminated: int) -> None:
+        if self.figures is not None:
+            self.figures.drained(version.name, seconds, terminated)
 
     def _withdraw(self, version: PackageVersion, why: str) -> None:
         """Stop a retirement under way (the caller stops the version itself)."""
@@ -583,6 +605,8 @@ class Engine:
             else:
                 version.abort_startup()
         finally:
+            if self.figures is not None:
+                self.figures.unloaded(version)
             namespace = version.namespace
             definitions = weak_refs(*namespace.definitions()) if namespace is not None else []
             refs = version.unload() + definitions
@@ -667,13 +691,6 @@ def _import_version(version: PackageVersion, stage: list[str]) -> tuple[ASGIApp,
             ) from exc
 
     return audited(namespace, load)
-
-
-async def _drain(version: PackageVersion) -> int:
-    """Wait for the version's in-flight work; at its drain timeout end what is left (the count)."""
-    if await version.wait_idle(version.manifest.drain_timeout):
-        return 0
-    return await version.terminate()
 
 
 @contextmanager

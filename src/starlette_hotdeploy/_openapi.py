@@ -319,6 +319,21 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                     "responses": {"200": _json("Cluster", "The cluster"), **_problems(401, 503)},
                 }
             },
+            f"{prefix}/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics of every worker of this host",
+                    "responses": {
+                        "200": {
+                            "description": "The text exposition format, or OpenMetrics when asked for",
+                            "content": {
+                                "text/plain": {"schema": {"type": "string"}},
+                                "application/openmetrics-text": {"schema": {"type": "string"}},
+                            },
+                        },
+                        **_problems(401, 404),
+                    },
+                }
+            },
             f"{prefix}/events": {
                 "get": {
                     "summary": "Server-sent events of deployment progress, step by step",

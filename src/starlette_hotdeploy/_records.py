@@ -20,6 +20,7 @@ from ._deployment import Action, Deployment, Step
 from ._detail import shorten
 from ._events import EventHub
 from ._store import Store
+from ._worker_figures import WorkerFigures
 
 logger = logging.getLogger("starlette_hotdeploy")
 
@@ -33,6 +34,7 @@ class RecordLog:
         self._worker: str | None = None
         self._dirty: dict[str, Deployment] = {}
         self._wake = anyio.Event()
+        self.figures: WorkerFigures | None = None  # set: metrics are on (outcomes, durations)
 
     def open(self, store: Store, worker: str) -> None:
         self._store = store
@@ -58,6 +60,8 @@ class RecordLog:
             finished = record.finished_at is not None
             # decide() and finish() each come here once, in that order.
             (_oplog.finished if finished else _oplog.decided)(record)
+            if not finished and self.figures is not None:
+                self.figures.deployment_decided(record)
             kind = "deployment.finished" if finished else "deployment.decided"
             self.events.publish({"type": kind, "deployment": record.to_dict()})
         else:
