@@ -3,8 +3,9 @@
     python tasks.py demo     run the example server and its live demo
     python tasks.py test     run the whole test suite (asyncio and trio)
     python tasks.py lint     ruff and mypy --strict
+    python tasks.py docs     build the docs site (mkdocs build --strict, into site/)
 
-The first run creates `.venv` beside this file and installs the project with its test
+The first run creates `.venv` beside this file and installs the project with its test and docs
 extras into it; later runs reinstall only when pyproject.toml changed.
 """
 
@@ -35,10 +36,10 @@ def ensure_environment() -> None:
         venv.EnvBuilder(with_pip=True).create(VENV)
     digest = _pyproject_digest()
     if not STAMP.exists() or STAMP.read_text() != digest:
-        print("installing starlette-hotdeploy with its test extras ...", flush=True)
+        print("installing starlette-hotdeploy with its test and docs extras ...", flush=True)
         pip = [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
         subprocess.run([*pip, "--upgrade", "pip"], check=True)
-        subprocess.run([*pip, "-e", f"{ROOT}[test]"], check=True)
+        subprocess.run([*pip, "-e", f"{ROOT}[test,docs]"], check=True)
         STAMP.write_text(digest)
 
 
@@ -47,13 +48,15 @@ def run(*args: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in {"demo", "test", "lint"}:
+    if not argv or argv[0] not in {"demo", "test", "lint", "docs"}:
         print(__doc__)
         return 2
     command, rest = argv[0], argv[1:]
     ensure_environment()
     if command == "test":
         return run("-m", "pytest", *rest)
+    if command == "docs":
+        return run("-m", "mkdocs", "build", "--strict", *rest)
     if command == "lint":
         return (
             run("-m", "ruff", "check", ".")
