@@ -987,6 +987,23 @@ async def test_a_deploy_whose_requirement_is_missing_or_too_old_is_refused(
     assert await version_of(admin, "/consumer/") == "1.0"
 
 
+async def test_status_shows_what_a_package_requires_and_what_requires_it(
+    admin: httpx.AsyncClient, sources: Path
+) -> None:
+    await deploy(admin, archive(sources, "2.0"))
+    await deploy(admin, consumer(sources, "1.0", 'greeter = ">=2,<3"'))
+    packages = {p["name"]: p for p in (await admin.get(f"{PREFIX}/packages")).json()["packages"]}
+    assert (packages["consumer"]["requires"], packages["consumer"]["required_by"]) == (
+        {"greeter": "<3,>=2"},
+        [],
+    )
+    assert (packages["greeter"]["requires"], packages["greeter"]["required_by"]) == ({}, ["consumer"])
+    one = (await admin.get(f"{PREFIX}/packages/greeter")).json()
+    assert one["required_by"] == ["consumer"]  # asked alone, it still knows its dependants
+    await admin.delete(f"{PREFIX}/packages/consumer")
+    assert (await admin.get(f"{PREFIX}/packages/greeter")).json()["required_by"] == []
+
+
 async def test_a_change_of_a_required_package_that_its_dependant_does_not_accept_is_refused(
     admin: httpx.AsyncClient, sources: Path
 ) -> None:

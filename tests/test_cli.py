@@ -593,6 +593,39 @@ def test_status_shows_the_short_sha256_of_each_version() -> None:
     assert row.endswith("  1.0 45b67c083111, 2.0 85d819266b26")
 
 
+def test_graph_shows_each_packages_requirements_and_dependants() -> None:
+    packages = [
+        {"name": "inventory", "active_version": "1.3", "requires": {}, "required_by": ["orders", "reports"]},
+        {"name": "orders", "active_version": "2.0", "requires": {"inventory": ">=1.2"}, "required_by": []},
+        {
+            "name": "reports",
+            "active_version": "0.9",
+            "requires": {"inventory": ">=2", "billing": ""},
+            "required_by": [],
+        },
+    ]
+    server = FakeServer([httpx.Response(200, json={"packages": packages})])
+    result = run("graph", "--token", "t", transport=server.transport)
+    assert result.exit_code == 0, (result.output, result.stderr)
+    assert result.stdout.splitlines() == [
+        "inventory 1.3",
+        "  required by orders, reports",
+        "orders 2.0",
+        "  requires inventory >=1.2: active 1.3",
+        "reports 0.9",
+        "  requires inventory >=2: UNMET, active 1.3",
+        "  requires billing (any version): UNMET, not active",
+    ]
+    server = FakeServer([httpx.Response(200, json={"packages": packages})])
+    as_json = run("graph", "--json", "--token", "t", transport=server.transport)
+    assert json.loads(as_json.stdout)["packages"][1] == {
+        "name": "orders",
+        "active_version": "2.0",
+        "requires": {"inventory": ">=1.2"},
+        "required_by": [],
+    }
+
+
 def test_serve_passes_trusted_keys_to_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     key = signing_key(tmp_path)
     line = key.with_name("alice.pub").read_text().strip()

@@ -24,6 +24,8 @@ from typing import IO, Any, TypeVar, cast
 
 import click
 import httpx
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion
 
 from . import __version__
 from ._admin import DEFAULT_PREFIX, TOKEN_ENV
@@ -212,6 +214,35 @@ def render_packages(packages: Sequence[dict[str, Any]]) -> list[str]:
             ]
         )
     return table(["NAME", "MOUNT", "ACTIVE", "LOADED", "AVAILABLE"], rows)
+
+
+def render_graph(packages: Sequence[dict[str, Any]]) -> list[str]:
+    """Each active package with what it requires (and whether the active version meets it) and
+    which packages require it."""
+    if not packages:
+        return ["no packages deployed"]
+    active = {str(p.get("name")): p.get("active_version") for p in packages}
+    lines = []
+    for package in packages:
+        lines.append(f"{package.get('name')} {_version(package.get('active_version'))}")
+        for other, spec in (package.get("requires") or {}).items():
+            lines.append(
+                f"  requires {other} {spec or '(any version)'}: {_requirement_state(active.get(other), spec)}"
+            )
+        required_by = package.get("required_by") or []
+        if required_by:
+            lines.append(f"  required by {', '.join(required_by)}")
+    return lines
+
+
+def _requirement_state(version: str | None, spec: str) -> str:
+    if version is None:
+        return "UNMET, not active"
+    try:
+        met = SpecifierSet(spec).contains(version, prereleases=True)
+    except (InvalidSpecifier, InvalidVersion):
+        return f"active {version}"
+    return f"active {version}" if met else f"UNMET, active {version}"
 
 
 def render_cluster(view: dict[str, Any]) -> list[str]:
@@ -536,6 +567,20 @@ def status(client: AdminClient, name: str | None, as_json: bool) -> None:
         echo_json({"packages": packages})
     else:
         click.echo("\n".join(render_packages(packages)))
+
+
+@cli.command(short_help="Show what each package requires, and what requires it.")
+@click.option("--json", "as_json", is_flag=True, help="Print each package's requirements as JSON.")
+@with_client
+def graph(client: AdminClient, as_json: bool) -> None:
+    """The dependency graph of the active packages: for each, the packages its active version
+    requires (with the version active there) and the packages that require it."""
+    packages = client.packages()
+    if as_json:
+        keys = ("name", "active_version", "requires", "required_by")
+        echo_json({"packages": [{key: package.get(key) for key in keys} for package in packages]})
+    else:
+        click.echo("\n".join(render_graph(packages)))
 
 
 @cli.command(short_help="Show every host and worker, and what each serves.")

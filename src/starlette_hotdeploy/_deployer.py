@@ -361,6 +361,11 @@ class Deployer:
         packages = [self._engine.package(name)] if name is not None else self._engine.packages()
         runtime = self._runtime
         workers = runtime.cluster.workers() if runtime is not None else []
+        required_by: dict[str, list[str]] = {}
+        for other in self._engine.packages():
+            if other.active is not None:
+                for name_required in other.active.manifest.requires:
+                    required_by.setdefault(name_required, []).append(other.name)
         result = []
         for package in packages:
             if package.active is None:
@@ -368,7 +373,7 @@ class Deployer:
             serving: dict[str, str | None] = {w.id: w.serving.get(package.name) for w in workers}
             if runtime is not None:
                 serving[runtime.cluster.worker_id] = package.active.version
-            result.append(PackageStatus.of(package, serving))
+            result.append(PackageStatus.of(package, serving, tuple(required_by.get(package.name, ()))))
         return result
 
     def cluster(self) -> dict[str, Any]:

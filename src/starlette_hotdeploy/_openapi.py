@@ -125,6 +125,17 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                         "previous_version": {"type": ["string", "null"]},
                         "versions": {"type": "array", "items": {"$ref": "#/components/schemas/Version"}},
                         "available_versions": {"type": "array", "items": {"type": "object"}},
+                        "workers": {"type": "object", "additionalProperties": {"type": ["string", "null"]}},
+                        "requires": {
+                            "type": "object",
+                            "description": "what the active version requires: package -> PEP 440 specifier",
+                            "additionalProperties": {"type": "string"},
+                        },
+                        "required_by": {
+                            "type": "array",
+                            "description": "active packages whose active version requires this one",
+                            "items": {"type": "string"},
+                        },
                     },
                 },
                 "PackageList": {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ._package import Package
@@ -45,7 +45,8 @@ class VersionStatus:
 @dataclass(frozen=True, slots=True)
 class PackageStatus:
     """A package: its mount, active and previous version, what is loaded and what is stored,
-    and which version each live worker serves."""
+    which version each live worker serves, what its active version requires and which active
+    packages require it."""
 
     name: str
     mount: str
@@ -54,10 +55,15 @@ class PackageStatus:
     versions: tuple[VersionStatus, ...]
     available_versions: Mapping[str, str]  # version -> sha256
     workers: Mapping[str, str | None]  # worker id -> the version it serves
+    requires: Mapping[str, str] = field(default_factory=dict)  # package -> PEP 440 specifier
+    required_by: tuple[str, ...] = ()  # active packages whose active version requires it
 
     @classmethod
-    def of(cls, package: Package, workers: Mapping[str, str | None]) -> PackageStatus:
+    def of(
+        cls, package: Package, workers: Mapping[str, str | None], required_by: tuple[str, ...] = ()
+    ) -> PackageStatus:
         active = package.active
+        requires = active.manifest.requires if active is not None else {}
         return cls(
             name=package.name,
             mount=package.prefix,
@@ -66,6 +72,8 @@ class PackageStatus:
             versions=tuple(VersionStatus.of(v) for v in package.loaded),
             available_versions=dict(package.available),
             workers=dict(workers),
+            requires={other: str(spec) for other, spec in sorted(requires.items())},
+            required_by=required_by,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,4 +87,6 @@ class PackageStatus:
                 {"version": version, "sha256": sha256} for version, sha256 in self.available_versions.items()
             ],
             "workers": dict(self.workers),
+            "requires": dict(self.requires),
+            "required_by": list(self.required_by),
         }
