@@ -144,8 +144,14 @@ class HotDeployServer:
         deadline = time.monotonic() + START_TIMEOUT
         while not server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
+                exited = not self._thread.is_alive()
                 self.stop()
-                raise RuntimeError(f"the test server did not start: {self._failure or 'timed out'}")
+                why = self._failure or (
+                    "uvicorn exited during startup (its log above says why: a lifespan startup failure?)"
+                    if exited
+                    else f"not serving after {START_TIMEOUT:g}s"
+                )
+                raise RuntimeError(f"the test server did not start: {why}")
             time.sleep(0.01)
         return self
 
