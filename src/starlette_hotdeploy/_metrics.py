@@ -60,7 +60,7 @@ def families(snapshots: list[tuple[Snapshot, bool]]) -> list[Metric]:
     )
     durations = HistogramMetricFamily(
         "hotdeploy_request_duration_seconds",
-        "Time from dispatch to the end of the response body, by package version.",
+        "Time from dispatch until the app returned (its response sent), by package version.",
         labels=["package", "version"],
     )
     in_flight = GaugeMetricFamily(
