@@ -11,7 +11,17 @@ PACKAGE = Path(starlette_hotdeploy.__file__).parent
 
 # Lower layers never import higher ones (DESIGN.md: request path <- engine <- coordination <- surfaces),
 # under a base of shared vocabulary: types, errors, records, the manifest, the store's interface.
-BASE = {"_types", "_errors", "_detail", "_deployment", "_events", "_manifest", "_operation", "_store"}
+BASE = {
+    "_types",
+    "_errors",
+    "_detail",
+    "_deployment",
+    "_events",
+    "_manifest",
+    "_operation",
+    "_store",
+    "_files",
+}
 REQUEST_PATH = {
     "_dispatch",
     "_scope",

@@ -34,6 +34,22 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1  # a bucket's bound is inclusive (`le`)
         self.total += value
 
+    def add(self, counts: list[int], total: float) -> None:
+        """Add another histogram's counts (of the same bounds) and sum."""
+        if len(counts) != len(self.counts):
+            return  # another release's bounds (a file of an older worker): not comparable
+        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+        self.total += total
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """The exposition's cumulative buckets: (`le`, count), the last one "+Inf"."""
+        found: list[tuple[str, float]] = []
+        cumulative = 0
+        for bound, count in zip((*(repr(float(b)) for b in self.bounds), "+Inf"), self.counts, strict=True):
+            cumulative += count
+            found.append((bound, cumulative))
+        return found
+
     def to_dict(self) -> dict[str, Any]:
         return {"counts": list(self.counts), "sum": self.total}
 
@@ -57,9 +73,14 @@ class RequestFigures:
 
     def add(self, other: RequestFigures) -> None:
         self.by_class = [a + b for a, b in zip(self.by_class, other.by_class, strict=True)]
-        durations = self.durations
-        durations.counts = [a + b for a, b in zip(durations.counts, other.durations.counts, strict=True)]
-        durations.total += other.durations.total
+        self.durations.add(other.durations.counts, other.durations.total)
+
+    @classmethod
+    def sum(cls, *figures: RequestFigures) -> RequestFigures:
+        total = cls()
+        for other in figures:
+            total.add(other)
+        return total
 
     def to_dict(self) -> dict[str, Any]:
         return {"by_class": list(self.by_class), "durations": self.durations.to_dict()}

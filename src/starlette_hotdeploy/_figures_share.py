@@ -29,6 +29,8 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from ._files import replace_file
+
 logger = logging.getLogger("starlette_hotdeploy.metrics")
 
 INTERVAL = 1.0  # seconds between writes
@@ -56,10 +58,7 @@ class SharedFigures:
         if data == self._last and self.path.exists():
             os.utime(self.path)  # unchanged: only show that this worker is alive
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_bytes(data)
-        os.replace(temporary, self.path)
+        replace_file(self.path, data)
         self._last = data
 
     def others(self, now: float | None = None) -> list[tuple[dict[str, Any], bool]]:

@@ -19,7 +19,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from ._figures import OPERATION_BUCKETS, REQUEST_BUCKETS, STATUS_CLASSES
+from ._figures import OPERATION_BUCKETS, REQUEST_BUCKETS, STATUS_CLASSES, Histogram
 from ._figures_share import SharedFigures
 
 __all__ = ["HotDeployMetrics"]
@@ -101,13 +101,13 @@ def families(snapshots: list[tuple[Snapshot, bool]]) -> list[Metric]:
     workers = GaugeMetricFamily("hotdeploy_workers", "Live workers reporting for this host.")
 
     by_class: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0] * len(STATUS_CLASSES))
-    request_histograms: dict[tuple[str, str], _Sum] = defaultdict(lambda: _Sum(REQUEST_BUCKETS))
+    request_histograms: dict[tuple[str, str], Histogram] = defaultdict(lambda: Histogram(REQUEST_BUCKETS))
     open_: dict[tuple[str, str], int] = defaultdict(int)
     states: dict[tuple[str, str, str], int] = defaultdict(int)
     digests: dict[tuple[str, str, str], str] = {}
     operations: dict[tuple[str, str, str], int] = defaultdict(int)
-    operation_histograms: dict[tuple[str, str], _Sum] = defaultdict(lambda: _Sum(OPERATION_BUCKETS))
-    drain_histograms: dict[str, _Sum] = defaultdict(lambda: _Sum(OPERATION_BUCKETS))
+    operation_histograms: dict[tuple[str, str], Histogram] = defaultdict(lambda: Histogram(OPERATION_BUCKETS))
+    drain_histograms: dict[str, Histogram] = defaultdict(lambda: Histogram(OPERATION_BUCKETS))
     ended: dict[str, int] = defaultdict(int)
     live_workers = 0
 
@@ -118,7 +118,7 @@ def families(snapshots: list[tuple[Snapshot, bool]]) -> list[Metric]:
             counts = by_class[key]
             for i, n in enumerate(r["by_class"][: len(counts)]):
                 counts[i] += n
-            request_histograms[key].add(r["durations"])
+            _add(request_histograms[key], r["durations"])
         if live:
             for v in snapshot.get("versions", ()):
                 key = (v["package"], v["version"])
@@ -128,9 +128,9 @@ def families(snapshots: list[tuple[Snapshot, bool]]) -> list[Metric]:
         for package, operation, outcome, count in snapshot.get("deployments", ()):
             operations[(package, operation, outcome)] += count
         for package, operation, histogram in snapshot.get("deployment_seconds", ()):
-            operation_histograms[(package, operation)].add(histogram)
+            _add(operation_histograms[(package, operation)], histogram)
         for package, histogram in snapshot.get("drain_seconds", ()):
-            drain_histograms[package].add(histogram)
+            _add(drain_histograms[package], histogram)
         for package, count in snapshot.get("terminated", {}).items():
             ended[package] += count
 
@@ -168,26 +168,6 @@ def families(snapshots: list[tuple[Snapshot, bool]]) -> list[Metric]:
     ]
 
 
-class _Sum:
-    """Histograms of several workers added up (the same bounds), as exposition buckets."""
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
-
-    def add(self, histogram: dict[str, Any]) -> None:
-        counts = histogram.get("counts", ())
-        if len(counts) != len(self.counts):
-            return  # another release's bounds: not comparable
-        for i, n in enumerate(counts):
-            self.counts[i] += n
-        self.total += histogram.get("sum", 0.0)
-
-    def buckets(self) -> list[tuple[str, float]]:
-        cumulative = 0
-        found: list[tuple[str, float]] = []
-        for bound, count in zip((*(repr(float(b)) for b in self.bounds), "+Inf"), self.counts, strict=True):
-            cumulative += count
-            found.append((bound, cumulative))
-        return found
+def _add(histogram: Histogram, shared: dict[str, Any]) -> None:
+    """A histogram of a snapshot (`Histogram.to_dict()`), added to `histogram`."""
+    histogram.add(list(shared.get("counts", ())), float(shared.get("sum", 0.0)))

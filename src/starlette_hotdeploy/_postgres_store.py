@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ._detail import redact_url
 from ._errors import StoreError
+from ._files import replace_file
 from ._sql_store import Cursor, Db, SQLStore
 from ._store import StoredArchive
 
@@ -311,7 +312,7 @@ class PostgresStore(SQLStore):
                 (sha256, len(data), data),
             )
             self._index_archive(db, name, version, sha256, path)
-        _write_file(path, data)
+        replace_file(path, data)
         return path
 
     def archive(self, name: str, version: str, sha256: str | None = None) -> StoredArchive | None:
@@ -330,7 +331,7 @@ class PostgresStore(SQLStore):
                 package=name,
                 version=version,
             )
-        _write_file(stored.path, data)
+        replace_file(stored.path, data)
         return stored
 
     def _delete_archive(self, db: Db, archive: StoredArchive) -> None:
@@ -377,11 +378,3 @@ def _literal(text: str) -> str:
 
 def _cause(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Into the home's cache: a temporary file renamed, so a reader never sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    temporary.write_bytes(data)
-    os.replace(temporary, path)

@@ -70,7 +70,7 @@ class WorkerFigures:
         version, loaded or kept after its unload (the counters)."""
         versions = []
         counts = {
-            (package, version): figures.to_dict()
+            (package, version): figures
             for package, kept in list(self.retired.items())
             for version, figures in list(kept.items())
         }
@@ -87,29 +87,17 @@ class WorkerFigures:
             figures = version.figures
             if figures is not None:
                 key = (version.name, version.version)
-                live = figures.to_dict()
                 kept = counts.get(key)
-                counts[key] = _added(kept, live) if kept is not None else live
+                if kept is not None:  # loaded again after an unload: its counts go on
+                    figures = RequestFigures.sum(kept, figures)
+                counts[key] = figures
         return {
             "worker": worker,
             "stopped": False,
             "versions": versions,
-            "requests": [{"package": p, "version": v, **c} for (p, v), c in counts.items()],
+            "requests": [{"package": p, "version": v, **c.to_dict()} for (p, v), c in counts.items()],
             "deployments": [[*key, count] for key, count in list(self.deployments.items())],
             "deployment_seconds": [[*key, h.to_dict()] for key, h in list(self.deployment_seconds.items())],
             "drain_seconds": [[key, h.to_dict()] for key, h in list(self.drain_seconds.items())],
             "terminated": dict(self.terminated),
         }
-
-
-def _added(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Two `RequestFigures.to_dict()` added up."""
-    return {
-        "by_class": [x + y for x, y in zip(a["by_class"], b["by_class"], strict=True)],
-        "durations": {
-            "counts": [
-                x + y for x, y in zip(a["durations"]["counts"], b["durations"]["counts"], strict=True)
-            ],
-            "sum": a["durations"]["sum"] + b["durations"]["sum"],
-        },
-    }
