@@ -1151,9 +1151,10 @@ REFERENCE: dict[str, dict[str, set[int]]] = {
     "/packages/{name}/activate": {"post": {200, 400, 404, 409, 422}},
     "/deployments": {"get": {200, 400}},
     "/deployments/{id}": {"get": {200, 404}},
-    "/events": {"get": {200}},
+    "/events": {"get": {200, 400}},
     "/cluster": {"get": {200, 503}},
     "/metrics": {"get": {200, 404}},
+    "/whoami": {"get": {200}},
     "/openapi.json": {"get": {200}},
 }
 
@@ -1204,9 +1205,10 @@ async def test_openapi_document(host: Starlette) -> None:
 class EventStream:
     """GET /events called as an ASGI app: the body's chunks as they are sent, and a disconnect."""
 
-    def __init__(self, app: Starlette, token: str) -> None:
+    def __init__(self, app: Starlette, token: str, query: str = "") -> None:
         self.app = app
         self.token = token
+        self.query = query
         self.send_chunk, self.chunks = anyio.create_memory_object_stream[bytes](math.inf)
         self.disconnected = anyio.Event()
         self.requested = False
@@ -1223,7 +1225,7 @@ class EventStream:
             "path": f"{PREFIX}/events",
             "raw_path": f"{PREFIX}/events".encode(),
             "root_path": "",
-            "query_string": b"",
+            "query_string": self.query.encode(),
             "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {self.token}".encode())],
             "server": ("testserver", 80),
             "client": ("127.0.0.1", 123),
@@ -1317,6 +1319,97 @@ async def test_events_stream_the_progress_of_a_deployment(
     assert failed[-3][1]["step"]["ok"] is False
     assert failed[-1][1]["deployment"]["outcome"] == "failed"
     assert "syntax error" in failed[-1][1]["deployment"]["error"]
+
+
+async def test_traffic_events_count_each_loaded_version_at_once_and_then_each_second(
+    deployer: Deployer, host: Starlette, admin: httpx.AsyncClient, sources: Path
+) -> None:
+    await deploy(admin, archive(sources, "1.0"))
+    for _ in range(3):
+        assert (await admin.get("/greeter/")).status_code == 200
+    stream = EventStream(host, READ_TOKEN, query="traffic=true")
+    with anyio.fail_after(10):  # a guard against a hang, not a wait
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream.serve)
+            assert await stream.block() == ": connected"
+            first = await stream.event()  # sent at once
+            await admin.get("/greeter/")
+            second = await stream.event()  # each second: until one has counted the request
+            while second[1]["packages"]["greeter"]["1.0"]["served"] == 3:
+                second = await stream.event()
+            stream.disconnected.set()
+    assert first[0] == second[0] == "traffic"
+    assert first[1]["worker"] == deployer.worker_id
+    assert first[1]["packages"] == {"greeter": {"1.0": {"state": "active", "in_flight": 0, "served": 3}}}
+    assert second[1]["packages"]["greeter"]["1.0"]["served"] == 4
+    assert second[1]["at"] > first[1]["at"]
+
+
+async def test_traffic_must_be_a_boolean(admin: httpx.AsyncClient) -> None:
+    response = await admin.get(f"{PREFIX}/events", params={"traffic": "often"})
+    assert_problem(response, 400, "traffic must be true or false", title="invalid query")
+
+
+# -- GET /whoami ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("token", "role"), [(TOKEN, "admin"), (READ_TOKEN, "read")])
+async def test_whoami_names_the_role_of_the_token(
+    deployer: Deployer, host: Starlette, token: str, role: str
+) -> None:
+    async with connect(host, token) as client:
+        answer = (await client.get(f"{PREFIX}/whoami")).json()
+    assert answer == {"role": role, "can_change": role == "admin", "worker": deployer.worker_id}
+
+
+async def test_whoami_needs_a_token(host: Starlette) -> None:
+    async with connect(host, "wrong") as client:
+        assert (await client.get(f"{PREFIX}/whoami")).status_code == 401
+
+
+# -- the web UI's files ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "media_type", "marker"),
+    [
+        ("/ui/", "text/html", "<title>starlette-hotdeploy</title>"),
+        ("/ui/app.js", "text/javascript", "sessionStorage"),
+        ("/ui/app.css", "text/css", ":root"),
+    ],
+)
+async def test_the_ui_files_are_served_without_a_token_and_allow_only_this_origin(
+    host: Starlette, path: str, media_type: str, marker: str
+) -> None:
+    async with connect(host, None) as anonymous:
+        response = await anonymous.get(f"{PREFIX}{path}")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith(media_type)
+    assert marker in response.text
+    policy = response.headers["content-security-policy"].split("; ")
+    assert {"default-src 'none'", "connect-src 'self'", "frame-ancestors 'none'"} <= set(policy)
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert "set-cookie" not in response.headers
+
+
+async def test_the_ui_path_without_its_slash_redirects_and_other_methods_need_the_token(
+    host: Starlette,
+) -> None:
+    async with connect(host, None) as anonymous:
+        redirect = await anonymous.get(f"{PREFIX}/ui")
+        post = await anonymous.post(f"{PREFIX}/ui/")
+        beside = await anonymous.get(f"{PREFIX}/uix")
+    assert (redirect.status_code, redirect.headers["location"]) == (308, f"{PREFIX}/ui/")
+    assert post.status_code == 401  # only reading the files is open
+    assert beside.status_code == 401  # a path that merely starts like the UI's is not open
+    async with connect(host) as admin:
+        assert (await admin.post(f"{PREFIX}/ui/")).status_code == 405
+
+
+async def test_no_ui_without_an_admin_token(deployer: Deployer) -> None:
+    async with connect(make_host(deployer, admin_token=None, admin_read_token=None), None) as client:
+        response = await client.get(f"{PREFIX}/ui/")
+    assert response.status_code == 404  # the host app's answer: the admin API is off
 
 
 # -- no blocking call on the event loop ---------------------------------------------------------

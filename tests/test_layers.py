@@ -64,6 +64,8 @@ COORDINATION = {
 SURFACES = {
     "_deployer",
     "_admin",
+    "_admin_events",
+    "_ui",
     "_cli",
     "_client",
     "_serve",

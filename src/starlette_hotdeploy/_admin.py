@@ -12,7 +12,7 @@ import hmac
 import json
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -24,12 +24,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ._admin_events import event_stream, traffic_event
 from ._deployer import Deployer
 from ._errors import HotDeployError, UploadRefused, UploadTooLarge
 from ._openapi import openapi_document
 from ._problems import problem, problem_for
+from ._scope import route_path
 from ._signing import MAX_SIGNATURE_BYTES, SIGNATURE_HEADER
 from ._types import ASGIApp, Receive, Scope, Send
+from ._ui import UI_PATH, ui_routes
 
 DEFAULT_PREFIX = "/_hotdeploy"
 DEFAULT_MAX_UPLOAD = 64 * 1024 * 1024
@@ -42,6 +45,7 @@ MAX_HISTORY_LIMIT = 10_000
 MAX_VERSION_LENGTH = 128
 MAX_JSON_BYTES = 64 * 1024
 _READ_METHODS = frozenset({"GET", "HEAD"})
+ROLE_STATE = "hotdeploy_admin_role"  # in scope["state"]: "admin" or "read"
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # as the manifest allows, bounded
 _ID = re.compile(r"[A-Za-z0-9_-]{1,80}")
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -78,15 +82,27 @@ def package_name(request: Request) -> str:
 
 
 class AdminAuth:
-    """Pure ASGI: bearer tokens compared in constant time; the read-only token may only GET."""
+    """Pure ASGI: bearer tokens compared in constant time; the read-only token may only GET.
 
-    def __init__(self, app: ASGIApp, token: str, read_token: str | None) -> None:
+    The web UI's files under `public_prefix` are served without a token (they hold no data;
+    the page asks for the token and sends it with each API call). The token's role reaches the
+    endpoints in `scope["state"]`."""
+
+    def __init__(self, app: ASGIApp, token: str, read_token: str | None, public_prefix: str = "") -> None:
         self.app = app
         self.token = token.encode()
         self.read_token = read_token.encode() if read_token else None
+        self.public_prefix = public_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if (
+            self.public_prefix
+            and scope["method"] in _READ_METHODS
+            and _below(route_path(scope), self.public_prefix)
+        ):
             await self.app(scope, receive, send)
             return
         presented = b""
@@ -111,7 +127,12 @@ class AdminAuth:
         if not full and scope["method"] not in _READ_METHODS:
             await problem(403, "forbidden", "the read-only token may only GET")(scope, receive, send)
             return
+        scope.setdefault("state", {})[ROLE_STATE] = "admin" if full else "read"
         await self.app(scope, receive, send)
+
+
+def _below(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
 
 
 class AdminAPI:
@@ -144,6 +165,8 @@ class AdminAPI:
             Route(f"{p}/events", self.events, methods=["GET"]),
             Route(f"{p}/cluster", self.cluster, methods=["GET"]),
             Route(f"{p}/metrics", self.metrics, methods=["GET"]),
+            Route(f"{p}/whoami", self.whoami, methods=["GET"]),
+            *ui_routes(p),
         ]
 
     @staticmethod
@@ -296,23 +319,21 @@ class AdminAPI:
         return JSONResponse(record.to_dict())
 
     async def events(self, request: Request) -> Response:
+        try:
+            with_traffic = flag(request, "traffic", False)
+        except BadQuery as exc:
+            return problem(400, "invalid query", str(exc))
+        deployer = self.deployer
+        traffic = (lambda: traffic_event(deployer.packages, deployer.worker_id)) if with_traffic else None
         return StreamingResponse(
-            self._event_stream(),
+            event_stream(deployer.events, traffic),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
-    async def _event_stream(self) -> AsyncIterator[str]:
-        async with self.deployer.events.subscribe() as events:
-            yield ": connected\n\n"
-            while True:
-                event = None
-                with anyio.move_on_after(15):
-                    event = await events.receive()
-                if event is None:
-                    yield ": keep-alive\n\n"
-                else:
-                    yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+    async def whoami(self, request: Request) -> Response:
+        role = request.scope.get("state", {}).get(ROLE_STATE, "admin")
+        return JSONResponse({"role": role, "can_change": role == "admin", "worker": self.deployer.worker_id})
 
     def _location(self, deployment_id: str) -> str:
         return f"{self.prefix}/deployments/{deployment_id}"
@@ -442,7 +463,7 @@ def create_admin_app(
         return None
     api = AdminAPI(deployer, prefix.rstrip("/"), max_upload_bytes)
     app = Starlette(routes=api.routes(), exception_handlers={HTTPException: _http_problem})
-    return AdminAuth(app, token, read_token)
+    return AdminAuth(app, token, read_token, public_prefix=f"{api.prefix}{UI_PATH}")
 
 
 __all__ = ["DEFAULT_PREFIX", "AdminAPI", "create_admin_app"]

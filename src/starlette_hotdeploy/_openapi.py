@@ -144,6 +144,15 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                         "packages": {"type": "array", "items": {"$ref": "#/components/schemas/Package"}}
                     },
                 },
+                "WhoAmI": {
+                    "type": "object",
+                    "required": ["role", "can_change", "worker"],
+                    "properties": {
+                        "role": {"type": "string", "enum": ["admin", "read"]},
+                        "can_change": {"type": "boolean", "description": "false for the read-only token"},
+                        "worker": {"type": "string", "description": "the worker that answered"},
+                    },
+                },
                 "Cluster": {
                     "type": "object",
                     "description": "Every live worker of every host sharing the store, by host",
@@ -347,15 +356,30 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
             },
             f"{prefix}/events": {
                 "get": {
-                    "summary": "Server-sent events of deployment progress, step by step",
+                    "summary": "Server-sent events of deployment progress, step by step, and live traffic",
+                    "parameters": [
+                        {
+                            "name": "traffic",
+                            "in": "query",
+                            "required": False,
+                            "description": "also send a traffic event at once and then each second",
+                            "schema": {"type": "boolean", "default": False},
+                        }
+                    ],
                     "responses": {
                         "200": {
                             "description": "event: deployment.started | step.started | step.finished | "
-                            "deployment.finished; data: JSON",
+                            "deployment.decided | deployment.finished | traffic; data: JSON",
                             "content": {"text/event-stream": {"schema": {"type": "string"}}},
                         },
-                        **_problems(401),
+                        **_problems(400, 401),
                     },
+                }
+            },
+            f"{prefix}/whoami": {
+                "get": {
+                    "summary": "The role of the token sent: admin or read-only",
+                    "responses": {"200": _json("WhoAmI", "The token's role"), **_problems(401)},
                 }
             },
             f"{prefix}/openapi.json": {

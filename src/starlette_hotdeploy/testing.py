@@ -89,8 +89,9 @@ class HotDeployServer:
     """A real uvicorn serving `host_app` behind HotDeployMiddleware, its admin API on, in a
     background thread of this process.
 
-    `home`: the deployer's home (a fresh directory per server, normally). `deployer_options`:
-    keyword arguments for its `Deployer` (`bake_time`, `plugins`, ...)."""
+    `home`: the deployer's home (a fresh directory per server, normally). `admin_read_token`:
+    a read-only token beside the admin token (`.token`). `deployer_options`: keyword arguments
+    for its `Deployer` (`bake_time`, `plugins`, ...)."""
 
     def __init__(
         self,
@@ -98,6 +99,7 @@ class HotDeployServer:
         host_app: ASGIApp | None = None,
         *,
         admin_prefix: str = "/_hotdeploy",
+        admin_read_token: str | None = None,
         deployer_options: dict[str, Any] | None = None,
     ) -> None:
         from ._deployer import Deployer
@@ -111,6 +113,7 @@ class HotDeployServer:
             host_app if host_app is not None else _empty_host(),
             deployer=self.deployer,
             admin_token=self.token,
+            admin_read_token=admin_read_token,
             admin_prefix=admin_prefix,
         )
         self.url = ""

@@ -1,0 +1,587 @@
+// The admin web UI of starlette-hotdeploy: plain JavaScript, no build step, no dependency.
+// It calls the admin API on this origin with the token of this tab (sessionStorage, never a
+// cookie: another site's page cannot make the browser send it) and follows GET /events,
+// read with fetch() because EventSource cannot send an Authorization header.
+"use strict";
+
+const API = location.pathname.replace(/\/ui(\/.*)?$/, "");
+const TOKEN_KEY = "starlette-hotdeploy.token";
+const SHARE_WINDOW = 5; // traffic samples (one a second) that a traffic share is computed over
+const SHOWN_DEPLOYMENTS = 20;
+
+const state = {
+  token: sessionStorage.getItem(TOKEN_KEY),
+  role: null,
+  packages: [],
+  deployments: new Map(), // id -> record
+  steps: new Map(), // deployment id -> Map(step name -> step), from the step events
+  traffic: [], // the last SHARE_WINDOW + 1 traffic events
+  following: null, // the id of the deployment started from this page
+  expanded: new Set(), // ids of the deployments whose steps are shown
+  stream: null, // the AbortController of the event stream
+  live: false,
+  refreshing: null,
+};
+
+const $ = (id) => document.getElementById(id);
+
+// -- the API ------------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, problem) {
+    super(problem.detail || problem.title || `HTTP ${status}`);
+    this.status = status;
+    this.title = problem.title || "";
+  }
+}
+
+async function api(method, path, { body, headers } = {}) {
+  const response = await fetch(API + path, {
+    method,
+    body,
+    cache: "no-store",
+    headers: { Authorization: `Bearer ${state.token}`, ...headers },
+  });
+  const text = await response.text();
+  let data = null;
+  try {
+    data = text ? JSON.parse(text) : null;
+  } catch {
+    data = { detail: text };
+  }
+  if (!response.ok) throw new ApiError(response.status, data || {});
+  return data;
+}
+
+// -- small DOM helpers (text only: no server string is ever parsed as HTML) -----------------
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else node.setAttribute(key, value === true ? "" : String(value));
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined && child !== false) node.append(child);
+  }
+  return node;
+}
+
+function show(node, visible) {
+  node.hidden = !visible;
+}
+
+function duration(ms) {
+  if (ms === null || ms === undefined) return "…";
+  return ms < 1000 ? `${ms.toFixed(ms < 10 ? 1 : 0)} ms` : `${(ms / 1000).toFixed(2)} s`;
+}
+
+function clock(seconds) {
+  return seconds ? new Date(seconds * 1000).toLocaleTimeString() : "";
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function notice(message) {
+  $("notice").textContent = message || "";
+  show($("notice"), Boolean(message));
+}
+
+// -- signing in and out ---------------------------------------------------------------------
+
+async function signIn(token) {
+  state.token = token;
+  let me;
+  try {
+    me = await api("GET", "/whoami");
+  } catch (error) {
+    state.token = null;
+    sessionStorage.removeItem(TOKEN_KEY);
+    const reason = error.status === 401 ? `The token was refused: ${error.message}` : error.message;
+    showSignIn(reason);
+    return;
+  }
+  sessionStorage.setItem(TOKEN_KEY, token);
+  state.role = me.role;
+  showConsole();
+}
+
+function signOut(reason) {
+  if (state.stream) state.stream.abort();
+  state.stream = null;
+  state.token = null;
+  state.role = null;
+  sessionStorage.removeItem(TOKEN_KEY);
+  showSignIn(reason);
+}
+
+function showSignIn(reason) {
+  show($("console"), false);
+  show($("sign-out"), false);
+  show($("role"), false);
+  show($("live"), false);
+  show($("sign-in"), true);
+  $("sign-in-error").textContent = reason || "";
+  show($("sign-in-error"), Boolean(reason));
+  $("token").value = "";
+  $("token").focus();
+}
+
+function canChange() {
+  return state.role === "admin";
+}
+
+function showConsole() {
+  show($("sign-in"), false);
+  show($("console"), true);
+  show($("sign-out"), true);
+  $("role").textContent = canChange() ? "admin" : "read-only";
+  show($("role"), true);
+  document.body.classList.toggle("read-only", !canChange());
+  show($("drop"), canChange());
+  show($("read-only-note"), !canChange());
+  refresh();
+  follow();
+}
+
+// -- what the server holds ------------------------------------------------------------------
+
+async function refresh() {
+  // One refresh at a time; a request for another while one runs makes one more afterwards.
+  if (state.refreshing) {
+    state.refreshing.again = true;
+    return;
+  }
+  state.refreshing = { again: false };
+  try {
+    const [packages, deployments] = await Promise.all([
+      api("GET", "/packages"),
+      api("GET", `/deployments?limit=${SHOWN_DEPLOYMENTS}`),
+    ]);
+    state.packages = packages.packages;
+    for (const record of deployments.deployments) remember(record, false);
+    renderPackages();
+    renderDeployments();
+    renderProgress();
+  } catch (error) {
+    if (error.status === 401) return signOut("The token is no longer accepted.");
+    notice(`Cannot read the packages: ${error.message}`);
+  } finally {
+    const again = state.refreshing.again;
+    state.refreshing = null;
+    if (again) refresh();
+  }
+}
+
+function remember(record, render = true) {
+  const known = state.deployments.get(record.id);
+  // A record never goes back: an older copy (a late list answer) does not replace a newer one.
+  if (known && known.finished_at && !record.finished_at) return;
+  state.deployments.set(record.id, record);
+  const steps = stepsOf(record.id);
+  for (const step of record.steps || []) steps.set(step.name, step);
+  if (render) {
+    renderDeployments();
+    renderProgress();
+  }
+}
+
+function stepsOf(id) {
+  if (!state.steps.has(id)) state.steps.set(id, new Map());
+  return state.steps.get(id);
+}
+
+// -- the event stream -----------------------------------------------------------------------
+
+async function follow() {
+  const controller = new AbortController();
+  state.stream = controller;
+  let delay = 500;
+  while (!controller.signal.aborted) {
+    try {
+      const response = await fetch(`${API}/events?traffic=true`, {
+        headers: { Authorization: `Bearer ${state.token}` },
+        cache: "no-store",
+        signal: controller.signal,
+      });
+      if (response.status === 401) return signOut("The token is no longer accepted.");
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      setLive(true);
+      delay = 500;
+      refresh(); // what happened while the stream was down
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value.replace(/\r\n/g, "\n");
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          received(buffer.slice(0, end));
+          buffer = buffer.slice(end + 2);
+        }
+      }
+    } catch (error) {
+      if (controller.signal.aborted) return;
+    }
+    setLive(false);
+    await sleep(delay);
+    delay = Math.min(delay * 2, 10000);
+  }
+}
+
+function setLive(live) {
+  state.live = live;
+  show($("live"), live);
+}
+
+function received(block) {
+  let type = "message";
+  const data = [];
+  for (const line of block.split("\n")) {
+    if (line.startsWith(":")) continue; // a comment: connected, keep-alive
+    const [field, ...rest] = line.split(":");
+    const value = rest.join(":").replace(/^ /, "");
+    if (field === "event") type = value;
+    else if (field === "data") data.push(value);
+  }
+  if (!data.length) return;
+  const event = JSON.parse(data.join("\n"));
+  if (type === "traffic") {
+    state.traffic.push(event);
+    if (state.traffic.length > SHARE_WINDOW + 1) state.traffic.shift();
+    renderTraffic();
+  } else if (type.startsWith("deployment.")) {
+    remember(event.deployment);
+    if (type !== "deployment.started") refresh();
+  } else if (type.startsWith("step.")) {
+    stepsOf(event.deployment_id).set(event.step.name, event.step);
+    if (event.deployment_id === state.following) renderProgress();
+  }
+}
+
+// -- deploying and the other operations -----------------------------------------------------
+
+async function deploy(file) {
+  state.following = null;
+  $("progress-title").textContent = `Deploying ${file.name}`;
+  $("progress-steps").replaceChildren();
+  setOutcome("uploading…", "pending");
+  show($("progress"), true);
+  try {
+    const record = await api("POST", "/packages?wait=false", {
+      body: file,
+      headers: { "Content-Type": "application/octet-stream" },
+    });
+    state.following = record.id;
+    remember(record);
+    if (!state.live) poll(record.id);
+  } catch (error) {
+    setOutcome(`Refused: ${error.message}`, "failed");
+  } finally {
+    $("archive").value = "";
+  }
+}
+
+async function poll(id) {
+  // Without the event stream, the record itself tells the progress.
+  while (state.following === id && !state.live) {
+    const record = await api("GET", `/deployments/${id}`).catch(() => null);
+    if (record) remember(record);
+    if (record && record.finished_at) return refresh();
+    await sleep(500);
+  }
+}
+
+function setOutcome(text, outcome) {
+  const node = $("progress-outcome");
+  node.textContent = text;
+  node.className = `outcome-${outcome}`;
+}
+
+function renderProgress() {
+  const record = state.deployments.get(state.following);
+  if (!record) return;
+  const what = record.package ? `${record.package} ${record.to_version || ""}`.trim() : "the archive";
+  $("progress-title").textContent = `Deploying ${what}`;
+  $("progress-steps").replaceChildren(...stepRows(record.id).map((step) => stepItem(step)));
+  if (record.outcome === "pending") setOutcome("running…", "pending");
+  else if (record.outcome === "succeeded") {
+    const drained = record.finished_at ? "" : " (the old version is draining)";
+    setOutcome(`${what} is active, after ${duration(record.duration_ms)}${drained}`, "succeeded");
+  } else {
+    const where = record.error_step ? ` at ${record.error_step}` : "";
+    setOutcome(`${record.outcome.replace("_", " ")}${where}: ${record.error || "no cause recorded"}`, "failed");
+  }
+}
+
+function stepRows(id) {
+  return [...stepsOf(id).values()].sort((a, b) => a.started_at - b.started_at);
+}
+
+function stepItem(step) {
+  const mark = step.ok === null || step.ok === undefined ? "running" : step.ok ? "ok" : "failed";
+  return el(
+    "li",
+    { class: `step step-${mark}`, dataset: { step: step.name } },
+    el("span", { class: "step-name" }, step.name),
+    el("span", { class: "step-time" }, duration(step.duration_ms)),
+    step.detail ? el("span", { class: "step-detail" }, step.detail) : null,
+  );
+}
+
+function confirmAction(question, label) {
+  const dialog = $("confirm");
+  $("confirm-text").textContent = question;
+  $("confirm-yes").textContent = label;
+  dialog.showModal();
+  return new Promise((resolve) => {
+    const done = (answer) => {
+      $("confirm-yes").onclick = $("confirm-no").onclick = dialog.oncancel = null;
+      dialog.close();
+      resolve(answer);
+    };
+    $("confirm-yes").onclick = () => done(true);
+    $("confirm-no").onclick = () => done(false);
+    dialog.oncancel = () => done(false);
+  });
+}
+
+async function operate(question, label, call) {
+  if (!(await confirmAction(question, label))) return;
+  notice(null);
+  try {
+    remember(await call());
+  } catch (error) {
+    notice(`${label} failed: ${error.message}`);
+  }
+  refresh();
+}
+
+function rollback(pkg) {
+  return operate(
+    `Roll ${pkg.name} back from ${pkg.active_version} to ${pkg.previous_version}?`,
+    "Roll back",
+    () => api("POST", `/packages/${pkg.name}/rollback`),
+  );
+}
+
+function activate(pkg, version) {
+  return operate(`Make ${pkg.name} ${version} the active version?`, "Activate", () =>
+    api("POST", `/packages/${pkg.name}/activate`, {
+      body: JSON.stringify({ version }),
+      headers: { "Content-Type": "application/json" },
+    }),
+  );
+}
+
+function undeploy(pkg) {
+  return operate(
+    `Undeploy ${pkg.name}? Its mount ${pkg.mount} stops answering once its requests drained.`,
+    "Undeploy",
+    () => api("DELETE", `/packages/${pkg.name}`),
+  );
+}
+
+// -- rendering ------------------------------------------------------------------------------
+
+function renderPackages() {
+  show($("no-packages"), state.packages.length === 0);
+  $("packages").replaceChildren(...state.packages.map(packageCard));
+  renderTraffic();
+}
+
+function packageCard(pkg) {
+  const loaded = new Set(pkg.versions.map((v) => v.version));
+  const stored = pkg.available_versions.filter((v) => !loaded.has(v.version));
+  const requires = Object.entries(pkg.requires || {}).map(([name, spec]) => `${name} ${spec}`);
+  return el(
+    "article",
+    { class: "package", dataset: { package: pkg.name } },
+    el(
+      "h3",
+      {},
+      el("span", { class: "package-name" }, pkg.name),
+      " ",
+      el("code", { class: "mount" }, pkg.mount),
+      " ",
+      el("span", { class: "active-version", title: "active version" }, pkg.active_version),
+    ),
+    el(
+      "p",
+      { class: "facts" },
+      pkg.previous_version ? `previous ${pkg.previous_version}` : "no previous version",
+      requires.length ? ` · requires ${requires.join(", ")}` : "",
+      pkg.required_by.length ? ` · required by ${pkg.required_by.join(", ")}` : "",
+      ` · workers: ${Object.entries(pkg.workers)
+        .map(([worker, version]) => `${worker} → ${version || "none"}`)
+        .join(", ")}`,
+    ),
+    el(
+      "table",
+      { class: "versions" },
+      el(
+        "thead",
+        {},
+        el("tr", {}, ["Version", "State", "In flight", "Served", "Traffic", "sha256", ""].map((h) => el("th", {}, h))),
+      ),
+      el("tbody", {}, pkg.versions.map((version) => versionRow(pkg, version))),
+    ),
+    stored.length
+      ? el(
+          "p",
+          { class: "stored" },
+          "Stored, not loaded: ",
+          stored.map((v) =>
+            el(
+              "span",
+              { class: "stored-version", dataset: { version: v.version }, title: `sha256 ${v.sha256}` },
+              v.version,
+              canChange() && v.version !== pkg.active_version
+                ? el("button", { type: "button", class: "activate", onclick: () => activate(pkg, v.version) }, "Activate")
+                : null,
+            ),
+          ),
+        )
+      : null,
+    canChange()
+      ? el(
+          "p",
+          { class: "actions" },
+          pkg.previous_version
+            ? el("button", { type: "button", class: "rollback", onclick: () => rollback(pkg) }, `Roll back to ${pkg.previous_version}`)
+            : null,
+          el("button", { type: "button", class: "undeploy danger", onclick: () => undeploy(pkg) }, "Undeploy"),
+        )
+      : null,
+  );
+}
+
+function versionRow(pkg, version) {
+  const key = { package: pkg.name, version: version.version };
+  const canActivate =
+    canChange() &&
+    version.version !== pkg.active_version &&
+    pkg.available_versions.some((v) => v.version === version.version) &&
+    !["failed", "stopping", "retired"].includes(version.state);
+  return el(
+    "tr",
+    { class: `version state-${version.state}`, dataset: key },
+    el("td", {}, version.version),
+    el("td", { class: "state", dataset: key }, version.state),
+    el("td", { class: "in-flight", dataset: key }, String(version.in_flight)),
+    el("td", { class: "served", dataset: key }, String(version.served)),
+    el("td", { class: "share", dataset: key }, el("span", { class: "bar" }), el("span", { class: "share-text" }, "—")),
+    el("td", {}, el("code", { title: version.sha256 }, version.sha256.slice(0, 12))),
+    el(
+      "td",
+      {},
+      canActivate
+        ? el("button", { type: "button", class: "activate", onclick: () => activate(pkg, version.version) }, "Activate")
+        : null,
+      version.error ? el("span", { class: "error" }, version.error) : null,
+    ),
+  );
+}
+
+function renderTraffic() {
+  const newest = state.traffic[state.traffic.length - 1];
+  if (!newest) return;
+  const oldest = state.traffic[0];
+  for (const [name, versions] of Object.entries(newest.packages)) {
+    const before = oldest === newest ? {} : oldest.packages[name] || {};
+    const served = Object.fromEntries(
+      Object.entries(versions).map(([v, now]) => [v, now.served - (before[v] ? before[v].served : 0)]),
+    );
+    const total = Object.values(served).reduce((a, b) => a + b, 0);
+    for (const [version, now] of Object.entries(versions)) {
+      const selector = (cls) => `td.${cls}[data-package="${name}"][data-version="${CSS.escape(version)}"]`;
+      const cell = (cls) => document.querySelector(selector(cls));
+      if (cell("in-flight")) cell("in-flight").textContent = String(now.in_flight);
+      if (cell("served")) cell("served").textContent = String(now.served);
+      if (cell("state")) cell("state").textContent = now.state;
+      const share = cell("share");
+      if (!share) continue;
+      const fraction = total > 0 && oldest !== newest ? served[version] / total : null;
+      share.querySelector(".share-text").textContent = fraction === null ? "idle" : `${Math.round(fraction * 100)}%`;
+      share.querySelector(".bar").style.width = `${fraction === null ? 0 : Math.round(fraction * 60)}px`;
+    }
+  }
+}
+
+function renderDeployments() {
+  const records = [...state.deployments.values()]
+    .sort((a, b) => b.started_at - a.started_at)
+    .slice(0, SHOWN_DEPLOYMENTS);
+  const rows = [];
+  for (const record of records) {
+    const open = state.expanded.has(record.id);
+    rows.push(
+      el(
+        "tr",
+        {
+          class: "deployment",
+          dataset: { id: record.id },
+          title: "show the steps",
+          onclick: () => {
+            if (open) state.expanded.delete(record.id);
+            else state.expanded.add(record.id);
+            renderDeployments();
+          },
+        },
+        el("td", {}, clock(record.started_at)),
+        el("td", {}, record.operation),
+        el("td", {}, record.package || "…"),
+        el("td", {}, record.from_version || ""),
+        el("td", {}, record.to_version || ""),
+        el("td", { class: `outcome outcome-${record.outcome}` }, record.outcome.replace("_", " ")),
+        el("td", {}, duration(record.duration_ms)),
+      ),
+    );
+    if (open) {
+      rows.push(
+        el(
+          "tr",
+          { class: "steps", dataset: { for: record.id } },
+          el(
+            "td",
+            { colspan: 7 },
+            record.error ? el("p", { class: "error" }, `${record.error_step || "error"}: ${record.error}`) : null,
+            el("ol", {}, stepRows(record.id).map(stepItem)),
+          ),
+        ),
+      );
+    }
+  }
+  $("deployments").tBodies[0].replaceChildren(...rows);
+}
+
+// -- wiring ---------------------------------------------------------------------------------
+
+function wire() {
+  $("sign-in-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    signIn($("token").value.trim());
+  });
+  $("sign-out").addEventListener("click", () => signOut(null));
+  $("archive").addEventListener("change", () => {
+    if ($("archive").files.length) deploy($("archive").files[0]);
+  });
+  const drop = $("drop");
+  drop.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    drop.classList.add("dragging");
+  });
+  drop.addEventListener("dragleave", () => drop.classList.remove("dragging"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("dragging");
+    if (canChange() && event.dataTransfer.files.length) deploy(event.dataTransfer.files[0]);
+  });
+  if (state.token) signIn(state.token);
+  else showSignIn(null);
+}
+
+wire();
