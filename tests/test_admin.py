@@ -1406,6 +1406,24 @@ async def test_the_ui_path_without_its_slash_redirects_and_other_methods_need_th
         assert (await admin.post(f"{PREFIX}/ui/")).status_code == 405
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("HEAD", "/ui/", 200),  # reading the page is open
+        ("GET", "/ui/%2e%2e/packages", 404),  # the router's answer: no route, no data
+        ("GET", "/ui//packages", 404),
+        ("OPTIONS", "/ui/", 401),
+    ],
+)
+async def test_only_the_ui_files_are_open_not_the_api_through_a_ui_path(
+    host: Starlette, method: str, path: str, status: int
+) -> None:
+    async with connect(host, None) as anonymous:
+        response = await anonymous.request(method, f"{PREFIX}{path}")
+    assert response.status_code == status
+    assert '{"packages"' not in response.text  # the listing is not served
+
+
 async def test_no_ui_without_an_admin_token(deployer: Deployer) -> None:
     async with connect(make_host(deployer, admin_token=None, admin_read_token=None), None) as client:
         response = await client.get(f"{PREFIX}/ui/")

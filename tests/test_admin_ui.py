@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -92,6 +94,28 @@ def served_version(server: HotDeployServer) -> str:
     return str(answer.json()["version"])
 
 
+@contextmanager
+def traffic(server: HotDeployServer, limit: int = 2000) -> Iterator[None]:
+    """Requests to greeter from a thread while the block runs (at most `limit`): the page's
+    shares are over the last seconds, so they need traffic while the test looks."""
+    stop = threading.Event()
+
+    def send() -> None:
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            for _ in range(limit):
+                if stop.is_set():
+                    return
+                client.get("/greeter/")
+
+    sender = threading.Thread(target=send, name="greeter traffic", daemon=True)
+    sender.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sender.join(timeout=30)
+
+
 def test_an_operator_deploys_watches_rolls_back_and_reads_why_a_release_failed(
     page: Page, server: HotDeployServer, tmp_path: Path
 ) -> None:
@@ -113,12 +137,13 @@ def test_an_operator_deploys_watches_rolls_back_and_reads_why_a_release_failed(
     expect(page.locator('#progress-steps li[data-step="switch"]')).to_have_class("step step-ok")
     assert served_version(server) == "2.0"
 
-    # Live traffic share, from the traffic events: every request went to 2.0.
+    # Live counts and traffic share, from the traffic events: every request goes to 2.0.
+    served = card.locator('td.served[data-version="2.0"]')
     for _ in range(20):
         served_version(server)
-    share = card.locator('td.share[data-version="2.0"] .share-text')
-    expect(share).to_have_text("100%")
-    expect(card.locator('td.served[data-version="2.0"]')).to_have_text("21")
+    expect(served).to_have_text("21")
+    with traffic(server):
+        expect(card.locator('td.share[data-version="2.0"] .share-text')).to_have_text("100%")
 
     # Undeploy asks first; cancelling changes nothing.
     card.locator("button.undeploy").click()
@@ -150,10 +175,9 @@ def test_an_operator_deploys_watches_rolls_back_and_reads_why_a_release_failed(
     expect(page.locator("#deployments tr.steps .error")).to_contain_text("syntax error")
     expect(rows.nth(1).locator("td").nth(1)).to_have_text("rollback")
 
-    # After the rollback, the traffic goes to 1.0 (a version loaded anew: its count starts at 0).
-    for _ in range(5):
-        served_version(server)
-    expect(card.locator('td.share[data-version="1.0"] .share-text')).to_have_text("100%")
+    # After the rollback, the traffic goes to 1.0.
+    with traffic(server):
+        expect(card.locator('td.share[data-version="1.0"] .share-text')).to_have_text("100%")
 
     shot = page.screenshot(path=tmp_path / "admin-ui.png", full_page=True)
     assert shot.startswith(b"\x89PNG")
@@ -176,7 +200,9 @@ def test_the_read_only_token_sees_everything_and_can_change_nothing(
     expect(page.locator("#deployments tr.deployment")).to_have_count(2)
     expect(page.locator("#read-only-note")).to_be_visible()
     expect(page.locator("#drop")).to_be_hidden()
-    expect(page.locator("main button")).to_have_count(0)  # no rollback, activate or undeploy
+    expect(page.locator("main button:not(.expand)")).to_have_count(0)  # no rollback, activate, undeploy
+    page.locator("#deployments button.expand").first.click()  # reading a record's steps is allowed
+    expect(page.locator("#deployments tr.steps li.step-ok").first).to_be_visible()
 
     # And the API refuses what the page does not offer.
     status = page.evaluate(
@@ -202,7 +228,10 @@ def test_a_wrong_token_is_refused_and_kept_nowhere_and_signing_out_forgets_the_r
     expect(page.locator("#role")).to_have_text("admin")
     page.reload()  # the tab keeps the token
     expect(page.locator("#role")).to_have_text("admin")
-    page.click("#sign-out")
+    expect(page.locator("#live")).to_be_visible()
+    # Signing out ends the event stream (nothing goes on asking with a forgotten token).
+    with page.expect_event("requestfailed", lambda request: "/events" in request.url):
+        page.click("#sign-out")
     expect(page.locator("#sign-in")).to_be_visible()
     assert page.evaluate(f"sessionStorage.getItem('{TOKEN_KEY}')") is None
     assert page.context.cookies() == []

@@ -45,7 +45,7 @@ MAX_HISTORY_LIMIT = 10_000
 MAX_VERSION_LENGTH = 128
 MAX_JSON_BYTES = 64 * 1024
 _READ_METHODS = frozenset({"GET", "HEAD"})
-ROLE_STATE = "hotdeploy_admin_role"  # in scope["state"]: "admin" or "read"
+ROLE_KEY = "hotdeploy.admin_role"  # in the scope, set by AdminAuth: "admin" or "read"
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # as the manifest allows, bounded
 _ID = re.compile(r"[A-Za-z0-9_-]{1,80}")
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -86,7 +86,7 @@ class AdminAuth:
 
     The web UI's files under `public_prefix` are served without a token (they hold no data;
     the page asks for the token and sends it with each API call). The token's role reaches the
-    endpoints in `scope["state"]`."""
+    endpoints as `scope["hotdeploy.admin_role"]`."""
 
     def __init__(self, app: ASGIApp, token: str, read_token: str | None, public_prefix: str = "") -> None:
         self.app = app
@@ -127,7 +127,7 @@ class AdminAuth:
         if not full and scope["method"] not in _READ_METHODS:
             await problem(403, "forbidden", "the read-only token may only GET")(scope, receive, send)
             return
-        scope.setdefault("state", {})[ROLE_STATE] = "admin" if full else "read"
+        scope[ROLE_KEY] = "admin" if full else "read"
         await self.app(scope, receive, send)
 
 
@@ -332,7 +332,7 @@ class AdminAPI:
         )
 
     async def whoami(self, request: Request) -> Response:
-        role = request.scope.get("state", {}).get(ROLE_STATE, "admin")
+        role = request.scope.get(ROLE_KEY, "read")  # fails closed
         return JSONResponse({"role": role, "can_change": role == "admin", "worker": self.deployer.worker_id})
 
     def _location(self, deployment_id: str) -> str:

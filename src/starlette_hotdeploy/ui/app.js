@@ -4,24 +4,32 @@
 // read with fetch() because EventSource cannot send an Authorization header.
 "use strict";
 
-const API = location.pathname.replace(/\/ui(\/.*)?$/, "");
+// The page is <prefix>/ui/ (or <prefix>/ui/index...): the API is <prefix>.
+const API = location.pathname.replace(/\/ui\/[^/]*$/, "");
 const TOKEN_KEY = "starlette-hotdeploy.token";
 const SHARE_WINDOW = 5; // traffic samples (one a second) that a traffic share is computed over
 const SHOWN_DEPLOYMENTS = 20;
+const POLL_MS = 1000; // a followed deployment's record is re-read this often until it finished
+const STEADY_STREAM_MS = 10000; // a stream that lasted this long resets the reconnect backoff
 
-const state = {
-  token: sessionStorage.getItem(TOKEN_KEY),
-  role: null,
-  packages: [],
-  deployments: new Map(), // id -> record
-  steps: new Map(), // deployment id -> Map(step name -> step), from the step events
-  traffic: [], // the last SHARE_WINDOW + 1 traffic events
-  following: null, // the id of the deployment started from this page
-  expanded: new Set(), // ids of the deployments whose steps are shown
-  stream: null, // the AbortController of the event stream
-  live: false,
-  refreshing: null,
-};
+function freshState(token) {
+  return {
+    token,
+    role: null,
+    session: 0, // counts sign-ins and sign-outs: an answer for an older session is dropped
+    packages: [],
+    deployments: new Map(), // id -> record
+    steps: new Map(), // deployment id -> Map(step name -> step), from records and step events
+    traffic: [], // the last SHARE_WINDOW + 1 traffic events, all from one worker's stream
+    following: null, // the id of the deployment started from this page
+    expanded: new Set(), // ids of the deployments whose steps are shown
+    stream: null, // the AbortController of the event stream
+    live: false,
+    refreshing: null,
+  };
+}
+
+let state = freshState(sessionStorage.getItem(TOKEN_KEY));
 
 const $ = (id) => document.getElementById(id);
 
@@ -35,7 +43,11 @@ class ApiError extends Error {
   }
 }
 
+// Thrown for an answer that arrives after its session ended (signed out meanwhile): ignored.
+class Stale extends Error {}
+
 async function api(method, path, { body, headers } = {}) {
+  const session = state.session;
   const response = await fetch(API + path, {
     method,
     body,
@@ -43,6 +55,7 @@ async function api(method, path, { body, headers } = {}) {
     headers: { Authorization: `Bearer ${state.token}`, ...headers },
   });
   const text = await response.text();
+  if (session !== state.session) throw new Stale();
   let data = null;
   try {
     data = text ? JSON.parse(text) : null;
@@ -97,10 +110,15 @@ async function signIn(token) {
   try {
     me = await api("GET", "/whoami");
   } catch (error) {
+    if (error instanceof Stale) return;
     state.token = null;
-    sessionStorage.removeItem(TOKEN_KEY);
-    const reason = error.status === 401 ? `The token was refused: ${error.message}` : error.message;
-    showSignIn(reason);
+    if (error.status === 401) {
+      sessionStorage.removeItem(TOKEN_KEY);
+      showSignIn(`The token was refused: ${error.message}`);
+    } else {
+      // The server is down or failing: keep a stored token for the next try.
+      showSignIn(`Cannot reach the admin API: ${error.message}`);
+    }
     return;
   }
   sessionStorage.setItem(TOKEN_KEY, token);
@@ -110,10 +128,14 @@ async function signIn(token) {
 
 function signOut(reason) {
   if (state.stream) state.stream.abort();
-  state.stream = null;
-  state.token = null;
-  state.role = null;
   sessionStorage.removeItem(TOKEN_KEY);
+  // Forget everything this session saw; answers still on their way are dropped (Stale).
+  state = { ...freshState(null), session: state.session + 1 };
+  $("packages").replaceChildren();
+  $("deployments").tBodies[0].replaceChildren();
+  $("progress-steps").replaceChildren();
+  show($("progress"), false);
+  notice(null);
   showSignIn(reason);
 }
 
@@ -166,22 +188,26 @@ async function refresh() {
     renderDeployments();
     renderProgress();
   } catch (error) {
+    if (error instanceof Stale) return;
     if (error.status === 401) return signOut("The token is no longer accepted.");
     notice(`Cannot read the packages: ${error.message}`);
   } finally {
-    const again = state.refreshing.again;
-    state.refreshing = null;
-    if (again) refresh();
+    if (state.refreshing) {
+      const again = state.refreshing.again;
+      state.refreshing = null;
+      if (again) refresh();
+    }
   }
 }
 
+// How far a record has got: pending, decided, finished.
+const progressOf = (record) => (record.finished_at ? 2 : record.outcome !== "pending" ? 1 : 0);
+
 function remember(record, render = true) {
   const known = state.deployments.get(record.id);
-  // A record never goes back: an older copy (a late list answer) does not replace a newer one.
-  if (known && known.finished_at && !record.finished_at) return;
-  state.deployments.set(record.id, record);
-  const steps = stepsOf(record.id);
-  for (const step of record.steps || []) steps.set(step.name, step);
+  // A record never goes back: an older copy (the POST's answer, a late list) is ignored.
+  if (!known || progressOf(record) >= progressOf(known)) state.deployments.set(record.id, record);
+  for (const step of record.steps || []) rememberStep(record.id, step);
   if (render) {
     renderDeployments();
     renderProgress();
@@ -193,6 +219,13 @@ function stepsOf(id) {
   return state.steps.get(id);
 }
 
+function rememberStep(id, step) {
+  const steps = stepsOf(id);
+  const known = steps.get(step.name);
+  const done = (s) => s.ok !== null && s.ok !== undefined;
+  if (!known || done(step) || !done(known)) steps.set(step.name, step); // a result stays
+}
+
 // -- the event stream -----------------------------------------------------------------------
 
 async function follow() {
@@ -200,6 +233,7 @@ async function follow() {
   state.stream = controller;
   let delay = 500;
   while (!controller.signal.aborted) {
+    const opened = Date.now();
     try {
       const response = await fetch(`${API}/events?traffic=true`, {
         headers: { Authorization: `Bearer ${state.token}` },
@@ -209,26 +243,32 @@ async function follow() {
       if (response.status === 401) return signOut("The token is no longer accepted.");
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       setLive(true);
-      delay = 500;
+      state.traffic = []; // shares are differences within one stream (one worker's counters)
       refresh(); // what happened while the stream was down
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
-        buffer += value.replace(/\r\n/g, "\n");
+        buffer = (buffer + value).replace(/\r\n/g, "\n");
         let end;
         while ((end = buffer.indexOf("\n\n")) >= 0) {
-          received(buffer.slice(0, end));
+          const block = buffer.slice(0, end);
           buffer = buffer.slice(end + 2);
+          try {
+            received(block);
+          } catch (error) {
+            console.error("starlette-hotdeploy: an event could not be shown", error);
+          }
         }
       }
     } catch (error) {
       if (controller.signal.aborted) return;
     }
     setLive(false);
+    // A stream that keeps closing at once is retried ever more slowly (up to 10 s).
+    delay = Date.now() - opened > STEADY_STREAM_MS ? 500 : Math.min(delay * 2, 10000);
     await sleep(delay);
-    delay = Math.min(delay * 2, 10000);
   }
 }
 
@@ -250,6 +290,7 @@ function received(block) {
   if (!data.length) return;
   const event = JSON.parse(data.join("\n"));
   if (type === "traffic") {
+    if (state.traffic.length && state.traffic[0].worker !== event.worker) state.traffic = [];
     state.traffic.push(event);
     if (state.traffic.length > SHARE_WINDOW + 1) state.traffic.shift();
     renderTraffic();
@@ -257,7 +298,7 @@ function received(block) {
     remember(event.deployment);
     if (type !== "deployment.started") refresh();
   } else if (type.startsWith("step.")) {
-    stepsOf(event.deployment_id).set(event.step.name, event.step);
+    rememberStep(event.deployment_id, event.step);
     if (event.deployment_id === state.following) renderProgress();
   }
 }
@@ -277,8 +318,9 @@ async function deploy(file) {
     });
     state.following = record.id;
     remember(record);
-    if (!state.live) poll(record.id);
+    poll(record.id);
   } catch (error) {
+    if (error instanceof Stale) return;
     setOutcome(`Refused: ${error.message}`, "failed");
   } finally {
     $("archive").value = "";
@@ -286,12 +328,21 @@ async function deploy(file) {
 }
 
 async function poll(id) {
-  // Without the event stream, the record itself tells the progress.
-  while (state.following === id && !state.live) {
-    const record = await api("GET", `/deployments/${id}`).catch(() => null);
-    if (record) remember(record);
-    if (record && record.finished_at) return refresh();
-    await sleep(500);
+  // The record itself, re-read until it finished: the progress also shows without the event
+  // stream, and when another worker (whose events this stream does not carry) runs it.
+  const session = state.session;
+  while (state.session === session && state.following === id) {
+    await sleep(POLL_MS);
+    let record;
+    try {
+      record = await api("GET", `/deployments/${id}`);
+    } catch (error) {
+      if (error instanceof Stale) return;
+      if (error.status === 401) return signOut("The token is no longer accepted.");
+      continue; // the server is restarting, say: try again
+    }
+    remember(record);
+    if (record.finished_at) return refresh();
   }
 }
 
@@ -313,7 +364,7 @@ function renderProgress() {
     setOutcome(`${what} is active, after ${duration(record.duration_ms)}${drained}`, "succeeded");
   } else {
     const where = record.error_step ? ` at ${record.error_step}` : "";
-    setOutcome(`${record.outcome.replace("_", " ")}${where}: ${record.error || "no cause recorded"}`, "failed");
+    setOutcome(`${record.outcome.replaceAll("_", " ")}${where}: ${record.error || "no cause recorded"}`, "failed");
   }
 }
 
@@ -355,6 +406,7 @@ async function operate(question, label, call) {
   try {
     remember(await call());
   } catch (error) {
+    if (error instanceof Stale) return;
     notice(`${label} failed: ${error.message}`);
   }
   refresh();
@@ -387,9 +439,16 @@ function undeploy(pkg) {
 
 // -- rendering ------------------------------------------------------------------------------
 
+// Re-rendering replaces the buttons: the focused one gets the focus back (keyboard users).
+function keepingFocus(render) {
+  const focused = document.activeElement?.dataset?.focus;
+  render();
+  if (focused) document.querySelector(`[data-focus="${CSS.escape(focused)}"]`)?.focus();
+}
+
 function renderPackages() {
   show($("no-packages"), state.packages.length === 0);
-  $("packages").replaceChildren(...state.packages.map(packageCard));
+  keepingFocus(() => $("packages").replaceChildren(...state.packages.map(packageCard)));
   renderTraffic();
 }
 
@@ -440,7 +499,12 @@ function packageCard(pkg) {
               { class: "stored-version", dataset: { version: v.version }, title: `sha256 ${v.sha256}` },
               v.version,
               canChange() && v.version !== pkg.active_version
-                ? el("button", { type: "button", class: "activate", onclick: () => activate(pkg, v.version) }, "Activate")
+                ? el("button", {
+                      type: "button",
+                      class: "activate",
+                      dataset: { focus: `activate:${pkg.name}:${v.version}` },
+                      onclick: () => activate(pkg, v.version),
+                    }, "Activate")
                 : null,
             ),
           ),
@@ -451,9 +515,9 @@ function packageCard(pkg) {
           "p",
           { class: "actions" },
           pkg.previous_version
-            ? el("button", { type: "button", class: "rollback", onclick: () => rollback(pkg) }, `Roll back to ${pkg.previous_version}`)
+            ? el("button", { type: "button", class: "rollback", dataset: { focus: `rollback:${pkg.name}` }, onclick: () => rollback(pkg) }, `Roll back to ${pkg.previous_version}`)
             : null,
-          el("button", { type: "button", class: "undeploy danger", onclick: () => undeploy(pkg) }, "Undeploy"),
+          el("button", { type: "button", class: "undeploy danger", dataset: { focus: `undeploy:${pkg.name}` }, onclick: () => undeploy(pkg) }, "Undeploy"),
         )
       : null,
   );
@@ -479,7 +543,12 @@ function versionRow(pkg, version) {
       "td",
       {},
       canActivate
-        ? el("button", { type: "button", class: "activate", onclick: () => activate(pkg, version.version) }, "Activate")
+        ? el("button", {
+              type: "button",
+              class: "activate",
+              dataset: { focus: `activate:${pkg.name}:${version.version}` },
+              onclick: () => activate(pkg, version.version),
+            }, "Activate")
         : null,
       version.error ? el("span", { class: "error" }, version.error) : null,
     ),
@@ -492,12 +561,13 @@ function renderTraffic() {
   const oldest = state.traffic[0];
   for (const [name, versions] of Object.entries(newest.packages)) {
     const before = oldest === newest ? {} : oldest.packages[name] || {};
+    // A version loaded anew starts at 0; a counter never goes back, but never trust it to.
     const served = Object.fromEntries(
-      Object.entries(versions).map(([v, now]) => [v, now.served - (before[v] ? before[v].served : 0)]),
+      Object.entries(versions).map(([v, now]) => [v, Math.max(0, now.served - (before[v] ? before[v].served : 0))]),
     );
     const total = Object.values(served).reduce((a, b) => a + b, 0);
     for (const [version, now] of Object.entries(versions)) {
-      const selector = (cls) => `td.${cls}[data-package="${name}"][data-version="${CSS.escape(version)}"]`;
+      const selector = (cls) => `td.${cls}[data-package="${CSS.escape(name)}"][data-version="${CSS.escape(version)}"]`;
       const cell = (cls) => document.querySelector(selector(cls));
       if (cell("in-flight")) cell("in-flight").textContent = String(now.in_flight);
       if (cell("served")) cell("served").textContent = String(now.served);
@@ -524,19 +594,34 @@ function renderDeployments() {
         {
           class: "deployment",
           dataset: { id: record.id },
-          title: "show the steps",
           onclick: () => {
             if (open) state.expanded.delete(record.id);
             else state.expanded.add(record.id);
             renderDeployments();
           },
         },
-        el("td", {}, clock(record.started_at)),
+        el(
+          "td",
+          {},
+          el(
+            "button",
+            {
+              type: "button",
+              class: "expand",
+              "aria-expanded": String(open),
+              "aria-label": `steps of the ${record.operation} of ${record.package || "a package"}`,
+              dataset: { focus: `expand:${record.id}` },
+            },
+            open ? "▾" : "▸",
+          ),
+          " ",
+          clock(record.started_at),
+        ),
         el("td", {}, record.operation),
         el("td", {}, record.package || "…"),
         el("td", {}, record.from_version || ""),
         el("td", {}, record.to_version || ""),
-        el("td", { class: `outcome outcome-${record.outcome}` }, record.outcome.replace("_", " ")),
+        el("td", { class: `outcome outcome-${record.outcome}` }, record.outcome.replaceAll("_", " ")),
         el("td", {}, duration(record.duration_ms)),
       ),
     );
@@ -555,7 +640,7 @@ function renderDeployments() {
       );
     }
   }
-  $("deployments").tBodies[0].replaceChildren(...rows);
+  keepingFocus(() => $("deployments").tBodies[0].replaceChildren(...rows));
 }
 
 // -- wiring ---------------------------------------------------------------------------------
@@ -569,6 +654,8 @@ function wire() {
   $("archive").addEventListener("change", () => {
     if ($("archive").files.length) deploy($("archive").files[0]);
   });
+  // A file dropped beside the drop zone must not make the browser open the archive.
+  for (const type of ["dragover", "drop"]) window.addEventListener(type, (event) => event.preventDefault());
   const drop = $("drop");
   drop.addEventListener("dragover", (event) => {
     event.preventDefault();
