@@ -499,12 +499,7 @@ function packageCard(pkg) {
               { class: "stored-version", dataset: { version: v.version }, title: `sha256 ${v.sha256}` },
               v.version,
               canChange() && v.version !== pkg.active_version
-                ? el("button", {
-                      type: "button",
-                      class: "activate",
-                      dataset: { focus: `activate:${pkg.name}:${v.version}` },
-                      onclick: () => activate(pkg, v.version),
-                    }, "Activate")
+                ? activateButton(pkg, v.version)
                 : null,
             ),
           ),
@@ -521,6 +516,12 @@ function packageCard(pkg) {
         )
       : null,
   );
+}
+
+function activateButton(pkg, version) {
+  const focus = `activate:${pkg.name}:${version}`;
+  const attrs = { type: "button", class: "activate", dataset: { focus }, onclick: () => activate(pkg, version) };
+  return el("button", attrs, "Activate");
 }
 
 function versionRow(pkg, version) {
@@ -543,12 +544,7 @@ function versionRow(pkg, version) {
       "td",
       {},
       canActivate
-        ? el("button", {
-              type: "button",
-              class: "activate",
-              dataset: { focus: `activate:${pkg.name}:${version.version}` },
-              onclick: () => activate(pkg, version.version),
-            }, "Activate")
+        ? activateButton(pkg, version.version)
         : null,
       version.error ? el("span", { class: "error" }, version.error) : null,
     ),
