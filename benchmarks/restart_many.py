@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.restart_many [--packages 1000] [--workers 2] [--starts 4]
     .venv/bin/python -m benchmarks.restart_many --profile   # where an in-process restore goes
+    .venv/bin/python -m benchmarks.restart_many --metrics-cost   # the metrics' cost with N packages
 
 A home is seeded with `packages` tiny packages (one route each, `/<name>/hello`), written
 straight into the store as a deployment would leave them (archive saved, desired state set), so
@@ -12,6 +13,10 @@ its lifespan startup restored every package, so the time from `Popen` to the fir
 last package's route (`/<last>/hello`, polled every 10 ms on new connections) is the time to
 first answer. Also timed: until every worker registered with every package.
 
+`--metrics-cost` restores the home in this process, sends one request to every package, and
+times what the metrics do with that many loaded versions: the snapshot taken on the event loop
+each second, its file write (in a worker thread), and a scrape of the collector.
+
 `--profile` runs the restore in this process (`Deployer.running()` on a seeded home) under
 cProfile, and prints the top functions by cumulative and own time.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import pstats
 import signal
 import statistics
@@ -35,7 +41,7 @@ from typing import Any
 import anyio
 import httpx
 
-from starlette_hotdeploy import Deployer, pack_directory
+from starlette_hotdeploy import Deployer, HotDeployMiddleware, pack_directory
 from starlette_hotdeploy._store_url import open_store
 
 from .common import BenchmarkError, ServerProcess, free_port, machine, write_results
@@ -230,13 +236,73 @@ def profile(count: int, top: int = 30) -> str:
     return out.getvalue()
 
 
+async def _metrics_cost(home: Path, count: int, rounds: int) -> dict[str, Any]:
+    from prometheus_client import generate_latest
+
+    deployer = Deployer(home=home, entry_points=False)
+    async with deployer.started():
+        await deployer.restore()
+        transport = httpx.ASGITransport(app=HotDeployMiddleware(_no_host, deployer=deployer))
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+            for n in range(count):
+                (await client.get(f"/{package_name(n)}/hello")).raise_for_status()
+        shared, collector = deployer._shared(), deployer.metrics
+        assert shared is not None
+        assert collector is not None
+        times: dict[str, list[float]] = {"snapshot_ms": [], "write_ms": [], "scrape_ms": []}
+        size = 0
+        for _ in range(rounds):
+            began = time.perf_counter()
+            snapshot = deployer._snapshot()
+            times["snapshot_ms"].append((time.perf_counter() - began) * 1000)
+            assert snapshot is not None
+            began = time.perf_counter()
+            shared.write(snapshot)
+            times["write_ms"].append((time.perf_counter() - began) * 1000)
+            began = time.perf_counter()
+            size = len(generate_latest(collector))
+            times["scrape_ms"].append((time.perf_counter() - began) * 1000)
+    summary: dict[str, Any] = {"packages": count, "rounds": rounds, "scrape_bytes": size}
+    for name, values in times.items():
+        ordered = sorted(values)
+        summary[name] = {
+            "median": round(statistics.median(ordered), 2),
+            "min": round(ordered[0], 2),
+            "max": round(ordered[-1], 2),
+        }
+    return summary
+
+
+async def _no_host(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        return
+    raise AssertionError(f"the host app got {scope.get('path')}")
+
+
+def metrics_cost(count: int, rounds: int = 20) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp:
+        home = Path(tmp) / "home"
+        seed(home, count)
+        result: dict[str, Any] = anyio.run(_metrics_cost, home, count, rounds)
+        return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--packages", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--starts", type=int, default=4)
     parser.add_argument("--profile", action="store_true", help="profile an in-process restore instead")
+    parser.add_argument(
+        "--metrics-cost", action="store_true", help="time the metrics with that many packages"
+    )
     args = parser.parse_args(argv)
+    if args.metrics_cost:
+        result = metrics_cost(args.packages)
+        print(json.dumps(result, indent=2))
+        path = write_results(f"metrics_cost_{args.packages}", {**result, "machine": machine()})
+        print(f"written: {path}")
+        return 0
     if args.profile:
         print(profile(args.packages))
         return 0
