@@ -229,6 +229,7 @@ function rememberStep(id, step) {
 // -- the event stream -----------------------------------------------------------------------
 
 async function follow() {
+  if (state.stream) state.stream.abort(); // one stream a page, however often sign-in ran
   const controller = new AbortController();
   state.stream = controller;
   let delay = 500;
