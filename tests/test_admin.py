@@ -1339,7 +1339,7 @@ async def test_traffic_events_count_each_loaded_version_at_once_and_then_each_se
                 second = await stream.event()
             stream.disconnected.set()
     assert first[0] == second[0] == "traffic"
-    assert first[1]["worker"] == deployer.worker_id
+    assert (first[1]["worker"], first[1]["workers"]) == (deployer.worker_id, 1)
     assert first[1]["packages"] == {"greeter": {"1.0": {"state": "active", "in_flight": 0, "served": 3}}}
     assert second[1]["packages"]["greeter"]["1.0"]["served"] == 4
     assert second[1]["at"] > first[1]["at"]

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import anyio
 import httpx
@@ -253,17 +254,9 @@ async def test_metrics_can_be_turned_off(tmp_path: Path, sources: Path) -> None:
     assert not (tmp_path / "home" / "metrics").exists()
 
 
-async def test_other_workers_files_add_up_and_only_live_ones_report_gauges(
-    deployer: Deployer, client: httpx.AsyncClient, sources: Path
-) -> None:
-    """Another worker's file adds to the counters while it is recent, and also after it went
-    quiet (a dead worker's counts stay); its gauges count only while it is live; a file older
-    than KEEP_FOR is deleted."""
-    await deployer.deploy(write_package(sources, "greeter", "1.0"))
-    assert (await client.get("/greeter/")).status_code == 200
-    directory = deployer.home / "metrics"
-    directory.mkdir(exist_ok=True)
-    other = {
+def other_worker() -> dict[str, Any]:
+    """Another worker's metrics file: greeter 1.0 active there, 4 requests in flight, 11 served."""
+    return {
         "worker": "other:1:abc",
         "stopped": False,
         "versions": [
@@ -288,6 +281,19 @@ async def test_other_workers_files_add_up_and_only_live_ones_report_gauges(
         "drain_seconds": [],
         "terminated": {"greeter": 2},
     }
+
+
+async def test_other_workers_files_add_up_and_only_live_ones_report_gauges(
+    deployer: Deployer, client: httpx.AsyncClient, sources: Path
+) -> None:
+    """Another worker's file adds to the counters while it is recent, and also after it went
+    quiet (a dead worker's counts stay); its gauges count only while it is live; a file older
+    than KEEP_FOR is deleted."""
+    await deployer.deploy(write_package(sources, "greeter", "1.0"))
+    assert (await client.get("/greeter/")).status_code == 200
+    directory = deployer.home / "metrics"
+    directory.mkdir(exist_ok=True)
+    other = other_worker()
     path = directory / "other_1_abc.json"
     path.write_text(json.dumps(other))
 
@@ -314,6 +320,28 @@ async def test_other_workers_files_add_up_and_only_live_ones_report_gauges(
     samples = await scrape(client)
     assert value(samples, "hotdeploy_requests_total", package="greeter", status="2xx") == 1
     assert not path.exists()
+
+
+async def test_traffic_adds_up_the_live_workers_of_the_host(
+    deployer: Deployer, client: httpx.AsyncClient, sources: Path
+) -> None:
+    """What the UI's shares come from: this worker's counts plus each live worker's file."""
+    await deployer.deploy(write_package(sources, "greeter", "1.0"))
+    assert (await client.get("/greeter/")).status_code == 200
+    alone = await anyio.to_thread.run_sync(deployer.traffic)
+    assert alone["workers"] == 1
+    assert alone["packages"] == {"greeter": {"1.0": {"state": "active", "in_flight": 0, "served": 1}}}
+
+    path = deployer.home / "metrics" / "other_1_abc.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(other_worker()))
+    both = await anyio.to_thread.run_sync(deployer.traffic)
+    assert both["workers"] == 2
+    assert both["packages"] == {"greeter": {"1.0": {"state": "active", "in_flight": 4, "served": 12}}}
+
+    quiet = time.time() - LIVE_FOR - 1
+    os.utime(path, (quiet, quiet))  # a worker that went quiet is not in the shares
+    assert (await anyio.to_thread.run_sync(deployer.traffic))["workers"] == 1
 
 
 async def test_a_stopped_worker_leaves_its_counters_for_the_others(tmp_path: Path, sources: Path) -> None:
@@ -361,6 +389,18 @@ def test_every_worker_of_a_real_uvicorn_is_reported(tmp_path: Path) -> None:
             value(samples, "hotdeploy_version_workers", package="greeter", version="1.0", state="active") == 2
         )
         assert value(samples, "hotdeploy_deployments_total", package="greeter", outcome="succeeded") == 1
+
+        # The UI's traffic events add up both workers too, whichever worker serves the stream.
+        with server.admin.stream("GET", server.url + "/_hotdeploy/events?traffic=true", timeout=30) as events:
+            traffic = None
+            for seen, line in enumerate(events.iter_lines()):
+                assert seen < 90, "no traffic event counted both workers' requests"  # 30 events, ~30 s
+                if line.startswith("data: "):
+                    traffic = json.loads(line.removeprefix("data: "))
+                    if traffic["type"] == "traffic" and traffic["workers"] == 2:
+                        break
+        assert traffic is not None
+        assert traffic["packages"]["greeter"]["1.0"]["served"] == sent
 
 
 def test_the_counts_of_the_last_unloaded_versions_of_a_package_are_kept() -> None:

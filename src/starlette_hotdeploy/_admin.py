@@ -12,8 +12,10 @@ import hmac
 import json
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from packaging.version import InvalidVersion, Version
@@ -24,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ._admin_events import event_stream, traffic_event
+from ._admin_events import event_stream
 from ._deployer import Deployer
 from ._errors import HotDeployError, UploadRefused, UploadTooLarge
 from ._openapi import openapi_document
@@ -324,9 +326,14 @@ class AdminAPI:
         except BadQuery as exc:
             return problem(400, "invalid query", str(exc))
         deployer = self.deployer
-        traffic = (lambda: traffic_event(deployer.packages, deployer.worker_id)) if with_traffic else None
+
+        async def traffic() -> dict[str, Any]:
+            # In a worker thread: it reads the other workers' metrics files.
+            figures = await anyio.to_thread.run_sync(deployer.traffic)
+            return {"type": "traffic", "at": time.time(), **figures}
+
         return StreamingResponse(
-            event_stream(deployer.events, traffic),
+            event_stream(deployer.events, traffic if with_traffic else None),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )

@@ -31,7 +31,7 @@ from ._deployment import Action, Deployment
 from ._engine import Engine
 from ._errors import HotDeployError, NotRunning
 from ._events import EventHub
-from ._figures_share import SharedFigures
+from ._figures_share import SharedFigures, host_traffic
 from ._follower import Follower
 from ._hooks import ENTRY_POINT_GROUP, make_plugin_manager
 from ._mounts import MountTable
@@ -191,6 +191,26 @@ class Deployer:
         register it in a registry of your own with `registry.register(deployer.metrics)`. None
         when the deployer was made with `metrics=False`."""
         return self._metrics
+
+    def traffic(self) -> dict[str, Any]:
+        """Each loaded version's state, requests in flight and HTTP requests served, summed over
+        this host's live workers (`workers` says how many); with metrics off, this worker's
+        alone. What the admin UI's traffic shares come from. A blocking call (it reads the other
+        workers' metrics files): from async code, run it in a worker thread."""
+        runtime = self._running()
+        worker = runtime.cluster.worker_id
+        snapshot = self._snapshot()
+        if snapshot is None or runtime.shared is None:
+            packages = {
+                package.name: {
+                    v.version: {"state": v.state.value, "in_flight": v.in_flight, "served": v.served}
+                    for v in package.loaded
+                }
+                for package in self._engine.packages()
+            }
+            return {"worker": worker, "workers": 1, "packages": packages}
+        others = [other for other, live in runtime.shared.others() if live]
+        return {"worker": worker, "workers": 1 + len(others), "packages": host_traffic([snapshot, *others])}
 
     def _snapshot(self) -> dict[str, Any] | None:
         """This worker's figures (None before the runtime started or with metrics off)."""

@@ -103,3 +103,20 @@ class SharedFigures:
         """The worker stops: its counters stay for the others to report, its gauges go now."""
         with suppress(OSError):
             self.write({**snapshot, "stopped": True})
+
+
+def host_traffic(snapshots: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each loaded version's requests in flight and HTTP requests counted, summed over the
+    given snapshots (this worker's first: a version's state is the first worker's that has it
+    loaded). What the admin UI turns into traffic shares for the whole host."""
+    packages: dict[str, dict[str, dict[str, Any]]] = {}
+    for snapshot in snapshots:
+        served = {(r["package"], r["version"]): sum(r["by_class"]) for r in snapshot.get("requests", ())}
+        for loaded in snapshot.get("versions", ()):
+            name, version = loaded["package"], loaded["version"]
+            entry = packages.setdefault(name, {}).setdefault(
+                version, {"state": loaded["state"], "in_flight": 0, "served": 0}
+            )
+            entry["in_flight"] += loaded["in_flight"]
+            entry["served"] += served.get((name, version), 0)
+    return packages

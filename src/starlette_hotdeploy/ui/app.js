@@ -293,6 +293,7 @@ function received(block) {
   if (type === "traffic") {
     if (state.traffic.length && state.traffic[0].worker !== event.worker) state.traffic = [];
     state.traffic.push(event);
+    $("live").textContent = event.workers > 1 ? `live · ${event.workers} workers` : "live";
     if (state.traffic.length > SHARE_WINDOW + 1) state.traffic.shift();
     renderTraffic();
   } else if (type.startsWith("deployment.")) {
