@@ -1,7 +1,7 @@
 """The admin web UI end to end: a real headless Chromium (Playwright driving Debian's `chromium`)
 against a real uvicorn serving the admin API.
 
-An operator signs in, deploys by choosing an archive, watches the version change and the traffic
+An operator signs in, deploys by choosing an archive (and by dropping one), watches the version change and the traffic
 share move, rolls back through the confirmation dialog, and reads why a broken release failed;
 the read-only token sees everything and can change nothing; a wrong token is refused and kept
 nowhere. The page follows the server through its event stream: each step waits for what the page
@@ -183,6 +183,30 @@ def test_an_operator_deploys_watches_rolls_back_and_reads_why_a_release_failed(
     assert shot.startswith(b"\x89PNG")
     if target := os.environ.get("HOTDEPLOY_UI_SCREENSHOT"):
         Path(target).write_bytes(shot)
+
+
+DROP = """async ([name, bytes]) => {
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([new Uint8Array(bytes)], name, {type: "application/zip"}));
+    const zone = document.getElementById("drop");
+    zone.dispatchEvent(new DragEvent("dragover", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+    zone.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+}"""
+
+
+def test_an_archive_dropped_on_the_page_is_deployed(
+    page: Page, server: HotDeployServer, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    sign_in(page, server.token)
+    expect(page.locator("#live")).to_be_visible()
+    dropped = archive(tmp_path, "1.0")
+    page.evaluate(DROP, [dropped.name, list(dropped.read_bytes())])
+    card = page.locator('article.package[data-package="greeter"]')
+    expect(card.locator(".active-version")).to_have_text("1.0")
+    expect(page.locator("#progress-outcome")).to_contain_text("greeter 1.0 is active")
+    assert served_version(server) == "1.0"
 
 
 def test_the_read_only_token_sees_everything_and_can_change_nothing(
