@@ -136,6 +136,9 @@ def test_an_operator_deploys_watches_rolls_back_and_reads_why_a_release_failed(
     expect(page.locator("#progress-outcome")).to_contain_text("greeter 2.0 is active")
     expect(page.locator('#progress-steps li[data-step="switch"]')).to_have_class("step step-ok")
     assert served_version(server) == "2.0"
+    workers = page.locator("#workers tr.worker")
+    expect(workers).to_have_count(1)  # this server's one worker, from GET /cluster
+    expect(workers.locator("td.serving")).to_have_text("greeter 2.0")
 
     # Live counts and traffic share, from the traffic events: every request goes to 2.0.
     served = card.locator('td.served[data-version="2.0"]')

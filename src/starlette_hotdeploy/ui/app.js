@@ -133,6 +133,8 @@ function signOut(reason) {
   state = { ...freshState(null), session: state.session + 1 };
   $("packages").replaceChildren();
   $("deployments").tBodies[0].replaceChildren();
+  $("workers").tBodies[0].replaceChildren();
+  $("store").textContent = "";
   $("progress-steps").replaceChildren();
   show($("progress"), false);
   notice(null);
@@ -178,15 +180,18 @@ async function refresh() {
   }
   state.refreshing = { again: false };
   try {
-    const [packages, deployments] = await Promise.all([
+    const [packages, deployments, cluster] = await Promise.all([
       api("GET", "/packages"),
       api("GET", `/deployments?limit=${SHOWN_DEPLOYMENTS}`),
+      // The store may be out of reach (503): the rest of the page still shows.
+      api("GET", "/cluster").catch((error) => (error instanceof Stale ? Promise.reject(error) : error)),
     ]);
     state.packages = packages.packages;
     for (const record of deployments.deployments) remember(record, false);
     renderPackages();
     renderDeployments();
     renderProgress();
+    renderWorkers(cluster);
   } catch (error) {
     if (error instanceof Stale) return;
     if (error.status === 401) return signOut("The token is no longer accepted.");
@@ -577,6 +582,29 @@ function renderTraffic() {
       share.querySelector(".bar").style.width = `${fraction === null ? 0 : Math.round(fraction * 60)}px`;
     }
   }
+}
+
+function renderWorkers(cluster) {
+  if (cluster instanceof Error) {
+    $("store").textContent = `Cannot read the workers: ${cluster.message}`;
+    $("workers").tBodies[0].replaceChildren();
+    return;
+  }
+  $("store").textContent = `store ${cluster.store} · generation ${cluster.generation} · this page is served by ${cluster.worker}`;
+  const rows = cluster.hosts.flatMap((host) =>
+    host.workers.map((worker) =>
+      el(
+        "tr",
+        { class: "worker", dataset: { worker: worker.id } },
+        el("td", {}, host.host),
+        el("td", {}, worker.id),
+        el("td", {}, `${worker.heartbeat_age.toFixed(1)} s ago`),
+        el("td", { class: "serving" }, Object.entries(worker.serving).map(([name, version]) => `${name} ${version}`).join(", ") || "nothing"),
+        el("td", { class: worker.lagging.length ? "error" : "" }, worker.lagging.join(", ") || "—"),
+      ),
+    ),
+  );
+  $("workers").tBodies[0].replaceChildren(...rows);
 }
 
 function renderDeployments() {
