@@ -681,6 +681,7 @@ def test_serve_generates_a_token_and_passes_settings_through_the_environment(
     assert result.exit_code == 0, result.output
     token = result.stdout.splitlines()[0].removeprefix("admin token: ")
     assert len(token) >= 32
+    assert "web UI: http://127.0.0.1:9999/_hotdeploy/ui/" in result.stdout
     assert "warning" not in result.stderr  # the workers converge through the shared home
     [(args, kwargs, seen)] = calls
     assert args == ("starlette_hotdeploy._serve:create_host_app",)

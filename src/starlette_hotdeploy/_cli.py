@@ -753,7 +753,9 @@ def serve(
     else:
         os.environ.pop(TRUSTED_KEYS_ENV, None)
     where = f"  store: {redact_url(store)}" if store else ""
-    click.echo(f"admin API: {_http_url(host, port)}{DEFAULT_PREFIX}  home: {os.environ[HOME_ENV]}{where}")
+    admin = f"{_http_url(host, port)}{DEFAULT_PREFIX}"
+    click.echo(f"admin API: {admin}  home: {os.environ[HOME_ENV]}{where}")
+    click.echo(f"web UI: {admin}/ui/ (sign in with the token)")
     uvicorn.run(
         HOST_APP, factory=True, host=host, port=port, workers=workers, lifespan="on", log_level=log_level
     )
