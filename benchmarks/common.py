@@ -165,6 +165,11 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, Any]:
     }
 
 
+def spread(ratio: dict[str, float], width: int = 10) -> str:
+    """A ratio's median and range, as the benchmark tables print it: `0.987 [0.831-1.216]`."""
+    return f"{ratio['median']:>{width}.3f} [{ratio['min']:.3f}-{ratio['max']:.3f}]"
+
+
 # -- the machine and the results files ------------------------------------------------------------
 
 

@@ -47,12 +47,12 @@ from starlette_hotdeploy import Deployer
 from starlette_hotdeploy._types import ASGIApp, Message
 
 if __package__:
-    from .common import against_mount, get_scope
+    from .common import against_mount, get_scope, spread
     from .dispatch_apps import CALLS, LABELS, Call, middleware_app, mount_app, package_names, route_app
     from .dispatch_apps import write_package as write_app_package
 else:  # run as a script: benchmarks/dispatch_overhead.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks.common import against_mount, get_scope
+    from benchmarks.common import against_mount, get_scope, spread
     from benchmarks.dispatch_apps import (
         CALLS,
         LABELS,
@@ -273,7 +273,7 @@ def table(results: list[dict[str, Any]]) -> str:
         ratio = o["rps_ratio"]
         lines.append(
             f"{o['app'] + ' ' + o['call']:24} {o['packages']:>5} {LABELS[o['kind']]:20} {o['us']:>7.1f} "
-            f"{o['mount_us']:>8.1f} {ratio['median']:>11.3f} [{ratio['min']:.3f}-{ratio['max']:.3f}] "
+            f"{o['mount_us']:>8.1f} {spread(ratio, 11)} "
             f"{o['p99_us']:>7.1f}/{o['mount_p99_us']:<7.1f} {o['vs_one_package_pct']:>+8.1f}%"
         )
     return "\n".join(lines)

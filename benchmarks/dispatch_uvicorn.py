@@ -53,6 +53,7 @@ from .common import (
     against_mount,
     free_port,
     machine,
+    spread,
     wait_until,
     write_results,
 )
@@ -454,7 +455,7 @@ def table(results: list[dict[str, Any]]) -> str:
         ratio = o["rps_ratio"]
         lines.append(
             f"{o['app'] + ' ' + o['call']:26} {o['packages']:>5} {LABELS[o['kind']]:20} "
-            f"{ratio['median']:>10.3f} [{ratio['min']:.3f}-{ratio['max']:.3f}] "
+            f"{spread(ratio)} "
             f"{o['p50_us']:>7.0f}/{o['mount_p50_us']:<7.0f} {o['p99_us']:>7.0f}/{o['mount_p99_us']:<7.0f} "
             f"{o['vs_one_package_pct']:>+8.1f}% {'met' if o['target_met'] else 'NOT met'}"
         )
@@ -467,7 +468,7 @@ def table(results: list[dict[str, Any]]) -> str:
         ratio = m["rps_ratio"]
         lines.append(
             f"{m['app'] + ' ' + m['call']:26} {m['packages']:>5} {'':20} "
-            f"{ratio['median']:>10.3f} [{ratio['min']:.3f}-{ratio['max']:.3f}] "
+            f"{spread(ratio)} "
             f"{m['p50_us']:>7.0f}/{m['off_p50_us']:<7.0f} {m['p99_us']:>7.0f}/{m['off_p99_us']:<7.0f} "
             f"{m['cost_pct']:>+8.1f}% {'met' if m['target_met'] else 'NOT met'}"
         )
