@@ -45,11 +45,17 @@ APP_ENV = "BENCH_APP"
 
 # nometrics: HotDeployMiddleware with Deployer(metrics=False), the cost of counting requests.
 KINDS = ("mount", "middleware", "route", "nometrics")
+# canary: HotDeployMiddleware with a canary of the target package at 50% (asked for by name).
+ALL_KINDS = (*KINDS, "canary")
+# What every request of a run with the canary kind carries (every kind gets the same headers):
+# the cookie a returning user has, so the canary's sticky path (cookie, hash) is measured.
+CANARY_COOKIE = "hotdeploy_canary=5f0c9e2ab1d34e77"
 LABELS = {
     "mount": "Starlette Mount",
     "middleware": "HotDeployMiddleware",
     "route": "HotDeployRoute",
     "nometrics": "Middleware, no metrics",
+    "canary": "Middleware, canary 50%",
     "host": "host endpoint",
 }
 
@@ -213,6 +219,22 @@ def create_middleware_app() -> Starlette:
 
 def create_nometrics_app() -> Starlette:
     return middleware_app(Deployer(home=os.environ[HOME_ENV], entry_points=False, metrics=False))
+
+
+def create_canary_app() -> Starlette:
+    """The middleware host, and `POST /_bench/canary`: start a canary (version 1.1, 50% of the
+    users, kept by the middleware's cookie) of the target package, the last one."""
+    deployer = Deployer(home=os.environ[HOME_ENV], entry_points=False)
+    env = _env()
+
+    async def start_canary(request: Request) -> JSONResponse:
+        name = env["names"][-1]
+        source = write_package(Path(os.environ[SOURCES_ENV]), name, env["app"], version="1.1")
+        record = await deployer.deploy(source, canary="50%")
+        return JSONResponse(record.to_dict(), status_code=202)
+
+    routes = [*host_routes(), Route("/_bench/canary", start_canary, methods=["POST"])]
+    return Starlette(routes=routes, middleware=[Middleware(HotDeployMiddleware, deployer=deployer)])
 
 
 def create_route_app() -> Starlette:

@@ -58,8 +58,10 @@ from .common import (
     write_results,
 )
 from .dispatch_apps import (
+    ALL_KINDS,
     APP_ENV,
     CALLS,
+    CANARY_COOKIE,
     HOME_ENV,
     KINDS,
     LABELS,
@@ -77,6 +79,7 @@ FACTORIES = {
     "middleware": "create_middleware_app",
     "route": "create_route_app",
     "nometrics": "create_nometrics_app",
+    "canary": "create_canary_app",
 }
 
 
@@ -182,6 +185,12 @@ class Server:
             return True if response.status_code == call.status else None
 
         wait_until(f"{url} to answer", ready, timeout=300, interval=0.1)
+        if self.kind == "canary":
+            response = httpx.post(self.url("/_bench/canary"), timeout=120)
+            if response.status_code != 202:
+                raise BenchmarkError(
+                    f"the canary did not start: {response.status_code} {response.text[:500]}"
+                )
 
     def info(self) -> dict[str, Any]:
         info: dict[str, Any] = httpx.get(self.url("/_bench"), timeout=5).json()
@@ -197,19 +206,22 @@ class Server:
             shutil.rmtree(self.home, ignore_errors=True)
 
 
-def wrk_script(call: Call, workdir: Path) -> Path:
-    """summary.lua for a GET; for a request with a body, a script that sets the method, headers
-    and body (as globals: wrk keeps its fast path) and then loads summary.lua."""
-    if not call.body:
+def wrk_script(call: Call, workdir: Path, cookie: str | None = None) -> Path:
+    """summary.lua for a plain GET; for a request with a body or a cookie, a script that sets
+    the method, headers and body (as globals: wrk keeps its fast path) and then loads summary.lua."""
+    if not call.body and cookie is None:
         return SUMMARY_SCRIPT
-    script = workdir / f"wrk-{call.method.lower()}.lua"
-    body = call.body.decode()
-    script.write_text(
-        f"wrk.method = {json.dumps(call.method)}\n"
-        f"wrk.body = {json.dumps(body)}\n"
-        'wrk.headers["Content-Type"] = "application/json"\n'
-        f"dofile({json.dumps(str(SUMMARY_SCRIPT))})\n"
-    )
+    script = workdir / f"wrk-{call.method.lower()}{'-cookie' if cookie else ''}.lua"
+    lines = [f"wrk.method = {json.dumps(call.method)}"]
+    if call.body:
+        lines += [
+            f"wrk.body = {json.dumps(call.body.decode())}",
+            'wrk.headers["Content-Type"] = "application/json"',
+        ]
+    if cookie is not None:
+        lines.append(f'wrk.headers["Cookie"] = {json.dumps(cookie)}')
+    lines.append(f"dofile({json.dumps(str(SUMMARY_SCRIPT))})")
+    script.write_text("\n".join(lines) + "\n")
     return script
 
 
@@ -218,7 +230,8 @@ def wrk_run(
 ) -> dict[str, Any]:
     """One wrk run: requests per second and latency percentiles (microseconds)."""
     command = [*prefix, "wrk", "-t1", f"-c{config.connections}", f"-d{max(1, round(seconds))}s"]
-    command += ["-s", str(wrk_script(call, workdir)), url]
+    cookie = CANARY_COOKIE if "canary" in config.kinds else None
+    command += ["-s", str(wrk_script(call, workdir, cookie)), url]
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
     line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_SUMMARY ")), None)
     if line is None:
@@ -242,7 +255,9 @@ def httpx_run(url: str, call: Call, config: DispatchConfig, seconds: float) -> d
         latencies: list[float] = []
         errors = 0
         deadline = time.monotonic() + seconds
-        headers = {"Content-Type": "application/json"} if call.body else None
+        headers = {"Content-Type": "application/json"} if call.body else {}
+        if "canary" in config.kinds:
+            headers["Cookie"] = CANARY_COOKIE
 
         async def client() -> None:
             nonlocal errors
@@ -422,6 +437,40 @@ def metrics_cost(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def canary_cost(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each sub-app, request and package count: HotDeployMiddleware with a canary of the
+    target package (50%, sticky by cookie) against the same without one: the cost of canary
+    routing, as a req/s ratio per round (median, min-max), p50/p99 side by side."""
+    by = {(r["app"], r["call"], r["kind"], r["packages"]): r for r in results}
+    rows = []
+    for (app, call, kind, n), canary in by.items():
+        plain = by.get((app, call, "middleware", n))
+        if kind != "canary" or plain is None:
+            continue
+        ratios = [a / b for a, b in zip(canary["rps_rounds"], plain["rps_rounds"], strict=True)]
+        median = statistics.median(ratios)
+        rows.append(
+            {
+                "app": app,
+                "call": call,
+                "packages": n,
+                "rps_ratio": {
+                    "median": round(median, 4),
+                    "min": round(min(ratios), 4),
+                    "max": round(max(ratios), 4),
+                    "rounds": [round(x, 4) for x in ratios],
+                },
+                "cost_pct": round((1 / median - 1) * 100, 2),
+                "us_per_request_added": round(canary["us_per_request"] - plain["us_per_request"], 2),
+                "p50_us": canary["p50_us"],
+                "plain_p50_us": plain["p50_us"],
+                "p99_us": canary["p99_us"],
+                "plain_p99_us": plain["p99_us"],
+            }
+        )
+    return rows
+
+
 def run(config: DispatchConfig) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     config.pinning = [" ".join(p) or "none" for p in pinning()]
@@ -472,6 +521,20 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{m['p50_us']:>7.0f}/{m['off_p50_us']:<7.0f} {m['p99_us']:>7.0f}/{m['off_p99_us']:<7.0f} "
             f"{m['cost_pct']:>+8.1f}% {'met' if m['target_met'] else 'NOT met'}"
         )
+    canaries = canary_cost(results)
+    if canaries:
+        lines += [
+            "",
+            f"{'sub-app, request':26} {'pkgs':>5} {'canary / plain':20} {'req/s ratio med [min-max]':>26} "
+            f"{'p50 us can/plain':>17} {'p99 us can/plain':>17} {'cost':>8} {'us/req':>7}",
+        ]
+        for c in canaries:
+            lines.append(
+                f"{c['app'] + ' ' + c['call']:26} {c['packages']:>5} {'':20} "
+                f"{spread(c['rps_ratio'])} "
+                f"{c['p50_us']:>8.0f}/{c['plain_p50_us']:<8.0f} {c['p99_us']:>8.0f}/{c['plain_p99_us']:<8.0f} "
+                f"{c['cost_pct']:>+7.1f}% {c['us_per_request_added']:>+7.2f}"
+            )
     return "\n".join(lines)
 
 
@@ -491,13 +554,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="rounds with one package")
     parser.add_argument("--seconds", type=float, help="seconds per wrk run with one package")
     parser.add_argument("--no-wrk", action="store_true")
-    parser.add_argument("--kinds", default=",".join(KINDS), help=f"hosts to compare, of {','.join(KINDS)}")
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), help=f"hosts to compare, of {','.join(ALL_KINDS)}"
+    )
     parser.add_argument("--name", default="dispatch_uvicorn", help="results file name (no .json)")
     args = parser.parse_args(argv)
     config = config_for(args.quick, not args.no_wrk and shutil.which("wrk") is not None)
     config.scales = tuple(int(n) for n in args.scales.split(","))
     config.apps = tuple(a for a in args.apps.split(",") if a)
-    config.kinds = tuple(dict.fromkeys(["mount", *(k for k in args.kinds.split(",") if k in KINDS)]))
+    config.kinds = tuple(dict.fromkeys(["mount", *(k for k in args.kinds.split(",") if k in ALL_KINDS)]))
     if args.rounds:
         config.rounds = args.rounds
     if args.seconds:
@@ -510,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "overheads": overheads(results),
         "metrics_cost": metrics_cost(results),
+        "canary_cost": canary_cost(results),
     }
     print(f"written: {write_results(args.name, payload)}")
     return 0

@@ -49,7 +49,7 @@ PROBLEM = "application/problem+json"
 RECORD_KEYS = (
     "id operation package from_version to_version sha256 worker signer downgrade forced started_at decided_at"
     " finished_at duration_ms"
-    " outcome error error_step steps workers"
+    " outcome error error_step steps workers canary"
 )
 VERSION_KEYS = "version state in_flight sha256 served terminated loaded_at activated_at error"
 STEPS = DEPLOY_STEPS
@@ -1149,6 +1149,8 @@ REFERENCE: dict[str, dict[str, set[int]]] = {
     "/packages/{name}": {"get": {200, 404}, "delete": {200, 404, 409}},
     "/packages/{name}/rollback": {"post": {200, 404, 409, 422}},
     "/packages/{name}/activate": {"post": {200, 400, 404, 409, 422}},
+    "/packages/{name}/canary/promote": {"post": {202, 400, 404, 409}},
+    "/packages/{name}/canary/abort": {"post": {202, 400, 404, 409}},
     "/deployments": {"get": {200, 400}},
     "/deployments/{id}": {"get": {200, 404}},
     "/events": {"get": {200, 400}},

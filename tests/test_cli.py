@@ -845,3 +845,58 @@ def test_end_to_end_against_hotdeploy_serve(server: tuple[str, str], tmp_path: P
     wrong = run("status", env={"HOTDEPLOY_URL": url, "HOTDEPLOY_ADMIN_TOKEN": "wrong"})
     assert_clean_error(wrong, 2, "401 unauthorized", "the server refused the token")
     assert_clean_error(hotdeploy("status", "--prefix", "/nope"), 2, "not a JSON object")
+
+
+def test_canary_deploy_status_promote_and_abort_against_hotdeploy_serve(
+    server: tuple[str, str], sources: Path
+) -> None:
+    url, token = server
+    env = {"HOTDEPLOY_URL": url, "HOTDEPLOY_ADMIN_TOKEN": token}
+
+    def ok(*args: str) -> list[str]:
+        result = run(*args, "--timeout", "60", env=env)
+        assert result.exit_code == 0, (result.output, result.stderr)
+        return result.stdout.splitlines()
+
+    ok("deploy", str(write_package(sources, version="1.0")))
+    [deployment] = ok(
+        "deploy", "--canary", "25%,100%", "--no-wait", str(write_package(sources, version="2.0"))
+    )
+    record = wait_for_record(
+        url, token, deployment, lambda r: any(s["name"] == "converge" for s in r["steps"])
+    )
+    assert record["outcome"] == "pending"
+    lines = ok("status")
+    assert lines[-1] == "greeter: canary 2.0 at 25% (step 1 of 25% (until promoted), 100%)"
+    assert ok("canary", "promote", "greeter", "--all") == ["greeter: promoting canary 2.0 to 100%"]
+    record = wait_for_record(url, token, deployment, lambda r: r["outcome"] != "pending")
+    assert record["outcome"] == "succeeded"
+    assert greeter(url) == (200, "2.0")
+
+    [second] = ok("deploy", "--canary", "--no-wait", str(write_package(sources, version="3.0")))
+    wait_for_record(url, token, second, lambda r: any(s["name"] == "converge" for s in r["steps"]))
+    assert ok("canary", "abort", "greeter") == ["greeter: aborting canary 3.0"]
+    record = wait_for_record(url, token, second, lambda r: r["outcome"] != "pending")
+    assert record["outcome"] == "aborted"
+    assert greeter(url) == (200, "2.0")
+    result = run("canary", "abort", "greeter", env=env)
+    assert_clean_error(result, 1, "no canary of greeter is running")
+    result = run("deploy", "--canary", "lots", str(write_package(sources, version="3.1")), env=env)
+    assert_clean_error(result, 1, "'lots' is not a step")
+
+
+def wait_for_record(
+    url: str, token: str, deployment: str, done: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """Poll the deployment's record (at most 20 s) until `done(record)`."""
+    deadline = time.monotonic() + 20
+    while True:
+        response = httpx.get(
+            f"{url}/_hotdeploy/deployments/{deployment}",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        record: dict[str, Any] = response.json()
+        if done(record) or time.monotonic() > deadline:
+            return record
+        time.sleep(0.05)

@@ -21,6 +21,7 @@ BASE = {
     "_operation",
     "_store",
     "_files",
+    "_canary_plan",
 }
 REQUEST_PATH = {
     "_dispatch",
@@ -32,6 +33,7 @@ REQUEST_PATH = {
     "_loader",
     "_package_logging",
     "_figures",
+    "_split",
 }
 ENGINE = {
     "_engine",
@@ -43,6 +45,7 @@ ENGINE = {
     "_host_routes",
     "_signing",
     "_worker_figures",
+    "_canary_analysis",
 }
 COORDINATION = {
     "_coordinator",
@@ -60,6 +63,7 @@ COORDINATION = {
     "_postgres_store",
     "_store_url",
     "_store_migrate",
+    "_canary",
 }
 SURFACES = {
     "_deployer",

@@ -61,6 +61,7 @@ def test_minimal_manifest_gets_defaults() -> None:
         "load_timeout": None,
         "hooks": None,
         "shadow_host_routes": False,
+        "canary": None,
     }
     assert (manifest.app_module, manifest.app_attribute, manifest.app_is_factory) == (
         "greeter.app",
@@ -147,7 +148,7 @@ def test_each_required_key_is_required(key: str) -> None:
         ("health", '"healthz"', "must be a path starting with '/'"),
         ("requires", '"inventory>=1"', "must be a table"),
         ("requires", '["inventory"]', "must be a table"),
-        ("strategy", '"rolling"', "must be 'drain' or 'block'"),
+        ("strategy", '"rolling"', "must be 'drain', 'block' or 'canary'"),
         ("drain_timeout", "0", "positive number of seconds"),
         ("drain_timeout", "-1.5", "positive number of seconds"),
         ("drain_timeout", "true", "positive number of seconds"),

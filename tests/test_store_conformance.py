@@ -414,6 +414,65 @@ def test_a_refused_commit_changes_neither_the_desired_state_nor_the_generation(s
     assert aborted.phase is Phase.ABORT
 
 
+def canary_of(op_id: str, version: str = "2.0") -> tuple[Operation, dict[str, Any]]:
+    operation = dataclasses.replace(activation(op_id, version=version), kind=OperationKind.CANARY)
+    return operation, {"operation": op_id, "version": version, "sha256": sha(version), "weight": 500}
+
+
+def test_a_canary_is_committed_beside_the_desired_version_and_shared(connect: Connect) -> None:
+    coordinator, follower = connect(), connect()
+    coordinator.set_desired("greeter", "1.0", sha("1.0"), [("1.0", sha("1.0"))])
+    operation, canary = canary_of("op1")
+    assert coordinator.begin_operation(operation, {"w1"}) is None
+    assert follower.desired()["greeter"].canary is None
+    generation = coordinator.commit(operation, canary)
+    greeter = follower.desired()["greeter"]
+    assert (greeter.version, greeter.canary, greeter.generation) == ("1.0", canary, generation)
+    assert follower.generation() == generation
+    # A weight change moves the generation (the followers' cheap look sees it).
+    assert coordinator.set_canary("greeter", {**canary, "weight": 2500}) == generation + 1
+    assert follower.desired()["greeter"].canary == {**canary, "weight": 2500}
+    # Activating a version ends the canary (its promotion, or any other activation).
+    coordinator.set_phase("op1", Phase.DONE)
+    coordinator.set_desired("greeter", "2.0", sha("2.0"), [("1.0", sha("1.0")), ("2.0", sha("2.0"))])
+    assert follower.desired()["greeter"].canary is None
+    assert coordinator.set_canary("greeter", canary) > 0
+    assert coordinator.set_canary("greeter", None) > 0
+    assert follower.desired()["greeter"].canary is None
+
+
+def test_a_canary_needs_a_desired_version_and_its_state(store: Store) -> None:
+    with pytest.raises(HotDeployError, match="no desired version"):
+        store.set_canary("greeter", {"weight": 1})
+    operation, canary = canary_of("op1")
+    assert store.begin_operation(operation, {"w1"}) is None
+    with pytest.raises(HotDeployError, match="a canary is committed with its state"):
+        store.commit(operation, canary)  # no desired version beside it
+    store.set_desired("greeter", "1.0", sha("1.0"), [("1.0", sha("1.0"))])
+    with pytest.raises(HotDeployError, match="a canary is committed with its state"):
+        store.commit(operation)
+    assert store.desired()["greeter"].canary is None
+
+
+def test_an_abandoned_canary_ends_with_its_operation(store: Store) -> None:
+    store.set_desired("greeter", "1.0", sha("1.0"), [("1.0", sha("1.0"))])
+    operation, canary = canary_of("d1-canary")  # a canary's operation: its record's id + "-canary"
+    store.begin_operation(operation, {"w1"})
+    store.record(pending_record("d1"))
+    store.commit(operation, canary)
+    before = store.generation()
+    store.abandon(operation)
+    assert store.desired()["greeter"].canary is None
+    assert store.desired()["greeter"].version == "1.0"  # the stable version was never replaced
+    assert store.generation() == before + 1
+    abandoned = store.operation("d1-canary")
+    assert abandoned is not None
+    assert abandoned.phase is Phase.DONE
+    record = store.deployment("d1")
+    assert record is not None
+    assert record["outcome"] == "interrupted"
+
+
 # -- history --------------------------------------------------------------------------------------
 
 
@@ -921,7 +980,8 @@ def test_a_schema_1_home_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
     store = SQLiteStore(home)
     try:
         version, _, columns = schema_of(home)
-        assert version == 3
+        assert version == 4
+        assert columns["desired"][-1] == "canary"
         assert columns["history"] == ["id", "package", "started_at", "record", "worker", "finished_at"]
         assert columns["archives"] == ["name", "version", "sha256", "path", "created_at", "activated_at"]
         assert store.generation() == 7
@@ -1014,7 +1074,7 @@ def test_opening_a_migrated_home_again_changes_nothing(tmp_path: Path) -> None:
     home = tmp_path / "home"
     SQLiteStore(home).close()
     migrated = schema_of(home)
-    assert migrated[0] == 3
+    assert migrated[0] == 4
     store = SQLiteStore(home)
     store.record(pending_record("d1"))
     store.close()
@@ -1050,7 +1110,7 @@ def test_a_new_home_opened_by_several_workers_at_once_is_migrated_once(tmp_path:
         assert len(stores) == 6
         stores[0].record(pending_record("d1"))
         assert all(s.deployment("d1") is not None for s in stores)
-        assert schema_of(home)[0] == 3
+        assert schema_of(home)[0] == 4
     finally:
         for store in stores:
             store.close()

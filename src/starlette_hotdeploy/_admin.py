@@ -27,8 +27,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ._admin_events import event_stream
+from ._canary_plan import parse_steps
 from ._deployer import Deployer
-from ._errors import HotDeployError, UploadRefused, UploadTooLarge
+from ._errors import CanaryError, HotDeployError, UploadRefused, UploadTooLarge
 from ._openapi import openapi_document
 from ._problems import problem, problem_for
 from ._scope import route_path
@@ -71,6 +72,20 @@ def flag(request: Request, name: str, default: bool) -> bool:
         return _BOOLEANS[value.lower()]
     except KeyError:
         raise BadQuery(f"{name} must be true or false, got {value[:40]!r}") from None
+
+
+def canary_option(request: Request) -> bool | str | None:
+    """`canary=true|false` or `canary=<steps>` ("5%:30s,25%:1m,100%"); absent: as the manifest says."""
+    value = request.query_params.get("canary")
+    if value is None:
+        return None
+    if value.lower() in _BOOLEANS:
+        return _BOOLEANS[value.lower()]
+    try:
+        parse_steps(value[:400], where="canary")
+    except CanaryError as exc:
+        raise BadQuery(str(exc)) from None
+    return value
 
 
 def package_name(request: Request) -> str:
@@ -162,6 +177,8 @@ class AdminAPI:
             ),
             Route(f"{p}/packages/{{name}}/rollback", self.rollback, methods=["POST"]),
             Route(f"{p}/packages/{{name}}/activate", self.activate, methods=["POST"]),
+            Route(f"{p}/packages/{{name}}/canary/promote", self.promote_canary, methods=["POST"]),
+            Route(f"{p}/packages/{{name}}/canary/abort", self.abort_canary, methods=["POST"]),
             Route(f"{p}/deployments", self.list_deployments, methods=["GET"]),
             Route(f"{p}/deployments/{{id}}", self.get_deployment, methods=["GET"]),
             Route(f"{p}/events", self.events, methods=["GET"]),
@@ -225,6 +242,7 @@ class AdminAPI:
             wait = flag(request, "wait", True)
             force = flag(request, "force", False)
             shadow = flag(request, "shadow_host_routes", False)
+            canary = canary_option(request)
             upload = await self._upload_from(request)
         except BadQuery as exc:
             return problem(400, "invalid query", str(exc))
@@ -237,7 +255,11 @@ class AdminAPI:
         if not wait:
             try:
                 record = await self.deployer.submit(
-                    upload.archive, signature=upload.signature, force=force, shadow_host_routes=shadow
+                    upload.archive,
+                    signature=upload.signature,
+                    force=force,
+                    shadow_host_routes=shadow,
+                    canary=canary,
                 )
             except HotDeployError as exc:
                 return problem_for(exc)
@@ -246,13 +268,39 @@ class AdminAPI:
             )
         try:
             record = await self.deployer.deploy(
-                upload.archive, signature=upload.signature, force=force, shadow_host_routes=shadow
+                upload.archive,
+                signature=upload.signature,
+                force=force,
+                shadow_host_routes=shadow,
+                canary=canary,
             )
         except HotDeployError as exc:
             return problem_for(exc)
+        # A canary that runs: accepted, its outcome comes with its promotion or abort.
         return JSONResponse(
-            record.to_dict(), status_code=201, headers={"Location": self._location(record.id)}
+            record.to_dict(),
+            status_code=201 if record.decided else 202,
+            headers={"Location": self._location(record.id)},
         )
+
+    async def promote_canary(self, request: Request) -> Response:
+        try:
+            name = package_name(request)
+            state = await self.deployer.promote_canary(name, all_steps=flag(request, "all", False))
+        except BadQuery as exc:
+            return problem(400, "invalid request", str(exc))
+        except HotDeployError as exc:
+            return problem_for(exc)
+        return JSONResponse(state, status_code=202)
+
+    async def abort_canary(self, request: Request) -> Response:
+        try:
+            state = await self.deployer.abort_canary(package_name(request))
+        except BadQuery as exc:
+            return problem(400, "invalid package name", str(exc))
+        except HotDeployError as exc:
+            return problem_for(exc)
+        return JSONResponse(state, status_code=202)
 
     async def rollback(self, request: Request) -> Response:
         try:

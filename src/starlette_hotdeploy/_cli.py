@@ -62,6 +62,7 @@ HOST_APP = "starlette_hotdeploy._serve:create_host_app"
 
 EXIT_FAILED = 1
 EXIT_SERVER = 2  # also click's exit code for usage errors
+CANARY_WAIT = 7 * 24 * 3600.0  # seconds a canary deploy is followed: as long as it runs
 EXIT_TIMEOUT = 3
 
 # `deploy` sends a file as it is: the server applies its own size cap.
@@ -213,7 +214,23 @@ def render_packages(packages: Sequence[dict[str, Any]]) -> list[str]:
                 available or "-",
             ]
         )
-    return table(["NAME", "MOUNT", "ACTIVE", "LOADED", "AVAILABLE"], rows)
+    lines = table(["NAME", "MOUNT", "ACTIVE", "LOADED", "AVAILABLE"], rows)
+    for package in packages:
+        canary = package.get("canary")
+        if canary:
+            lines.append(canary_line(str(package.get("name")), canary))
+    return lines
+
+
+def canary_line(name: str, canary: dict[str, Any]) -> str:
+    """`shop: canary 1.1 at 25% (step 2 of 5%:30s, 25%:1m, 100%), last analysis: pass (...)`"""
+    line = f"{name}: canary {canary.get('version')} at {canary.get('weight_percent'):g}%"
+    if canary.get("steps"):
+        line += f" (step {canary.get('step')} of {canary.get('steps')})"
+    analysis = canary.get("analysis")
+    if analysis:
+        line += f", last analysis: {analysis.get('verdict')} ({analysis.get('reason')})"
+    return line
 
 
 def render_graph(packages: Sequence[dict[str, Any]]) -> list[str]:
@@ -511,6 +528,15 @@ def drop_stale_signature(path: Path, data: bytes) -> None:
 @click.option(
     "--shadow-host-routes", is_flag=True, help="Let the mount cover routes of the host app, on purpose."
 )
+@click.option(
+    "--canary",
+    metavar="STEPS",
+    is_flag=False,
+    flag_value="true",
+    default=None,
+    help="A canary deploy: its steps (like '5%:30s,25%:1m,100%'), or the manifest's without STEPS.",
+)
+@click.option("--no-canary", is_flag=True, help="A plain switch, even if the manifest's strategy is canary.")
 @with_client
 def deploy(
     client: AdminClient,
@@ -520,13 +546,19 @@ def deploy(
     key: Path | None,
     force: bool,
     shadow_host_routes: bool,
+    canary: str | None,
+    no_canary: bool,
 ) -> None:
     """Upload the archive FILE (a directory is packed first) and show the deployment's steps.
 
-    FILE.sig, if it exists, is sent as its signature.
-    Exits 0 once the new version is active, 1 if the deployment failed."""
+    FILE.sig, if it exists, is sent as its signature. A canary deploy is followed through its
+    steps until it is promoted or aborted (Ctrl-C stops following, not the canary).
+    Exits 0 once the new version is active, 1 if the deployment failed or was aborted."""
     if signature is not None and key is not None:
         raise click.UsageError("give --sign KEY or --signature FILE, not both")
+    if canary is not None and no_canary:
+        raise click.UsageError("give --canary or --no-canary, not both")
+    wanted: bool | str | None = False if no_canary else (True if canary == "true" else canary)
     try:
         data, label = read_upload(source)
     except HotDeployError as exc:
@@ -537,13 +569,15 @@ def deploy(
         signed = f", {signed}" if signed else ""
         click.echo(f"uploading {label}: {len(data)} bytes, sha256:{digest[:12]}{signed} to {client.url}")
     record = client.submit(
-        data, signature=signature_bytes, force=force, shadow_host_routes=shadow_host_routes
+        data, signature=signature_bytes, force=force, shadow_host_routes=shadow_host_routes, canary=wanted
     )
     if no_wait:
         click.echo(record.get("id"))
         return
     click.echo(f"deployment {record.get('id')}")
-    record = client.wait(record, on_update=StepPrinter().update)
+    # A canary takes as long as its steps (or until promoted by hand): no deadline of ours.
+    timeout = CANARY_WAIT if wanted not in (None, False) else None
+    record = client.wait(record, on_update=StepPrinter().update, timeout=timeout)
     if record.get("outcome") != "succeeded":
         raise failure(record)
     click.echo(summary(record))
@@ -567,6 +601,34 @@ def status(client: AdminClient, name: str | None, as_json: bool) -> None:
         echo_json({"packages": packages})
     else:
         click.echo("\n".join(render_packages(packages)))
+
+
+@cli.group(short_help="Promote or abort a running canary.")
+def canary() -> None:
+    """A canary deploy (hotdeploy deploy --canary) moves through its steps by itself; these
+    move it on now, from any worker."""
+
+
+@canary.command(short_help="Move the canary to its next step now.")
+@click.argument("name")
+@click.option("--all", "all_steps", is_flag=True, help="All the way: the canary becomes the active version.")
+@with_client
+def promote(client: AdminClient, name: str, all_steps: bool) -> None:
+    """Move package NAME's canary to its next step without waiting for its analysis."""
+    state = client.promote_canary(name, all_steps=all_steps)
+    click.echo(
+        f"{name}: promoting canary {state.get('version')} " + ("to 100%" if all_steps else "to its next step")
+    )
+
+
+@canary.command(short_help="Stop the canary: everyone gets the active version.")
+@click.argument("name")
+@with_client
+def abort(client: AdminClient, name: str) -> None:
+    """Stop package NAME's canary: no new request reaches it, it drains and is unloaded; the
+    active version (never touched) serves everyone."""
+    state = client.abort_canary(name)
+    click.echo(f"{name}: aborting canary {state.get('version')}")
 
 
 @cli.command(short_help="Show what each package requires, and what requires it.")

@@ -129,13 +129,21 @@ class AdminClient:
         signature: bytes | None = None,
         force: bool = False,
         shadow_host_routes: bool = False,
+        canary: bool | str | None = None,
     ) -> dict[str, Any]:
         """Start deploying an archive and return its record at once, its outcome "pending":
-        follow it with `wait`. The options are `upload`'s."""
-        return self._post_archive(archive, False, signature, force, shadow_host_routes)
+        follow it with `wait`. The options are `upload`'s; `canary`: True or steps such as
+        "5%:30s,100%" for a canary deploy, False for a plain one (None: as the manifest says)."""
+        return self._post_archive(archive, False, signature, force, shadow_host_routes, canary)
 
     def _post_archive(
-        self, archive: bytes, wait: bool, signature: bytes | None, force: bool, shadow_host_routes: bool
+        self,
+        archive: bytes,
+        wait: bool,
+        signature: bytes | None,
+        force: bool,
+        shadow_host_routes: bool,
+        canary: bool | str | None = None,
     ) -> dict[str, Any]:
         params = {"wait": "true" if wait else "false"}
         # Only the flags that are set: a server that does not know one refuses nothing.
@@ -143,6 +151,8 @@ class AdminClient:
             params["force"] = "true"
         if shadow_host_routes:
             params["shadow_host_routes"] = "true"
+        if canary is not None:
+            params["canary"] = canary if isinstance(canary, str) else ("true" if canary else "false")
         headers = dict(_ARCHIVE_HEADERS)
         if signature is not None:
             # The .sig file whole, in base64: a header cannot carry its newlines.
@@ -181,6 +191,15 @@ class AdminClient:
     def activate(self, name: str, version: str) -> dict[str, Any]:
         """Make a still-available `version` of package `name` active."""
         return self._call("POST", f"/packages/{quote(name, safe='')}/activate", json={"version": version})
+
+    def promote_canary(self, name: str, *, all_steps: bool = False) -> dict[str, Any]:
+        """Move package `name`'s canary to its next step now (all the way with `all_steps`)."""
+        params = {"all": "true"} if all_steps else None
+        return self._call("POST", f"/packages/{quote(name, safe='')}/canary/promote", params=params)
+
+    def abort_canary(self, name: str) -> dict[str, Any]:
+        """Stop package `name`'s canary: the active version serves everyone again."""
+        return self._call("POST", f"/packages/{quote(name, safe='')}/canary/abort")
 
     def undeploy(self, name: str) -> dict[str, Any]:
         """Unmount package `name`, drain and shut down its versions."""

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -247,8 +247,11 @@ class Cluster:
 
         await self.changed(write)
 
-    async def commit(self, operation: Operation) -> int:
-        return await self.changed(lambda: self.store.commit(operation))
+    async def commit(self, operation: Operation, canary: dict[str, Any] | None = None) -> int:
+        return await self.changed(lambda: self.store.commit(operation, canary))
+
+    async def set_canary(self, name: str, canary: dict[str, Any] | None) -> int:
+        return await self.changed(lambda: self.store.set_canary(name, canary))
 
     async def set_phase(self, op_id: str, phase: Phase, *, serving: dict[str, str] | None = None) -> None:
         beat = self._beat(serving) if serving is not None else None

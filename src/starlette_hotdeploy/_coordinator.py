@@ -18,19 +18,22 @@ import logging
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import anyio
 import anyio.to_thread
 
 from ._archive import Source, Unpacked, read_source, unpack
+from ._canary import CanaryRun, CanaryState, with_command
+from ._canary_plan import DEFAULT_STEPS, CanaryPlan, parse_steps
 from ._cluster import Cluster
 from ._deployment import Action, Deployment, Outcome
 from ._engine import Engine
 from ._errors import (
     ArchiveError,
+    CanaryRefused,
     CheckFailed,
     DeploymentError,
     DeploymentInProgress,
@@ -48,7 +51,7 @@ from ._follower import Follower
 from ._hooks import implemented, notify, run_checks
 from ._host_routes import host_routes, shadowed
 from ._manifest import Manifest
-from ._operation import Operation, OperationKind, Phase, Vote
+from ._operation import CANARY_SUFFIX, Operation, OperationKind, Phase, Vote
 from ._package import Package
 from ._records import RecordLog
 from ._requirements import check_change
@@ -65,6 +68,10 @@ class DeployOptions:
     signature: bytes | None = None  # the archive's SSH signature (checked against trusted keys)
     force: bool = False  # replace a different archive deployed under the same version number
     shadow_host_routes: bool = False  # the mount may cover routes of the host app
+    # A canary deploy: True (the manifest's plan, or the default one), False (a plain switch,
+    # even if the manifest's strategy is `canary`), None (as the manifest says).
+    canary: bool | None = None
+    canary_steps: str | None = None  # steps such as "5%:30s, 100%" (implies canary)
 
 
 class Coordinator:
@@ -86,6 +93,7 @@ class Coordinator:
         self.records = records
         self.bake_time = bake_time
         self.keep_versions = keep_versions
+        self.canaries: dict[str, CanaryRun] = {}  # the canaries this worker runs, by package
 
     # -- the operations ---------------------------------------------------------------------
 
@@ -137,6 +145,12 @@ class Coordinator:
                 current = package.active
                 if current is not None and manifest.parsed_version < current.manifest.parsed_version:
                     record.downgrade = True
+                try:
+                    plan = canary_plan(manifest, options, current)
+                except HotDeployError as exc:
+                    await self._fail(record, exc)
+                if plan is not None:
+                    return await self._install_canary(record, package, unpacked, plan)
                 return await self._install(record, package, unpacked)
         except DeploymentError:
             if record.outcome is Outcome.FAILED:
@@ -259,6 +273,14 @@ class Coordinator:
         """The engine's claim on the package; a refusal finishes `record` (and is raised)."""
         with ExitStack() as stack:
             try:
+                run = self.canaries.get(name)
+                if run is not None:
+                    raise DeploymentInProgress(
+                        f"a canary of {name} {run.canary.version} is running (deployment "
+                        f"{run.record.id}): promote or abort it first",
+                        package=name,
+                        step="claim",
+                    )
                 stack.enter_context(self.engine.claim(name))
             except DeploymentInProgress as error:
                 error.deployment = record
@@ -505,6 +527,121 @@ class Coordinator:
             await self._prune(package)
         return record
 
+    async def _install_canary(
+        self, record: Deployment, package: Package, unpacked: Unpacked, plan: CanaryPlan
+    ) -> Deployment:
+        """Prepare the version on every worker, then give it its first step's share of the
+        requests everywhere, beside the active version; a CanaryRun takes it from there."""
+        engine = self.engine
+        current = package.active
+        assert current is not None  # canary_plan refuses a first install
+        record.from_version = current.version
+        if current.sha256 == unpacked.sha256:
+            await self._fail(
+                record,
+                CanaryRefused(
+                    f"{package.name} {current.version} with this sha256 is already active: nothing to compare",
+                    package=package.name,
+                    version=current.version,
+                ),
+            )
+        version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
+        record.sha256 = version.sha256
+        operation = self.cluster.new_operation(
+            record.id + CANARY_SUFFIX,
+            package.name,
+            OperationKind.CANARY,
+            version.version,
+            version.sha256,
+            package.lineage_pairs(),
+        )
+        first = plan.steps[0]
+        state = CanaryState(
+            operation=operation.id,
+            coordinator=self.cluster.worker_id,
+            deployment=record.id,
+            version=version.version,
+            sha256=version.sha256,
+            plan=plan,
+            weight=first.weight,
+        )
+        record.canary = {"plan": plan.describe(), "key": plan.key, "thresholds": plan.thresholds.to_dict()}
+        with anyio.CancelScope(shield=True):
+            await self._check_requirements(record, version.manifest)
+            await self._begin(operation, record)
+            try:
+                await engine.prepare(record, package, version)
+                await self._vote(operation, Vote.PREPARED)
+                with record.step("prepare workers") as step:
+                    result = await self.cluster.await_votes(operation, Vote.PREPARED, _reporter(record))
+                    if not result.ok:
+                        raise CheckFailed(
+                            f"not every worker could prepare it: {result.describe()}",
+                            check="workers",
+                            package=version.name,
+                            version=version.version,
+                            step="prepare workers",
+                        )
+                    step.detail = f"{len(result.live)} worker(s) prepared"
+                with record.step("commit") as step:
+                    await self.cluster.commit(operation, state.to_dict())
+                    step.detail = f"canary {plan.describe()}, users kept by {plan.key}"
+                engine.start_canary(package, version, first.weight, plan.key, operation.id)
+            except BaseException as exc:
+                await self.cluster.end(operation.id, Phase.ABORT)
+                if engine.canary(package) is version:
+                    engine.end_canary(package, None)
+                else:
+                    await engine.discard(package, version)
+                if not isinstance(exc, Exception):
+                    raise
+                await self._fail(record, _as_error(exc, version))
+            await self._vote(operation, Vote.SWITCHED)
+            with record.step("converge") as step:
+                result = await self.cluster.await_votes(operation, Vote.SWITCHED, _reporter(record))
+                step.detail = f"{len(result.live)} worker(s) split the requests"
+                if not result.ok:
+                    step.detail += f"; {result.describe()}"
+                    step.ok = False
+            record.canary["state"] = state.status()
+            await self.records.save(record)
+            run = CanaryRun(self, package, version, current, operation, record, state)
+            self.canaries[package.name] = run
+            engine.hand_over_claim(package.name)  # the run holds it until the canary ends
+            engine.runtime().start_soon(run.run, name=f"hotdeploy canary {package.name} {version.version}")
+        return record
+
+    def canary_ended(self, run: CanaryRun) -> None:
+        if self.canaries.get(run.package.name) is run:
+            del self.canaries[run.package.name]
+
+    async def canary_command(self, name: str, command: str) -> dict[str, Any]:
+        """Promote (next step, or all the way) or abort the package's canary, wherever it runs:
+        here at once, or through the store for the worker that runs it. The canary's state."""
+        run = self.canaries.get(name)
+        if run is not None and run.ending is not None:
+            raise CanaryRefused(
+                f"no canary of {name} is running: {run.canary.version} is {run.ending}",
+                package=name,
+                step="canary",
+            )
+        if run is not None:
+            run.command(command, "the admin API")
+            return {**run.state.status(), "requested": command}
+        desired = (await anyio.to_thread.run_sync(self.store.desired)).get(name)
+        if desired is None or desired.canary is None:
+            self.engine.package(name)  # UnknownPackage first
+            raise CanaryRefused(f"no canary of {name} is running", package=name, step="canary")
+        state = with_command(CanaryState.from_dict(desired.canary), command)
+        await self.cluster.set_canary(name, state.to_dict())
+        return {**state.status(), "requested": command}
+
+    def canary_noticed(self, name: str, stored: dict[str, Any] | None) -> None:
+        """The follower saw the store's canary of a package this worker is busy with."""
+        run = self.canaries.get(name)
+        if run is not None and stored is not None:
+            run.noticed(stored)
+
     async def _switch_back(
         self,
         record: Deployment,
@@ -579,6 +716,36 @@ class Coordinator:
                     self.engine.home / "packages" / package.name / f"{archive.version}-{archive.sha256[:12]}"
                 )
                 await anyio.to_thread.run_sync(_remove_tree, directory)
+
+
+def canary_plan(
+    manifest: Manifest, options: DeployOptions, current: PackageVersion | None
+) -> CanaryPlan | None:
+    """The plan of a canary deploy, or None for a plain one."""
+    wanted = options.canary
+    if wanted is None:
+        wanted = manifest.strategy == "canary" or options.canary_steps is not None
+    if not wanted:
+        return None
+    if manifest.strategy == "block":
+        raise CanaryRefused(
+            "strategy 'block' and a canary exclude each other: a canary serves both versions at once, "
+            "'block' holds requests until one switch; deploy without canary, or change the strategy",
+            package=manifest.name,
+            version=manifest.version,
+            step="canary",
+        )
+    if current is None:
+        raise CanaryRefused(
+            f"{manifest.name} has no active version to compare a canary with: deploy it without canary first",
+            package=manifest.name,
+            version=manifest.version,
+            step="canary",
+        )
+    plan = manifest.canary or CanaryPlan(parse_steps(DEFAULT_STEPS))
+    if options.canary_steps is not None:
+        plan = replace(plan, steps=parse_steps(options.canary_steps, where="canary"))
+    return plan
 
 
 def _remove_tree(directory: Path) -> None:

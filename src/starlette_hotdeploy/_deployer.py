@@ -24,6 +24,7 @@ import anyio.to_thread
 import pluggy
 
 from ._archive import ArchiveLimits, Source
+from ._canary import ABORT, PROMOTE, PROMOTE_ALL, CanaryState
 from ._cluster import Cluster
 from ._cluster_view import cluster_view
 from ._coordinator import Coordinator, DeployOptions
@@ -117,6 +118,7 @@ class Deployer:
         cluster_timeout: float = 60.0,
         trusted_keys: Iterable[str | os.PathLike[str]] | None = None,
         metrics: bool = True,
+        pin_secret: str | None = None,
     ) -> None:
         self.home = Path(home if home is not None else os.environ.get("HOTDEPLOY_HOME", ".hotdeploy"))
         self.plugins: pluggy.PluginManager = make_plugin_manager(plugins, entry_points=False)
@@ -135,6 +137,11 @@ class Deployer:
             check_timeout=check_timeout,
             load_timeout=load_timeout,
             shutdown_timeout=shutdown_timeout,
+        )
+        # While a canary runs, a request may ask for a version (Hotdeploy-Version); with a secret,
+        # only one that carries it too (Hotdeploy-Pin-Secret).
+        self._engine.pin_secret = (
+            pin_secret if pin_secret is not None else os.environ.get("HOTDEPLOY_PIN_SECRET")
         )
         if trusted_keys is None:
             trusted_keys = [k for k in os.environ.get("HOTDEPLOY_TRUSTED_KEYS", "").split(os.pathsep) if k]
@@ -284,6 +291,7 @@ class Deployer:
                     bake_time=self.bake_time,
                     keep_versions=self.keep_versions,
                 )
+                follower.on_canary = coordinator.canary_noticed
                 self._runtime = _Runtime(
                     store, cluster, follower, coordinator, anyio.CancelScope(), anyio.Event()
                 )
@@ -393,8 +401,32 @@ class Deployer:
             serving: dict[str, str | None] = {w.id: w.serving.get(package.name) for w in workers}
             if runtime is not None:
                 serving[runtime.cluster.worker_id] = package.active.version
-            result.append(PackageStatus.of(package, serving, tuple(required_by.get(package.name, ()))))
+            result.append(
+                PackageStatus.of(
+                    package, serving, tuple(required_by.get(package.name, ())), self._canary_status(package)
+                )
+            )
         return result
+
+    def _canary_status(self, package: Package) -> dict[str, Any] | None:
+        """The package's canary as this worker splits it, with its step and last analysis (from
+        its run, here or on another worker through the store). Blocking (it may read the store)."""
+        canary = self._engine.canary(package)
+        mount = package.mount
+        if canary is None or mount is None or mount.split is None:
+            return None
+        runtime = self._runtime
+        found: dict[str, Any] = {"version": canary.version, "key": mount.split.key}
+        if runtime is not None:
+            run = runtime.coordinator.canaries.get(package.name)
+            if run is not None:
+                found.update(run.state.status(), analysis=run.latest)
+            else:
+                stored = runtime.store.desired().get(package.name)
+                if stored is not None and stored.canary is not None:
+                    found.update(CanaryState.from_dict(stored.canary).status())
+        found["weight_percent"] = mount.split.weight / 100  # what this worker applies now
+        return found
 
     def cluster(self) -> dict[str, Any]:
         """Every live worker of every host sharing the store: what it serves, its heartbeat's
@@ -436,6 +468,7 @@ class Deployer:
         signature: bytes | None = None,
         force: bool = False,
         shadow_host_routes: bool = False,
+        canary: bool | str | None = None,
         record: Deployment | None = None,
     ) -> Deployment:
         """Install or upgrade a package from a directory, a .zip or .whl path, or archive bytes.
@@ -447,12 +480,16 @@ class Deployer:
 
         `signature`: the archive's SSH signature (required when trusted keys are configured).
         `force`: replace a different archive already deployed under the same version number.
-        `shadow_host_routes`: the mount may cover routes of the host app on purpose."""
+        `shadow_host_routes`: the mount may cover routes of the host app on purpose.
+        `canary`: True, or steps such as "5%:30s, 25%:1m, 100%", for a canary deploy (False: a
+        plain switch even if the manifest's strategy is `canary`; None: as the manifest says).
+        It returns once the canary takes its first share everywhere, its outcome pending until
+        it is promoted (succeeded) or aborted; `promote_canary` and `abort_canary` move it on."""
         coordinator = self._running().coordinator
         if record is None:
             record = self._records.new(Action.DEPLOY, None)
             await self._records.save(record)
-        options = DeployOptions(signature, force, shadow_host_routes)
+        options = _options(signature, force, shadow_host_routes, canary)
         return await coordinator.deploy(source, record, options)
 
     async def _deploy_dropped(self, path: Path, signature: bytes | None) -> Deployment:
@@ -465,6 +502,7 @@ class Deployer:
         signature: bytes | None = None,
         force: bool = False,
         shadow_host_routes: bool = False,
+        canary: bool | str | None = None,
     ) -> Deployment:
         """Start `deploy(source)` in the background and return its record once it is in the
         store (its outcome is "pending" until the deployment ends): a crash from then on leaves
@@ -472,7 +510,7 @@ class Deployer:
         runtime = self._running()
         record = self._records.new(Action.DEPLOY, None)
         await self._records.save(record)
-        options = DeployOptions(signature, force, shadow_host_routes)
+        options = _options(signature, force, shadow_host_routes, canary)
 
         async def run() -> None:
             try:
@@ -484,6 +522,16 @@ class Deployer:
 
         self._engine.runtime().start_soon(run, name=f"hotdeploy deployment {record.id}")
         return record
+
+    async def promote_canary(self, name: str, *, all_steps: bool = False) -> dict[str, Any]:
+        """Move the package's canary to its next step now (all the way with `all_steps`: it
+        becomes the active version), without waiting for its analysis; its state."""
+        return await self._running().coordinator.canary_command(name, PROMOTE_ALL if all_steps else PROMOTE)
+
+    async def abort_canary(self, name: str) -> dict[str, Any]:
+        """Stop the package's canary: no more requests to it, it drains and is unloaded; the
+        active version serves everyone (it never stopped). Its deployment ends `aborted`."""
+        return await self._running().coordinator.canary_command(name, ABORT)
 
     async def rollback(self, name: str) -> Deployment:
         """Go back to the version that was active before the current one."""
@@ -513,3 +561,11 @@ class MountsView:
         """The package mount that serves `route_path`, if any (not a reserved prefix)."""
         mount = self._engine.mounts.match(route_path)
         return None if mount is None or mount.reserved else mount
+
+
+def _options(
+    signature: bytes | None, force: bool, shadow_host_routes: bool, canary: bool | str | None
+) -> DeployOptions:
+    if isinstance(canary, str):
+        return DeployOptions(signature, force, shadow_host_routes, canary=True, canary_steps=canary)
+    return DeployOptions(signature, force, shadow_host_routes, canary=canary)

@@ -37,6 +37,7 @@ class Outcome(enum.StrEnum):
     FAILED = "failed"  # nothing changed
     ROLLED_BACK = "rolled_back"  # switched, then a post-activation check switched back
     INTERRUPTED = "interrupted"  # its worker stopped before the change was committed: nothing changed
+    ABORTED = "aborted"  # a canary stopped before its promotion: the active version never changed
 
 
 @dataclass(slots=True)
@@ -90,6 +91,8 @@ class Deployment:
     # What each worker of a cluster operation did, as its coordinator saw it: worker id ->
     # {"host", "prepared_ms" | "switched_ms" | "checked_ms" | "failed_ms" (after started_at), "error"}.
     workers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # A canary deploy's plan, its current state and the analyses that decided its steps.
+    canary: dict[str, Any] = field(default_factory=dict)
     # Called with (record, step) when a step starts or ends, and with (record, None) when the
     # outcome is decided or the record finished: how progress reaches the event stream and store.
     on_change: Callable[[Deployment, Step | None], None] | None = field(
@@ -198,6 +201,7 @@ class Deployment:
             "error_step": self.error_step,
             "steps": [s.to_dict() for s in self.steps],
             "workers": {worker: dict(entry) for worker, entry in self.workers.items()},
+            "canary": dict(self.canary) or None,
         }
 
     @classmethod
@@ -223,4 +227,5 @@ class Deployment:
             error_step=data.get("error_step"),
             steps=[Step.from_dict(s) for s in data.get("steps", [])],
             workers={worker: dict(entry) for worker, entry in (data.get("workers") or {}).items()},
+            canary=dict(data.get("canary") or {}),
         )

@@ -110,6 +110,10 @@ class HotDeployMiddleware:
                             await RedirectResponse(url=str(url))(scope, receive, send)
                             return
                     else:
+                        split = mount.split
+                        if split is not None:  # a canary: it picks the version (pin, share)
+                            await split.serve(scope, receive, send, version, mount.prefix, self._host)
+                            return
                         await version.serve(
                             mounted_scope(scope, mount.prefix, version, self._host), receive, send
                         )

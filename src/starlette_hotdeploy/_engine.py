@@ -54,6 +54,7 @@ from ._mounts import Mount, MountTable
 from ._package import Package
 from ._probe import ProbeCrashed, probe
 from ._scope import attach_routing
+from ._split import Split
 from ._store import Desired, Store
 from ._types import ASGIApp
 from ._version import PackageVersion, VersionState
@@ -112,12 +113,14 @@ class Engine:
         self.trusted_keys: TrustedKeys | None = None  # set: only signed archives are accepted
         self.host_app: object | None = None  # the app the packages sit beside (its routes)
         self.figures: WorkerFigures | None = None  # set: metrics are on (requests, drains)
+        self.pin_secret: str | None = None  # set: pinning a request to a version needs it
         self.shutdown_timeout = shutdown_timeout
         self.mounts = MountTable()
         self._store: Store | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._packages: dict[str, Package] = {}
         self._busy: set[str] = set()  # packages with an operation under way in this process
+        self._handed_over: set[str] = set()  # claims that outlive their block (see hand_over_claim)
         self._retirements: dict[PackageVersion, Retirement] = {}
         self._held: set[PackageVersion] = set()  # draining versions taken back for a switch back
         self._unloaded: deque[tuple[str, list[weakref.ref[Any]]]] = deque(maxlen=1000)
@@ -201,7 +204,18 @@ class Engine:
         try:
             yield
         finally:
-            self._busy.discard(name)
+            if name in self._handed_over:
+                self._handed_over.discard(name)  # held on by whoever took it over
+            else:
+                self._busy.discard(name)
+
+    def hand_over_claim(self, name: str) -> None:
+        """Inside `claim(name)`: the claim outlives the block (a canary run keeps it until its
+        end); `release_claim` ends it."""
+        self._handed_over.add(name)
+
+    def release_claim(self, name: str) -> None:
+        self._busy.discard(name)
 
     def new_package(self, name: str, prefix: str) -> Package:
         """A package this process did not know yet, with the versions the store keeps (blocking)."""
@@ -433,11 +447,63 @@ class Engine:
                 package._mount = mount
             else:
                 package._mount.point(new)
+                split = package._mount.split
+                if split is not None and split.canary is new:
+                    package._mount.split = None  # promoted: every request goes to it now
         if old is not None and old is not new and old.state is VersionState.ACTIVE:
             old.transition(VersionState.DRAINING)
             if new is not None:
                 # Kept warm for a switch back until the operation retires (or releases) it.
                 self._held.add(old)
+
+    # -- canaries ---------------------------------------------------------------------------
+
+    def canary(self, package: Package) -> PackageVersion | None:
+        """The version that takes a share of the package's requests beside the active one."""
+        mount = package.mount
+        return mount.split.canary if mount is not None and mount.split is not None else None
+
+    def start_canary(
+        self, package: Package, version: PackageVersion, weight: int, key: str, operation: str
+    ) -> None:
+        """Send `weight` basis points of new users to a ready version, beside the active one."""
+        mount = package.mount
+        active = package.active
+        if mount is None or active is None or version.state is not VersionState.READY or version.app is None:
+            raise IllegalTransition(
+                "a canary needs an active version beside it, and itself ready",
+                package=version.name,
+                version=version.version,
+                step="canary",
+            )
+        if version not in package._loaded:
+            package._loaded.append(version)
+        for side in (active, version):
+            if side.figures is None:  # the analysis compares them, metrics or not
+                side.figures = RequestFigures()
+        mount.split = Split(version, weight, key, operation, self.pin_secret)
+
+    def set_canary_weight(self, package: Package, weight: int) -> None:
+        mount = package.mount
+        if mount is not None and mount.split is not None:
+            mount.split.weight = weight
+
+    def end_canary(self, package: Package, record: Deployment | None) -> PackageVersion | None:
+        """No more requests to the canary: it drains, then stops and is unloaded (the active
+        version was never touched). `record` is finished once it is gone."""
+        mount = package.mount
+        split = mount.split if mount is not None else None
+        if split is None:
+            return None
+        assert mount is not None
+        mount.split = None  # from here on, new requests go to the active version only
+        canary = split.canary
+        if canary.state is VersionState.READY:
+            canary.transition(VersionState.DRAINING)
+            self.retire(package, canary, record)
+        elif record is not None and record.finished_at is None:
+            record.finish()
+        return canary
 
     async def switch_blocking(
         self, package: Package, new: PackageVersion, old: PackageVersion, *, force: bool = False
@@ -635,7 +701,11 @@ class Engine:
         a deployment that a full collection (which blocks the event loop) must not stretch."""
         if any(name not in self._packages for name in self._busy):
             return True  # a new package's first version: not adopted yet
-        return any(v.state in _PREPARING for p in self._packages.values() for v in p._loaded)
+        return any(
+            v.state in _PREPARING and v is not self.canary(p)
+            for p in self._packages.values()
+            for v in p._loaded
+        )
 
     def _schedule_collection(self) -> None:
         """Free the unloaded version with one collection when no version is being prepared (see

@@ -73,6 +73,15 @@ class CheckFailed(HotDeployError):
         self.check = check
 
 
+class CanaryError(HotDeployError):
+    """A canary's plan is invalid (its steps, key or thresholds)."""
+
+
+class CanaryRefused(HotDeployError):
+    """A canary operation that cannot be done: none is running, the package's strategy is
+    `block`, or a canary is running already."""
+
+
 class MountConflict(HotDeployError):
     """Two different packages asked for overlapping URL prefixes, or a mount would shadow a
     route of the host app."""

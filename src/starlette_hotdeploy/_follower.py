@@ -10,14 +10,18 @@ through the engine's named methods, under the engine's claim on the package.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import anyio.to_thread
 
+from ._canary import figures_report
 from ._cluster import Cluster
 from ._engine import Engine
 from ._hooks import run_checks
@@ -58,6 +62,8 @@ class Follower:
         # look again in full (never converged, or something was left to do).
         self._fingerprint: _Fingerprint | None = None
         self._last_full = 0.0
+        # Told of the store's canary of a package this worker is busy with (its canary run).
+        self.on_canary: Callable[[str, dict[str, Any]], None] | None = None
 
     @property
     def worker_id(self) -> str:
@@ -70,7 +76,7 @@ class Follower:
             await self._let_go(package, version)
 
     async def _let_go(self, package: Package, version: PackageVersion) -> None:
-        if version is package.active:
+        if version is package.active or version is self.engine.canary(package):
             return
         if version.state is VersionState.DRAINING:
             self.engine.release(package, version)  # it was held warm: back to its retirement
@@ -86,6 +92,7 @@ class Follower:
                 # then (with 1000 packages, computing it is most of an idle worker's CPU).
                 fresh = self.cluster.serving is None or beats % SERVING_REFRESH_BEATS == 0
                 await self.cluster.heartbeat(self.engine.serving() if fresh else None)
+                await self.report_canaries()
                 beats += 1
                 if beats % 60 == 1:  # about once a minute: what is older than an hour goes
                     live = await self.cluster.live()
@@ -178,6 +185,8 @@ class Follower:
         for name, wanted in desired.items():
             if self.engine.is_busy(name):
                 settled = False  # an operation of this worker: the next round looks again
+                if wanted.canary is not None and self.on_canary is not None:
+                    self.on_canary(name, wanted.canary)  # a command for the canary run here?
             elif not self._serves(name, wanted) or name in latest:
                 to_converge.append(name)
         if to_converge:  # (the idle look, once a second, allocates nothing here)
@@ -211,7 +220,23 @@ class Follower:
     def _serves(self, name: str, wanted: Desired) -> bool:
         package = self.engine.get(name)
         active = package.active if package is not None else None
-        return active is not None and (active.version, active.sha256) == (wanted.version, wanted.sha256)
+        if active is None or (active.version, active.sha256) != (wanted.version, wanted.sha256):
+            return False
+        assert package is not None
+        return self._splits(package, wanted)
+
+    def _splits(self, package: Package, wanted: Desired) -> bool:
+        """Whether the package's canary (or its absence) and weight are the desired ones."""
+        mount = package.mount
+        split = mount.split if mount is not None else None
+        canary = wanted.canary
+        if canary is None or split is None:
+            return canary is None and split is None
+        return (split.canary.version, split.canary.sha256, split.weight) == (
+            canary["version"],
+            canary["sha256"],
+            canary["weight"],
+        )
 
     async def _run_all(self, work: dict[str, Callable[[], Awaitable[bool]]], order: RestoreOrder) -> bool:
         """Run the packages' convergence, several at once (the restore of many packages), each
@@ -283,7 +308,7 @@ class Follower:
 
     async def _prepare_for(self, operation: Operation) -> None:
         """Prepare another worker's change here, and vote."""
-        if operation.kind is not OperationKind.ACTIVATE:
+        if operation.kind not in (OperationKind.ACTIVATE, OperationKind.CANARY):
             await self.vote(operation, Vote.PREPARED)
             return
         if self.engine.is_busy(operation.package):
@@ -295,6 +320,10 @@ class Follower:
             warm = package.loaded_version(operation.version) if package is not None else None
             if package is not None and warm is not None and warm.sha256 == operation.sha256:
                 if warm is package.active:
+                    await self.vote(operation, Vote.PREPARED)
+                    return
+                if warm is self.engine.canary(package):  # a canary's promotion: warm already
+                    self._prepared[operation.id] = (package, warm)
                     await self.vote(operation, Vote.PREPARED)
                     return
                 if self.engine.hold(warm):  # draining: now it cannot be unloaded under us
@@ -331,6 +360,13 @@ class Follower:
         package = engine.get(name)
         active = package.active if package is not None else None
         if active is not None and (active.version, active.sha256) == (wanted.version, wanted.sha256):
+            assert package is not None
+            if not self._splits(package, wanted):
+                if engine.is_busy(name):
+                    return False
+                with engine.claim(name):
+                    if not await self._converge_canary(package, wanted):
+                        return False
             if operation is not None:
                 await self.vote(operation, Vote.SWITCHED, serving=engine.serving())
                 await self._check_after_activate(operation, active, None)
@@ -352,7 +388,11 @@ class Follower:
                 package, target = prepared
             elif package is not None:
                 warm = package.loaded_version(wanted.version)
-                if warm is not None and warm.sha256 == wanted.sha256 and engine.hold(warm):
+                if (
+                    warm is not None
+                    and warm.sha256 == wanted.sha256
+                    and (warm is engine.canary(package) or engine.hold(warm))  # promoted, or held
+                ):
                     target = warm
             if target is None:
                 target, package = await engine.restore(name, wanted, package, order.before_load)
@@ -367,12 +407,65 @@ class Follower:
             engine.confirm(package, wanted.version, wanted.sha256, wanted.lineage)
             if active is not None and active is not target:
                 engine.retire(package, active, None, delay=self.bake_time)
+            if not self._splits(package, wanted) and not await self._converge_canary(package, wanted):
+                return False
             if operation is not None:
                 # Heartbeat first: once the vote is in, the workers map must show the new version.
                 await self.vote(operation, Vote.SWITCHED, serving=engine.serving())
         if operation is not None:  # outside the claim: a switch back may need the package
             await self._check_after_activate(operation, target, active)
         return True
+
+    async def _converge_canary(self, package: Package, wanted: Desired) -> bool:
+        """Under the claim, the active version right: split the requests as the store's canary
+        says (start it, from what was prepared for its operation or its archive; set its
+        weight; or end it). False if its version could not be loaded here."""
+        engine = self.engine
+        canary = wanted.canary
+        current = engine.canary(package)
+        if current is not None and (
+            canary is None or (current.version, current.sha256) != (canary["version"], canary["sha256"])
+        ):
+            engine.end_canary(package, None)  # aborted (or another canary): it drains and goes
+            current = None
+        if canary is None:
+            return True
+        if current is not None:
+            engine.set_canary_weight(package, int(canary["weight"]))
+            return True
+        prepared = self._prepared.pop(canary["operation"], None)
+        version = prepared[1] if prepared is not None and prepared[0] is package else None
+        if prepared is not None and version is None:
+            await self._let_go(*prepared)
+        if version is None or version.state is not VersionState.READY:
+            try:
+                unpacked = await engine.unpack_stored(package.name, canary["version"], canary["sha256"])
+                version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
+                try:
+                    await engine.prepare(None, package, version)
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await engine.discard(package, version)
+                    raise
+            except Exception:
+                logger.exception("%s: cannot load its canary %s here", package.name, canary["version"])
+                return False
+        plan_key = str(canary.get("plan", {}).get("key", "cookie"))
+        engine.start_canary(package, version, int(canary["weight"]), plan_key, canary["operation"])
+        return True
+
+    async def report_canaries(self) -> None:
+        """This worker's figures of each canary's two versions, in its vote on the canary's
+        operation: what the canary's coordinator analyses (with every other worker's)."""
+        for package in self.engine.packages():
+            mount = package.mount
+            split = mount.split if mount is not None else None
+            active = package.active
+            if split is None or active is None:
+                continue
+            report = json.dumps(figures_report(active, split.canary), separators=(",", ":"))
+            with contextlib.suppress(Exception):  # a lost report only makes the analysis wait
+                await self.cluster.vote(split.operation, Vote.SWITCHED, report)
 
     async def _check_after_activate(
         self, operation: Operation, version: PackageVersion, previous: PackageVersion | None

@@ -2,7 +2,8 @@
 
 Checks (`hotdeploy_validate`, `hotdeploy_check_before_activate`, `hotdeploy_check_after_activate`)
 pass when an implementation returns None or True, and veto the version when it returns False or
-a message string, or raises. Notifications (`hotdeploy_activated`, `hotdeploy_rolled_back`,
+a message string, or raises. `hotdeploy_analyze_canary` passes, abstains or fails a canary step (_canary_analysis).
+Notifications (`hotdeploy_activated`, `hotdeploy_rolled_back`,
 `hotdeploy_drained`, `hotdeploy_failed`) cannot veto; an exception there is logged.
 Any implementation may be a plain function or a coroutine function, but for `hotdeploy_unloaded`
 (an unload cleaner, see _cleaners): it runs synchronously, inside the unload.
@@ -30,6 +31,7 @@ from ._loader import describe, is_cancellation
 from ._manifest import Manifest
 
 if TYPE_CHECKING:
+    from ._canary_plan import CanaryStep
     from ._cleaners import Cleaner, Unloaded
     from ._deployment import Deployment
     from ._version import PackageVersion
@@ -88,6 +90,12 @@ class HookSpecs:
         """A deployment failed; whatever served before still serves."""
 
     @hookspec
+    def hotdeploy_analyze_canary(self, package: str, stable: Any, canary: Any, step: CanaryStep) -> Any:
+        """Judge a canary step on both versions' figures in it, over every worker (each a
+        `_canary_analysis.SideFigures`: requests, errors, error_rate, quantile(q)): True or "pass" to pass, None to abstain (the step
+        waits), False, "fail" or a message to fail it (the canary is aborted), or raise."""
+
+    @hookspec
     def hotdeploy_unloaded(self, unloaded: Unloaded) -> None:
         """An unload cleaner: release what your libraries keep of a version that was just
         unloaded (entries of caches and registries keyed on its classes and functions), or it
@@ -105,8 +113,12 @@ def make_plugin_manager(plugins: Iterable[object] = (), *, entry_points: bool = 
     return pm
 
 
-def _plugin_label(pm: pluggy.PluginManager, impl: pluggy.HookImpl) -> str:
-    name = pm.get_name(impl.plugin) or getattr(impl.plugin, "__name__", None)
+def plugin_label(pm: pluggy.PluginManager, impl: pluggy.HookImpl) -> str:
+    """Its registered name, unless that is the `id()` pluggy names an unnamed object by: then
+    its module's or its class's name."""
+    name = pm.get_name(impl.plugin)
+    if name is None or name == str(id(impl.plugin)):
+        name = getattr(impl.plugin, "__name__", None)
     return str(name or type(impl.plugin).__name__)
 
 
@@ -130,7 +142,7 @@ async def run_checks(
         caller = getattr(pm.hook, hook_name)
         # Last registered first, like pluggy's own call order.
         for impl in reversed(caller.get_hookimpls()):
-            label = f"{_plugin_label(pm, impl)}.{hook_name}"
+            label = f"{plugin_label(pm, impl)}.{hook_name}"
             args = {name: kwargs[name] for name in impl.argnames}
             try:
                 with anyio.fail_after(timeout):
@@ -177,7 +189,7 @@ async def notify(hook_name: str, managers: Sequence[pluggy.PluginManager], kwarg
                 if is_cancellation(exc):
                     raise
                 logger.error(
-                    "%s.%s raised %s", _plugin_label(pm, impl), hook_name, describe(exc), exc_info=exc
+                    "%s.%s raised %s", plugin_label(pm, impl), hook_name, describe(exc), exc_info=exc
                 )
 
 
@@ -186,7 +198,7 @@ def unload_cleaners(pm: pluggy.PluginManager) -> list[tuple[str, Cleaner]]:
     hook_name = "hotdeploy_unloaded"
     caller = getattr(pm.hook, hook_name)
     return [
-        (f"{_plugin_label(pm, impl)}.{hook_name}", _sync_cleaner(impl))
+        (f"{plugin_label(pm, impl)}.{hook_name}", _sync_cleaner(impl))
         for impl in reversed(caller.get_hookimpls())
     ]
 

@@ -13,11 +13,12 @@ from typing import Any, Literal
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from ._errors import ManifestError
+from ._canary_plan import CanaryPlan, plan_from_table
+from ._errors import CanaryError, ManifestError
 
 MANIFEST_NAME = "hotdeploy.toml"
 
-Strategy = Literal["drain", "block"]
+Strategy = Literal["drain", "block", "canary"]
 
 # All patterns are used with fullmatch(): `$` alone would accept a trailing newline.
 _DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
@@ -38,6 +39,7 @@ _KNOWN = frozenset(
         "load_timeout",
         "hooks",
         "shadow_host_routes",
+        "canary",
     )
 )
 
@@ -58,6 +60,7 @@ class Manifest:
     load_timeout: float | None = None  # None: the server's default
     hooks: str | None = None
     shadow_host_routes: bool = False  # the mount may cover routes of the host app on purpose
+    canary: CanaryPlan | None = None  # the `[canary]` table: the plan of a canary deploy
 
     @property
     def app_module(self) -> str:
@@ -89,6 +92,7 @@ class Manifest:
             "load_timeout": self.load_timeout,
             "hooks": self.hooks,
             "shadow_host_routes": self.shadow_host_routes,
+            "canary": self.canary.to_dict() if self.canary is not None else None,
         }
 
 
@@ -156,8 +160,24 @@ def validate_manifest(raw: dict[str, Any]) -> Manifest:
     requires = _requires(raw.get("requires", {}), name)
 
     strategy = raw.get("strategy", "drain")
-    if strategy not in ("drain", "block"):
-        raise ManifestError(f"{strategy!r} must be 'drain' or 'block'", key="strategy", package=name)
+    if strategy not in ("drain", "block", "canary"):
+        raise ManifestError(
+            f"{strategy!r} must be 'drain', 'block' or 'canary'", key="strategy", package=name
+        )
+    canary = None
+    if "canary" in raw or strategy == "canary":
+        if strategy == "block":
+            raise ManifestError(
+                "a [canary] table and strategy = 'block' exclude each other: a canary serves both "
+                "versions at once, 'block' holds requests until one switch",
+                key="canary",
+                package=name,
+            )
+        try:
+            canary = plan_from_table(raw.get("canary", {}), package=name)
+        except CanaryError as exc:
+            key, _, message = exc.message.partition(": ")
+            raise ManifestError(message, key=key, package=name) from None
 
     drain_timeout = _seconds(raw, "drain_timeout", 30.0, name)
     startup_timeout = _seconds(raw, "startup_timeout", 30.0, name)
@@ -187,6 +207,7 @@ def validate_manifest(raw: dict[str, Any]) -> Manifest:
         load_timeout=load_timeout,
         hooks=hooks,
         shadow_host_routes=shadow_host_routes,
+        canary=canary,
     )
 
 

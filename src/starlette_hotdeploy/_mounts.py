@@ -11,6 +11,7 @@ from ._version import VersionState
 if TYPE_CHECKING:
     import anyio
 
+    from ._split import Split
     from ._version import PackageVersion
 
 
@@ -21,17 +22,21 @@ class Mount:
     version that is not `active` with a loaded app: the request path never meets an unloaded one.
     While `gate` is set (the `block` strategy), new requests wait on it before reading `active`.
 
+    While a canary runs, `split` (see _split) picks between the active version and the canary
+    for each request; without one (nearly always) the request path reads `active` only.
+
     A reserved prefix (the admin API) is a Mount too, `reserved` and without a version: the
     dispatch finds it in the same lookup as the packages, at no extra cost to their requests.
     """
 
-    __slots__ = ("active", "gate", "package", "prefix", "reserved")
+    __slots__ = ("active", "gate", "package", "prefix", "reserved", "split")
 
     def __init__(self, prefix: str, package: str, active: PackageVersion) -> None:
         self.prefix = prefix
         self.package = package
         self.active: PackageVersion | None = None
         self.gate: anyio.Event | None = None
+        self.split: Split | None = None
         self.reserved = False
         self.point(active)
 
@@ -39,7 +44,7 @@ class Mount:
     def reservation(cls, prefix: str, owner: str) -> Mount:
         """A prefix that something other than a package serves (`package` names the owner)."""
         mount = cls.__new__(cls)
-        mount.prefix, mount.package, mount.active, mount.gate = prefix, owner, None, None
+        mount.prefix, mount.package, mount.active, mount.gate, mount.split = prefix, owner, None, None, None
         mount.reserved = True
         return mount
 

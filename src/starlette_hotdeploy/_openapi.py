@@ -88,6 +88,12 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                         "error": {"type": ["string", "null"]},
                         "error_step": {"type": ["string", "null"]},
                         "steps": {"type": "array", "items": {"$ref": "#/components/schemas/Step"}},
+                        "canary": {
+                            "type": ["object", "null"],
+                            "description": "a canary deploy: its plan, key, thresholds, current state, "
+                            "and the analyses that decided its steps (verdict, reason, both versions' "
+                            "figures over every worker)",
+                        },
                         "workers": {
                             "type": "object",
                             "description": "each worker's votes, as its coordinator saw them, in ms after started_at",
@@ -136,6 +142,7 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                             "description": "active packages whose active version requires this one",
                             "items": {"type": "string"},
                         },
+                        "canary": {"oneOf": [{"$ref": "#/components/schemas/Canary"}, {"type": "null"}]},
                     },
                 },
                 "PackageList": {
@@ -198,6 +205,23 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                         },
                     },
                 },
+                "Canary": {
+                    "type": "object",
+                    "description": "A running canary: its version, the share of new users it gets, "
+                    "its step, and (in a package's status) the last analysis",
+                    "properties": {
+                        "version": {"type": "string"},
+                        "weight_percent": {"type": "number"},
+                        "step": {"type": "integer"},
+                        "steps": {"type": "string"},
+                        "current_step": {"type": "string"},
+                        "key": {"type": "string"},
+                        "deployment": {"type": "string"},
+                        "coordinator": {"type": "string"},
+                        "requested": {"type": "string", "enum": ["promote", "promote_all", "abort"]},
+                        "analysis": {"type": ["object", "null"]},
+                    },
+                },
                 "DeploymentList": {
                     "type": "object",
                     "properties": {
@@ -236,6 +260,15 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                             "schema": {"type": "boolean", "default": False},
                         },
                         {
+                            "name": "canary",
+                            "in": "query",
+                            "description": "a canary deploy: true (the manifest's [canary] steps), or "
+                            "steps such as `5%:30s,25%:1m,100%`; false: a plain switch even if the "
+                            "manifest's strategy is canary. Answers 202 once the canary takes its first "
+                            "share everywhere; the record's outcome comes with its promotion or abort",
+                            "schema": {"type": "string"},
+                        },
+                        {
                             "name": "Hotdeploy-Signature",
                             "in": "header",
                             "description": "base64 of the archive's `.sig` file (ssh-keygen -Y sign "
@@ -261,7 +294,9 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                     },
                     "responses": {
                         "201": _json("Deployment", "The new version is active"),
-                        "202": _json("Deployment", "Accepted (wait=false): poll the Location"),
+                        "202": _json(
+                            "Deployment", "Accepted (wait=false), or a canary that runs: poll the Location"
+                        ),
                         **_problems(400, 401, 403, 409, 413, 415, 422, 503),
                     },
                 },
@@ -309,6 +344,29 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                     "responses": {
                         "200": _json("Deployment", "The version is active"),
                         **_problems(400, 401, 403, 404, 409, 422),
+                    },
+                },
+            },
+            f"{prefix}/packages/{{name}}/canary/promote": {
+                "parameters": [name],
+                "post": {
+                    "summary": "Move the running canary to its next step now (all the way with all=true)",
+                    "parameters": [
+                        {"name": "all", "in": "query", "schema": {"type": "boolean", "default": False}}
+                    ],
+                    "responses": {
+                        "202": _json("Canary", "Asked for: the canary's run carries it out at once"),
+                        **_problems(400, 401, 403, 404, 409),
+                    },
+                },
+            },
+            f"{prefix}/packages/{{name}}/canary/abort": {
+                "parameters": [name],
+                "post": {
+                    "summary": "Stop the running canary: the active version serves everyone",
+                    "responses": {
+                        "202": _json("Canary", "Asked for: the canary drains and is unloaded"),
+                        **_problems(400, 401, 403, 404, 409),
                     },
                 },
             },

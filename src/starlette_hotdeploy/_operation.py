@@ -56,6 +56,12 @@ _PROGRESS = {Vote.PREPARED: 0, Vote.SWITCHED: 1, Vote.CHECKED: 2}
 class OperationKind(enum.StrEnum):
     ACTIVATE = "activate"  # make (version, sha256) the active version
     REMOVE = "remove"  # unmount the package and forget it
+    # load (version, sha256) beside the active one and give it a share of the requests; open
+    # (COMMIT) until the canary is promoted (an ACTIVATE of its own) or aborted
+    CANARY = "canary"
+
+
+CANARY_SUFFIX = "-canary"  # a CANARY operation's id: its deployment record's id, and this
 
 
 @dataclass(frozen=True, slots=True)

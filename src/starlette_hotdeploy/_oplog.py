@@ -21,6 +21,7 @@ logger = logging.getLogger("starlette_hotdeploy.deployments")
 _LEVEL = {
     Outcome.SUCCEEDED: logging.INFO,
     Outcome.ROLLED_BACK: logging.WARNING,
+    Outcome.ABORTED: logging.WARNING,
     Outcome.FAILED: logging.ERROR,
 }
 

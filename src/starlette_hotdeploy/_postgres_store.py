@@ -92,6 +92,8 @@ _MIGRATIONS: list[list[str]] = [
         # data_version: bumped by every write, read by a poll (a sequence: no row to contend on).
         "CREATE SEQUENCE changes",
     ],
+    # A package's canary (JSON: version, weight, step, plan), beside its desired version.
+    ["ALTER TABLE desired ADD COLUMN canary TEXT"],
 ]
 
 

@@ -9,6 +9,8 @@ from starlette.responses import JSONResponse
 from ._detail import shorten
 from ._errors import (
     ArchiveError,
+    CanaryError,
+    CanaryRefused,
     CheckFailed,
     DeploymentError,
     DeploymentInProgress,
@@ -34,6 +36,8 @@ PROBLEM_TYPE = "application/problem+json"
 _STATUS: list[tuple[type[HotDeployError], int, str]] = [
     (ManifestError, 400, "invalid manifest"),
     (ArchiveError, 400, "invalid archive"),
+    (CanaryError, 400, "invalid canary plan"),
+    (CanaryRefused, 409, "canary refused"),
     (SignatureError, 403, "signature refused"),
     (VersionConflict, 409, "version conflict"),
     (DeploymentInProgress, 409, "deployment in progress"),

@@ -17,8 +17,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
-from ._errors import IllegalTransition
-from ._operation import PHASE_TRANSITIONS, Operation, OperationKind, Phase, Vote
+from ._errors import IllegalTransition, StoreError
+from ._operation import CANARY_SUFFIX, PHASE_TRANSITIONS, Operation, OperationKind, Phase, Vote
 from ._store import STALE_UPLOAD_AFTER, Desired, StoredArchive, Worker, finish_orphaned
 
 _ACTIVE_PHASES = tuple(phase.value for phase in Phase if phase.active)
@@ -190,9 +190,18 @@ class SQLStore:
     # -- desired state ----------------------------------------------------------------------
 
     def desired(self) -> dict[str, Desired]:
-        rows = self._query("SELECT name, version, sha256, lineage, generation FROM desired ORDER BY name")
+        rows = self._query(
+            "SELECT name, version, sha256, lineage, generation, canary FROM desired ORDER BY name"
+        )
         return {
-            row[0]: Desired(row[0], row[1], row[2], [(v, s) for v, s in json.loads(row[3])], row[4])
+            row[0]: Desired(
+                row[0],
+                row[1],
+                row[2],
+                [(v, s) for v, s in json.loads(row[3])],
+                row[4],
+                json.loads(row[5]) if row[5] else None,
+            )
             for row in rows
         }
 
@@ -205,6 +214,17 @@ class SQLStore:
             generation = self._bump(db)
             self._write_desired(db, name, version, sha256, lineage, generation)
             self._mark_activated(db, name, version, sha256)
+        return generation
+
+    def set_canary(self, name: str, canary: dict[str, Any] | None) -> int:
+        with self._transaction(durable=True) as db:
+            if db.execute("SELECT 1 FROM desired WHERE name = ?", (name,)).fetchone() is None:
+                raise StoreError(f"{name} has no desired version: a canary needs one beside it", package=name)
+            generation = self._bump(db)
+            db.execute(
+                "UPDATE desired SET canary = ?, generation = ?, updated_at = ? WHERE name = ?",
+                (json.dumps(canary) if canary is not None else None, generation, time.time(), name),
+            )
         return generation
 
     def remove_desired(self, name: str) -> int:
@@ -229,11 +249,12 @@ class SQLStore:
         lineage: list[tuple[str, str]],
         generation: int,
     ) -> None:
+        # A new active version ends any canary (promoted, or replaced): `canary` back to NULL.
         db.execute(
-            "INSERT INTO desired (name, version, sha256, lineage, generation, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET version = excluded.version, "
+            "INSERT INTO desired (name, version, sha256, lineage, generation, updated_at, canary) "
+            "VALUES (?, ?, ?, ?, ?, ?, NULL) ON CONFLICT (name) DO UPDATE SET version = excluded.version, "
             "sha256 = excluded.sha256, lineage = excluded.lineage, generation = excluded.generation, "
-            "updated_at = excluded.updated_at",
+            "updated_at = excluded.updated_at, canary = NULL",
             (name, version, sha256, json.dumps(lineage), generation, time.time()),
         )
 
@@ -399,7 +420,22 @@ class SQLStore:
             return
         committed = operation.phase is Phase.COMMIT
         self._move(db, operation, Phase.DONE if committed else Phase.ABORT)
-        self._finish_record(db, operation.id, operation.coordinator, committed=committed)
+        record_id = operation.id
+        if operation.kind is OperationKind.CANARY:
+            # Nobody drives its canary any more: it ends, and the active version alone serves.
+            self._end_canary_of(db, operation)
+            committed = False
+            record_id = operation.id.removesuffix(CANARY_SUFFIX)
+        self._finish_record(db, record_id, operation.coordinator, committed=committed)
+
+    def _end_canary_of(self, db: Db, operation: Operation) -> None:
+        row = db.execute("SELECT canary FROM desired WHERE name = ?", (operation.package,)).fetchone()
+        if row is not None and row[0] and json.loads(row[0]).get("operation") == operation.id:
+            generation = self._bump(db)
+            db.execute(
+                "UPDATE desired SET canary = NULL, generation = ?, updated_at = ? WHERE name = ?",
+                (generation, time.time(), operation.package),
+            )
 
     def operations(self, since: float = 0.0) -> list[Operation]:
         rows = self._query(
@@ -455,7 +491,7 @@ class SQLStore:
             )
         db.execute("UPDATE operations SET phase = ? WHERE id = ?", (phase.value, operation.id))
 
-    def commit(self, operation: Operation) -> int:
+    def commit(self, operation: Operation, canary: dict[str, Any] | None = None) -> int:
         """The stored operation's change is what is committed: what every worker prepared."""
         with self._transaction(durable=True) as db:
             stored = self._operationsql_in(db, operation.id)
@@ -465,9 +501,22 @@ class SQLStore:
                     f"operation {operation.id} {found}: only one in phase {Phase.PREPARE} can be committed",
                     package=operation.package,
                 )
+            if stored.kind is OperationKind.CANARY and (
+                canary is None
+                or db.execute("SELECT 1 FROM desired WHERE name = ?", (stored.package,)).fetchone() is None
+            ):
+                raise StoreError(
+                    f"operation {operation.id}: a canary is committed with its state, beside a desired version",
+                    package=operation.package,
+                )
             generation = self._bump(db)
             if stored.kind is OperationKind.REMOVE:
                 db.execute("DELETE FROM desired WHERE name = ?", (stored.package,))
+            elif stored.kind is OperationKind.CANARY:
+                db.execute(
+                    "UPDATE desired SET canary = ?, generation = ?, updated_at = ? WHERE name = ?",
+                    (json.dumps(canary), generation, time.time(), stored.package),
+                )
             else:
                 self._write_desired(
                     db, stored.package, stored.version, stored.sha256, stored.lineage, generation

@@ -107,10 +107,16 @@ def _add_archive_activated_at(db: sqlite3.Connection) -> None:
         )
 
 
+def _add_desired_canary(db: sqlite3.Connection) -> None:
+    """4: a package's canary (JSON: version, weight, step, plan), beside its desired version."""
+    db.execute("ALTER TABLE desired ADD COLUMN canary TEXT")
+
+
 _MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _create_tables,
     _add_history_worker_and_finished_at,
     _add_archive_activated_at,
+    _add_desired_canary,
 ]
 
 

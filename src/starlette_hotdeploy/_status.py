@@ -57,10 +57,16 @@ class PackageStatus:
     workers: Mapping[str, str | None]  # worker id -> the version it serves
     requires: Mapping[str, str] = field(default_factory=dict)  # package -> PEP 440 specifier
     required_by: tuple[str, ...] = ()  # active packages whose active version requires it
+    # A running canary: version, weight_percent, step of steps, key, the last analysis...
+    canary: Mapping[str, Any] | None = None
 
     @classmethod
     def of(
-        cls, package: Package, workers: Mapping[str, str | None], required_by: tuple[str, ...] = ()
+        cls,
+        package: Package,
+        workers: Mapping[str, str | None],
+        required_by: tuple[str, ...] = (),
+        canary: Mapping[str, Any] | None = None,
     ) -> PackageStatus:
         active = package.active
         requires = active.manifest.requires if active is not None else {}
@@ -74,6 +80,7 @@ class PackageStatus:
             workers=dict(workers),
             requires={other: str(spec) for other, spec in sorted(requires.items())},
             required_by=required_by,
+            canary=canary,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,4 +96,5 @@ class PackageStatus:
             "workers": dict(self.workers),
             "requires": dict(self.requires),
             "required_by": list(self.required_by),
+            "canary": dict(self.canary) if self.canary is not None else None,
         }

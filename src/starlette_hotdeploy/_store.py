@@ -63,6 +63,8 @@ class Desired:
     sha256: str
     lineage: list[tuple[str, str]]  # (version, sha256) in activation order, the active one last
     generation: int
+    # The canary running beside it (see _canary_state): version, sha256, weight, step, plan...
+    canary: dict[str, Any] | None = None
 
 
 class Store(Protocol):
@@ -121,6 +123,11 @@ class Store(Protocol):
         """Confirm `version` as the active one, durably, and mark its archive activated (now), in
         one transaction; returns the new generation."""
 
+    def set_canary(self, name: str, canary: dict[str, Any] | None) -> int:
+        """Set (None: end) the package's canary beside its desired version, durably; returns the
+        new generation. StoreError if the package has no desired version. Activating a version
+        (set_desired, an ACTIVATE commit) ends the canary too."""
+
     def remove_desired(self, name: str) -> int:
         """Forget the package's desired version, durably; returns the new generation."""
 
@@ -158,7 +165,8 @@ class Store(Protocol):
         """Record it, or return the package's operation led by a live worker (a dead one's: abandoned)."""
 
     def abandon(self, operation: Operation) -> None:
-        """End a dead coordinator's operation: ABORT before its commit, DONE after; finish its record."""
+        """End a dead coordinator's operation: ABORT before its commit, DONE after; finish its
+        record. A CANARY's canary ends with it (nobody drives it any more)."""
 
     def operations(self, since: float = 0.0) -> list[Operation]:
         """Every operation created at or after `since`, oldest first."""
@@ -178,9 +186,10 @@ class Store(Protocol):
     def set_phase(self, op_id: str, phase: Phase) -> None:
         """Move an operation to `phase` (IllegalTransition unless PHASE_TRANSITIONS allows; same: no-op)."""
 
-    def commit(self, operation: Operation) -> int:
+    def commit(self, operation: Operation, canary: dict[str, Any] | None = None) -> int:
         """PREPARE -> COMMIT and the new desired state in one durable transaction (an ACTIVATE also
-        marks its archive activated, now); returns the generation."""
+        marks its archive activated, now; a CANARY sets `canary` beside the desired version);
+        returns the generation."""
 
     def prune_operations(self, older_than: float) -> None:
         """Delete finished (DONE, ABORT) operations older than `older_than` seconds, with their votes."""

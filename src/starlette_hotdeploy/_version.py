@@ -37,7 +37,7 @@ class VersionState(enum.StrEnum):
 
     STAGED = "staged"  # unpacked, manifest valid, nothing imported
     STARTING = "starting"  # imported, lifespan startup running
-    READY = "ready"  # started and checked, receives no traffic
+    READY = "ready"  # started and checked; receives no traffic, or a canary's share (Mount.split)
     ACTIVE = "active"  # the mount points at it
     DRAINING = "draining"  # replaced; finishing what it had; may still be switched back to
     STOPPING = "stopping"  # its retirement decided: lifespan shutdown and unload; never back
