@@ -3,10 +3,12 @@ API, and refuses a broken release without a hiccup.
 
     python3 tasks.py demo            # or: python -m example_app [--port 8000] [--seconds 2]
 
-It starts uvicorn on 127.0.0.1 with the example host app, deploys greeter 1.0 and inventory 1.0
-through the admin API, keeps clients busy (plain requests, a slow streaming response, a
-websocket), hot-upgrades greeter to 2.0, then sends the broken greeter 2.1, and prints a compact
-live report. The exit status is 0 only if no request failed and the broken release was refused.
+It starts uvicorn on 127.0.0.1 with the example host app, deploys greeter 1.0, inventory 1.0 and
+orders 1.0 (which imports inventory's code) through the admin API, keeps clients busy (plain
+requests, a slow streaming response, a websocket), hot-upgrades greeter to 2.0, upgrades
+inventory to 1.1 (orders moves with it, in the same switch), then sends the broken greeter 2.1,
+and prints a compact live report. The exit status is 0 only if no request failed, orders moved
+with inventory and the broken release was refused.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ async def plain_requests(client: httpx.AsyncClient, traffic: Traffic, stop: anyi
     for n in range(100_000):  # bounded; the demo stops it much earlier
         if stop.is_set():
             return
-        path = "/inventory/" if n % 4 == 0 else "/greeter/"
+        path = "/inventory/" if n % 4 == 0 else "/orders/" if n % 4 == 1 else "/greeter/"
         try:
             response = await client.get(path, params={"name": "demo"})
             response.raise_for_status()
@@ -138,7 +140,7 @@ def listening_socket(port: int) -> socket.socket:
 
 async def demo(port: int, phase_seconds: float) -> int:
     token = secrets.token_urlsafe(16)
-    refused = False
+    refused = upgraded = False
     traffic = Traffic()
     with tempfile.TemporaryDirectory(prefix="hotdeploy-demo-") as home:
         deployer = Deployer(home=Path(home), entry_points=False)
@@ -160,7 +162,8 @@ async def demo(port: int, phase_seconds: float) -> int:
                 httpx.AsyncClient(base_url=base_url, headers={"authorization": f"Bearer {token}"}) as admin,
                 httpx.AsyncClient(base_url=base_url, limits=limits) as client,
             ):
-                for package in ("greeter-1.0", "inventory-1.0"):
+                # orders imports inventory's code: it is deployed after it (it requires it).
+                for package in ("greeter-1.0", "inventory-1.0", "orders-1.0"):
                     status, record = await deploy(admin, package)
                     print(
                         f"POST {ADMIN}/packages {package}: {status} in {record.get('duration_ms')} ms",
@@ -181,7 +184,7 @@ async def demo(port: int, phase_seconds: float) -> int:
                             await anyio.sleep(interval)
                             await report(admin, started, traffic, before, interval)
 
-                    print("traffic on greeter 1.0 and inventory 1.0 ...", flush=True)
+                    print("traffic on greeter 1.0, inventory 1.0 and orders 1.0 ...", flush=True)
                     await watch(phase_seconds)
                     print(f"hot upgrade: POST {ADMIN}/packages greeter-2.0 ...", flush=True)
                     status, record = await deploy(admin, "greeter-2.0")
@@ -192,6 +195,16 @@ async def demo(port: int, phase_seconds: float) -> int:
                     )
                     print(f"  {status}: switched to {record.get('to_version')} ({steps})", flush=True)
                     await watch(phase_seconds)
+                    print(f"upgrade a requirement: POST {ADMIN}/packages inventory-1.1 ...", flush=True)
+                    status, record = await deploy(admin, "inventory-1.1")
+                    moved = ", ".join(record.get("moved") or []) or "nothing"
+                    print(
+                        f"  {status}: switched to {record.get('to_version')}, moved with it: {moved}",
+                        flush=True,
+                    )
+                    skus = (await client.get("/orders/")).json()["skus"]
+                    print(f"  orders now imports inventory 1.1's code: skus {skus}", flush=True)
+                    upgraded = status == 201 and record.get("moved") == ["orders 1.0"] and "damson" in skus
                     print(f"broken release: POST {ADMIN}/packages greeter-2.1-broken ...", flush=True)
                     status, problem = await deploy(admin, "greeter-2.1-broken")
                     refused = status == 422
@@ -203,12 +216,13 @@ async def demo(port: int, phase_seconds: float) -> int:
     print(
         f"done: {traffic.ok} requests, {traffic.streams} streams, {traffic.websocket_messages} websocket "
         f"messages, {traffic.errors} errors; greeter answered by {dict(traffic.versions)}; "
+        f"orders {'moved' if upgraded else 'did NOT move'} with inventory; "
         f"broken release {'refused' if refused else 'NOT refused'}",
         flush=True,
     )
     for error in traffic.last_errors:
         print(f"  error: {error}", flush=True)
-    return 0 if traffic.errors == 0 and refused else 1
+    return 0 if traffic.errors == 0 and refused and upgraded else 1
 
 
 def main() -> int:

@@ -49,9 +49,9 @@ PROBLEM = "application/problem+json"
 RECORD_KEYS = (
     "id operation package from_version to_version sha256 worker signer downgrade forced started_at decided_at"
     " finished_at duration_ms"
-    " outcome error error_step steps workers canary"
+    " outcome error error_step steps workers canary moved"
 )
-VERSION_KEYS = "version state in_flight sha256 served terminated loaded_at activated_at error"
+VERSION_KEYS = "version state in_flight sha256 served terminated loaded_at activated_at error bound_to"
 STEPS = DEPLOY_STEPS
 
 Upload = tuple[bytes, str]  # a request body and its content type

@@ -596,7 +596,16 @@ def test_status_shows_the_short_sha256_of_each_version() -> None:
 def test_graph_shows_each_packages_requirements_and_dependants() -> None:
     packages = [
         {"name": "inventory", "active_version": "1.3", "requires": {}, "required_by": ["orders", "reports"]},
-        {"name": "orders", "active_version": "2.0", "requires": {"inventory": ">=1.2"}, "required_by": []},
+        {
+            "name": "orders",
+            "active_version": "2.0",
+            "requires": {"inventory": ">=1.2"},
+            "required_by": [],
+            "versions": [
+                {"version": "1.9", "state": "draining", "bound_to": {"inventory": "1.2"}},
+                {"version": "2.0", "state": "active", "bound_to": {"inventory": "1.3"}},
+            ],
+        },
         {
             "name": "reports",
             "active_version": "0.9",
@@ -612,6 +621,7 @@ def test_graph_shows_each_packages_requirements_and_dependants() -> None:
         "  required by orders, reports",
         "orders 2.0",
         "  requires inventory >=1.2: active 1.3",
+        "  imports from inventory 1.3 (bound)",
         "reports 0.9",
         "  requires inventory >=2: UNMET, active 1.3",
         "  requires billing (any version): UNMET, not active",
@@ -623,6 +633,7 @@ def test_graph_shows_each_packages_requirements_and_dependants() -> None:
         "active_version": "2.0",
         "requires": {"inventory": ">=1.2"},
         "required_by": [],
+        "bound_to": {"inventory": "1.3"},
     }
 
 

@@ -246,10 +246,21 @@ def render_graph(packages: Sequence[dict[str, Any]]) -> list[str]:
             lines.append(
                 f"  requires {other} {spec or '(any version)'}: {_requirement_state(active.get(other), spec)}"
             )
+        bound = _bound_to(package)
+        if bound:
+            lines.append(f"  imports from {', '.join(f'{n} {v}' for n, v in bound.items())} (bound)")
         required_by = package.get("required_by") or []
         if required_by:
             lines.append(f"  required by {', '.join(required_by)}")
     return lines
+
+
+def _bound_to(package: dict[str, Any]) -> dict[str, str]:
+    """What the active version imports from: the versions of its requirements it is bound to."""
+    for version in package.get("versions") or []:
+        if version.get("state") == "active":
+            return dict(version.get("bound_to") or {})
+    return {}
 
 
 def _requirement_state(version: str | None, spec: str) -> str:
@@ -640,7 +651,14 @@ def graph(client: AdminClient, as_json: bool) -> None:
     packages = client.packages()
     if as_json:
         keys = ("name", "active_version", "requires", "required_by")
-        echo_json({"packages": [{key: package.get(key) for key in keys} for package in packages]})
+        echo_json(
+            {
+                "packages": [
+                    {**{key: package.get(key) for key in keys}, "bound_to": _bound_to(package)}
+                    for package in packages
+                ]
+            }
+        )
     else:
         click.echo("\n".join(render_graph(packages)))
 

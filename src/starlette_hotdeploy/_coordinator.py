@@ -30,7 +30,7 @@ from ._canary import CanaryRun, CanaryState, with_command
 from ._canary_plan import DEFAULT_STEPS, CanaryPlan, parse_steps
 from ._cluster import Cluster
 from ._deployment import Action, Deployment, Outcome
-from ._engine import Engine
+from ._engine import Engine, Move
 from ._errors import (
     ArchiveError,
     CanaryRefused,
@@ -150,6 +150,20 @@ class Coordinator:
                 except HotDeployError as exc:
                     await self._fail(record, exc)
                 if plan is not None:
+                    moving = [p.name for p in engine.dependents(manifest.name)]
+                    if moving:
+                        await self._fail(
+                            record,
+                            CanaryRefused(
+                                f"{', '.join(moving)} import {manifest.name} and move with it; a canary "
+                                f"of {manifest.name} would leave them bound to {current.version if current else '-'}"
+                                " (canaries of packages with dependents are not supported yet): deploy it "
+                                "without a canary",
+                                package=manifest.name,
+                                version=manifest.version,
+                                step="canary",
+                            ),
+                        )
                     return await self._install_canary(record, package, unpacked, plan)
                 return await self._install(record, package, unpacked)
         except DeploymentError:
@@ -414,9 +428,15 @@ class Coordinator:
         operation = self.cluster.new_operation(
             record.id, package.name, OperationKind.ACTIVATE, version.version, version.sha256, lineage
         )
-        with anyio.CancelScope(shield=True):  # a deployment runs to its outcome; every step is bounded
+        moves: list[Move] = []
+        # A deployment runs to its outcome (every step is bounded); the claims of the dependents
+        # that move with it are held as long.
+        with anyio.CancelScope(shield=True), ExitStack() as claims:
             try:
                 await self._check_requirements(record, manifest)
+                dependents = engine.dependents(package.name)
+                for dependent in dependents:
+                    claims.enter_context(self._claim(dependent.name, record))
                 await self._begin(operation, record)
             except BaseException:
                 if warm is not None:
@@ -428,6 +448,7 @@ class Coordinator:
                 else:
                     with record.step("prepare") as step:
                         step.detail = "warm: the version was still loaded"
+                moves = await engine.prepare_dependents(record, dependents, version)
                 await self._vote(operation, Vote.PREPARED)
                 with record.step("prepare workers") as step:
                     result = await self.cluster.await_votes(operation, Vote.PREPARED, _reporter(record))
@@ -443,16 +464,20 @@ class Coordinator:
                 with record.step("switch") as step:
                     if warm is not None:
                         step.detail = "warm: one assignment"
-                        engine.switch(package, version, current)
+                        engine.switch(package, version, current, moves)
                     elif manifest.strategy == "block" and current is not None:
                         step.detail = "block: new requests held while the previous version finished"
-                        await engine.switch_blocking(package, version, current)
+                        await engine.switch_blocking(package, version, current, moves)
                     else:
-                        engine.switch(package, version, current)
+                        engine.switch(package, version, current, moves)
+                    if moves:
+                        record.moved = [str(move) for move in moves]
+                        step.detail = f"{step.detail or 'one assignment'}; with {', '.join(record.moved)}"
             except BaseException as exc:
                 # Ended even if the store fails it (the store may be why this failed): what was
                 # prepared here must go, and the error that failed it is the answer.
                 await self.cluster.end(operation.id, Phase.ABORT)
+                await engine.discard_moves(moves)
                 if warm is None:
                     await engine.discard(package, version)
                 elif version.state is not VersionState.ACTIVE:
@@ -474,10 +499,11 @@ class Coordinator:
                 # generation moved and this worker's follower converges on it.)
                 with record.step("switch back") as step:
                     step.detail = f"back to {current.version}" if current is not None else "unmounted"
-                    engine.switch(package, current, version)
+                    engine.switch(package, current, version, [move.back() for move in moves])
                 engine.set_lineage(package, lineage_before)
                 with contextlib.suppress(IllegalTransition):  # abandoned already, or committed after all
                     await self.cluster.end(operation.id, Phase.ABORT)
+                await engine.discard_moves(moves)
                 await engine.discard(package, version)
                 if first_install:
                     engine.forget(package)
@@ -514,12 +540,15 @@ class Coordinator:
             except Exception as exc:
                 error = _as_error(exc, version)
                 await self._done(operation)
-                await self._switch_back(record, package, version, current, operation, first_install, error)
+                await self._switch_back(
+                    record, package, version, current, operation, first_install, error, moves
+                )
                 raise DeploymentError(record, error) from exc
             await self._done(operation)
             record.decide(Outcome.SUCCEEDED)
             await self.records.save(record)
             engine.runtime().start_soon(self._announce, version, current, record)
+            engine.retire_moves(moves)  # before the version they were bound to
             if current is not None and current is not version:
                 engine.retire(package, current, record)  # finishes the record once it is gone
             else:
@@ -651,12 +680,15 @@ class Coordinator:
         operation: Operation,
         first_install: bool,
         error: HotDeployError,
+        moves: list[Move],
     ) -> None:
-        """A post-activation check failed: the previous version again, everywhere."""
+        """A post-activation check failed: the previous version again, everywhere (and the
+        dependents that moved with it, back to their instances bound to it)."""
         engine = self.engine
         with record.step("switch back") as step:
             step.detail = f"back to {current.version}" if current is not None else "unmounted"
-            engine.switch(package, current, version)  # `current` was kept warm since the switch
+            # `current` (and the dependents' old instances) were kept warm since the switch.
+            engine.switch(package, current, version, [move.back() for move in moves])
         back = self.cluster.new_operation(
             f"{record.id}-back",
             package.name,
@@ -678,6 +710,7 @@ class Coordinator:
         else:
             await self._commit(back, record)
         engine.set_lineage(package, operation.lineage[:-1])
+        await engine.discard_moves(moves)
         await engine.discard(package, version)
         if first_install:
             engine.forget(package)

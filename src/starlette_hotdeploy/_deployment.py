@@ -93,6 +93,9 @@ class Deployment:
     workers: dict[str, dict[str, Any]] = field(default_factory=dict)
     # A canary deploy's plan, its current state and the analyses that decided its steps.
     canary: dict[str, Any] = field(default_factory=dict)
+    # The dependents that moved with the package in the same switch ("orders 1.0"): loaded
+    # again, bound to the new version of what they import.
+    moved: list[str] = field(default_factory=list)
     # Called with (record, step) when a step starts or ends, and with (record, None) when the
     # outcome is decided or the record finished: how progress reaches the event stream and store.
     on_change: Callable[[Deployment, Step | None], None] | None = field(
@@ -202,6 +205,7 @@ class Deployment:
             "steps": [s.to_dict() for s in self.steps],
             "workers": {worker: dict(entry) for worker, entry in self.workers.items()},
             "canary": dict(self.canary) or None,
+            "moved": list(self.moved),
         }
 
     @classmethod
@@ -228,4 +232,5 @@ class Deployment:
             steps=[Step.from_dict(s) for s in data.get("steps", [])],
             workers={worker: dict(entry) for worker, entry in (data.get("workers") or {}).items()},
             canary=dict(data.get("canary") or {}),
+            moved=list(data.get("moved") or []),
         )

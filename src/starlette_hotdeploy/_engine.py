@@ -35,6 +35,7 @@ from ._deployment import Deployment, Step
 from ._detail import Redactor
 from ._errors import (
     CheckFailed,
+    DependentFailed,
     DeploymentInProgress,
     HotDeployError,
     IllegalTransition,
@@ -91,6 +92,24 @@ class Retirement:
                 self.drain = record.begin_step(f"drain {self.version.version}")
             record.end_step(self.drain, detail=why)
             record.finish()
+
+
+@dataclass(frozen=True, eq=False)
+class Move:
+    """A dependent that moves with a version it imports: `new` is loaded from the same archive
+    as `old` (its active version), bound to the new version of what it requires, and both
+    switch in the same step as that version."""
+
+    package: Package
+    old: PackageVersion
+    new: PackageVersion
+
+    def back(self) -> Move:
+        """The same move, undone (a switch back)."""
+        return Move(self.package, self.new, self.old)
+
+    def __str__(self) -> str:
+        return f"{self.package.name} {self.new.version}"
 
 
 class Engine:
@@ -250,9 +269,16 @@ class Engine:
 
     # -- preparing a version ----------------------------------------------------------------
 
-    async def prepare(self, record: Deployment | None, package: Package, version: PackageVersion) -> None:
+    async def prepare(
+        self,
+        record: Deployment | None,
+        package: Package,
+        version: PackageVersion,
+        bound_to: dict[str, PackageVersion] | None = None,
+    ) -> None:
         """Load, start and check a version beside the current one (no traffic yet). On failure
-        the caller discards it."""
+        the caller discards it. `bound_to`: the versions of its requirements it imports from
+        (default: the active ones)."""
         manifest = version.manifest
         with maybe_step(record, "manifest"):
             if package.mount is not None and manifest.mount != package.prefix:
@@ -275,7 +301,7 @@ class Engine:
                 step="validate",
             )
         with maybe_step(record, "load"):
-            await self._load(package, version)
+            await self._load(package, version, bound_to)
         with maybe_step(record, "start"):
             await self._start(version)
         with maybe_step(record, "check"):
@@ -292,12 +318,29 @@ class Engine:
             )
         version.transition(VersionState.READY)
 
-    async def _load(self, package: Package, version: PackageVersion) -> None:
+    def bindings(self, manifest: Manifest) -> dict[str, PackageVersion]:
+        """What a version of `manifest` imports its requirements from: their active versions
+        (none if it opts out with `reload_with_requirements = false`)."""
+        if not manifest.reload_with_requirements:
+            return {}
+        found = {name: self._packages[name].active for name in manifest.requires if name in self._packages}
+        return {name: version for name, version in found.items() if version is not None}
+
+    def is_bound_current(self, version: PackageVersion) -> bool:
+        """Whether every version it imports from is still its package's active one."""
+        return all(
+            (p := self._packages.get(name)) is not None and p.active is required
+            for name, required in version.bound_to.items()
+        )
+
+    async def _load(
+        self, package: Package, version: PackageVersion, bound_to: dict[str, PackageVersion] | None = None
+    ) -> None:
         """Import the version's app and hooks module in a worker thread, bounded by its
         `load_timeout` (the event loop serves everything else meanwhile; see _loader)."""
         manifest = version.manifest
         package._loaded.append(version)  # from here on, discard() cleans it up
-        version.open_namespace()
+        version.open_namespace(self.bindings(manifest) if bound_to is None else bound_to)
         timeout = manifest.load_timeout or self.load_timeout
         stage = [f"importing {manifest.app_module!r}"]  # what the thread is doing, for the timeout
         try:
@@ -421,10 +464,96 @@ class Engine:
         logger.error("%s: no confirmed version could be restored; the package is not served", name)
         return None, package
 
+    # -- dependents -------------------------------------------------------------------------
+
+    def dependents(self, name: str) -> list[Package]:
+        """The active packages that move with `name`: those that require it (or require one
+        that moves) and do not opt out, each after the ones it requires."""
+        moving = {name}
+        found: list[Package] = []
+        grew = True
+        while grew:
+            grew = False
+            for package in sorted(self._packages.values(), key=lambda p: p.name):
+                active = package.active
+                if package.name in moving or active is None or not active.manifest.reload_with_requirements:
+                    continue
+                if moving & active.manifest.requires.keys():
+                    moving.add(package.name)
+                    found.append(package)
+                    grew = True
+        return found
+
+    async def prepare_dependents(
+        self, record: Deployment | None, dependents: list[Package], new: PackageVersion
+    ) -> list[Move]:
+        """Load, start and check a new instance of each dependent (from its active version's
+        archive), bound to `new` and to the instances moving before it. All or nothing: on
+        failure the ones prepared are discarded and DependentFailed names the dependent."""
+        moves: list[Move] = []
+        moving = {new.name: new}
+        for package in dependents:
+            old = package.active
+            if old is None:
+                continue
+            version = PackageVersion(old.manifest, old.root, old.sha256)
+            bound = self.bindings(old.manifest)
+            bound.update({name: v for name, v in moving.items() if name in old.manifest.requires})
+            try:
+                with maybe_step(record, f"dependent {package.name} {old.version}") as step:
+                    try:
+                        await self.prepare(None, package, version, bound)
+                    except BaseException:
+                        with anyio.CancelScope(shield=True):
+                            await self.discard(package, version)
+                        raise
+                    if step is not None:
+                        step.detail = "bound to " + ", ".join(
+                            f"{name} {v.version}" for name, v in sorted(bound.items())
+                        )
+            except Exception as exc:
+                with anyio.CancelScope(shield=True):
+                    await self.discard_moves(moves)
+                cause = exc.message if isinstance(exc, HotDeployError) else what_raised(exc)
+                raise DependentFailed(
+                    f"{package.name} {old.version} requires {new.name} and moves with it, but could not "
+                    f"be prepared bound to {new.name} {new.version}: {cause}; nothing switched",
+                    package=new.name,
+                    version=new.version,
+                    step=f"dependent {package.name}",
+                ) from exc
+            moves.append(Move(package, old, version))
+            moving[package.name] = version
+        return moves
+
+    async def discard_moves(self, moves: list[Move]) -> None:
+        """Throw away the new instances of moves that did not switch (dependents first)."""
+        for move in reversed(moves):
+            await self.discard(move.package, move.new)
+
+    def retire_moves(self, moves: list[Move], delay: float = 0.0) -> None:
+        """The old instances of moves that switched: drained, stopped and unloaded."""
+        for move in moves:
+            if move.old.state is VersionState.DRAINING:
+                self.retire(move.package, move.old, None, delay)
+
     # -- switching --------------------------------------------------------------------------
 
-    def switch(self, package: Package, new: PackageVersion | None, old: PackageVersion | None) -> None:
-        """The switch: one assignment on the request path's mount (or the unmount, for None)."""
+    def switch(
+        self,
+        package: Package,
+        new: PackageVersion | None,
+        old: PackageVersion | None,
+        moves: list[Move] | tuple[Move, ...] = (),
+    ) -> None:
+        """The switch: one assignment on the request path's mount (or the unmount, for None),
+        and one on each moving dependent's, with no await in between: no request sees a new
+        version beside a dependent bound to the old one."""
+        self._switch_one(package, new, old)
+        for move in moves:
+            self._switch_one(move.package, move.new, move.old)
+
+    def _switch_one(self, package: Package, new: PackageVersion | None, old: PackageVersion | None) -> None:
         if new is None:
             self.mounts.remove(package.prefix)
             package._mount = None
@@ -506,28 +635,42 @@ class Engine:
         return canary
 
     async def switch_blocking(
-        self, package: Package, new: PackageVersion, old: PackageVersion, *, force: bool = False
+        self,
+        package: Package,
+        new: PackageVersion,
+        old: PackageVersion,
+        moves: list[Move] | tuple[Move, ...] = (),
+        *,
+        force: bool = False,
     ) -> None:
-        """Integration Server's behaviour: hold new requests until the old version is idle.
+        """Integration Server's behaviour: hold new requests until the old version is idle, and
+        the same for the dependents that move with it (as its reload of dependent packages).
 
         With `force` (a worker following a confirmed change), switch even if it is not."""
-        mount = package.mount
-        assert mount is not None
+        pairs = [(package, old), *((m.package, m.old) for m in moves)]
+        mounts = [p.mount for p, _ in pairs if p.mount is not None]
         gate = anyio.Event()
-        mount.gate = gate
+        for mount in mounts:
+            mount.gate = gate
         try:
             timeout = new.manifest.drain_timeout
-            if not await old.wait_idle(timeout) and not force:
+            with anyio.move_on_after(timeout):
+                for _, version in pairs:
+                    await version.wait_idle(timeout)
+            busy = [v for _, v in pairs if v.in_flight]
+            if busy and not force:
+                running = ", ".join(f"{v.in_flight} on {v.name} {v.version}" for v in busy)
                 raise HotDeployError(
-                    f"block: {old.in_flight} request(s) still running on {old.version} after "
-                    f"{timeout:g}s; {old.version} stays active and held requests go to it",
+                    f"block: request(s) still running after {timeout:g}s ({running}); "
+                    f"{old.version} stays active and held requests go to it",
                     package=new.name,
                     version=new.version,
                     step="switch",
                 )
-            self.switch(package, new, old)
+            self.switch(package, new, old, moves)
         finally:
-            mount.gate = None
+            for mount in mounts:
+                mount.gate = None
             gate.set()
 
     def hold(self, version: PackageVersion) -> bool:
@@ -580,6 +723,8 @@ class Engine:
                 retirement.drain = record.begin_step(f"drain {old.version}")
             drain_started = time.perf_counter()
             idle = await old.wait_idle(old.manifest.drain_timeout)
+            # Dependents bound to it may still run its code in their requests: they go first.
+            await old.wait_unbound()
         # The decision, in one synchronous step (no await since the check): a hold() that came
         # first wins; past this line nobody can switch back to it.
         if retirement.withdrawn:
@@ -723,8 +868,9 @@ class Engine:
         self.collector.unloaded()
 
     async def shutdown(self) -> None:
-        """Stop every loaded version (the server is stopping). Idempotent."""
-        for package in list(self._packages.values()):
+        """Stop every loaded version (the server is stopping), dependents before what they
+        import. Idempotent."""
+        for package in reversed(_requirements_first(list(self._packages.values()))):
             if package.mount is not None:
                 self.switch(package, None, package.active)
             for version in list(package._loaded):
@@ -734,6 +880,27 @@ class Engine:
     def clean_staging(self) -> None:
         """Remove what an unpack interrupted by a crash left behind (not a live worker's)."""
         clean_staging(self.home / "packages")
+
+
+def _requirements_first(packages: list[Package]) -> list[Package]:
+    """`packages`, each after the ones its loaded versions require (a cycle is cut anywhere)."""
+    by_name = {p.name: p for p in packages}
+    ordered: list[Package] = []
+    seen: set[str] = set()
+
+    def visit(package: Package) -> None:
+        if package.name in seen:
+            return
+        seen.add(package.name)
+        for version in package.loaded:
+            for name in version.manifest.requires:
+                if name in by_name:
+                    visit(by_name[name])
+        ordered.append(package)
+
+    for package in packages:
+        visit(package)
+    return ordered
 
 
 def _import_version(version: PackageVersion, stage: list[str]) -> tuple[ASGIApp, pluggy.PluginManager | None]:

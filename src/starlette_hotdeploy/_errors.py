@@ -129,6 +129,11 @@ class UnmetRequirement(HotDeployError):
     at a version outside the specifier), or would close a cycle of requirements. Nothing changed."""
 
 
+class DependentFailed(HotDeployError):
+    """A dependent that moves with the package (it imports it) could not be loaded, started or
+    checked bound to the new version: the whole operation is aborted and nothing switched."""
+
+
 class NoPreviousVersion(HotDeployError):
     """A rollback was asked for, but the package has no earlier version to go back to."""
 

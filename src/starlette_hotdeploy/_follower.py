@@ -23,7 +23,7 @@ import anyio.to_thread
 
 from ._canary import figures_report
 from ._cluster import Cluster
-from ._engine import Engine
+from ._engine import Engine, Move
 from ._hooks import run_checks
 from ._operation import Operation, OperationKind, Phase, Vote
 from ._package import Package
@@ -55,6 +55,8 @@ class Follower:
         self.bake_time = bake_time
         # operation id -> the version prepared (or held warm) for it here, with its package
         self._prepared: dict[str, tuple[Package, PackageVersion]] = {}
+        # operation id -> the dependents prepared to move with that version (bound to it)
+        self._moves: dict[str, list[Move]] = {}
         self._voted: set[tuple[str, Vote]] = set()  # (operation id, vote) this worker cast
         # ...of which the store never got these (it failed): (detail, serving) to cast again
         self._unsent: dict[tuple[str, Vote], tuple[str | None, dict[str, str] | None]] = {}
@@ -72,7 +74,9 @@ class Follower:
     async def discard_prepared(self) -> None:
         """The server is stopping: what was prepared for unfinished operations goes."""
         prepared, self._prepared = self._prepared, {}
-        for package, version in prepared.values():
+        moves, self._moves = self._moves, {}
+        for op_id, (package, version) in prepared.items():
+            await self.engine.discard_moves(moves.get(op_id, []))
             await self._let_go(package, version)
 
     async def _let_go(self, package: Package, version: PackageVersion) -> None:
@@ -179,6 +183,7 @@ class Follower:
         unfinished = {operation.id for operation in operations if operation.coordinator in live}
         for op_id in [op_id for op_id in self._prepared if op_id not in unfinished]:
             # Aborted (or finished without this worker): what was prepared for it goes.
+            await self.engine.discard_moves(self._moves.pop(op_id, []))
             await self._let_go(*self._prepared.pop(op_id))
         self._voted = {vote for vote in self._voted if vote[0] in unfinished}
         to_converge: list[str] = []
@@ -189,6 +194,13 @@ class Follower:
                     self.on_canary(name, wanted.canary)  # a command for the canary run here?
             elif not self._serves(name, wanted) or name in latest:
                 to_converge.append(name)
+        if len(to_converge) > 1:
+            # A dependent whose only change is a requirement's new version moves with that
+            # requirement's switch (or is bound anew once it has switched: the next look).
+            changing = set(to_converge)
+            waiting = [name for name in to_converge if self._moves_with(name, desired[name], changing)]
+            to_converge = [name for name in to_converge if name not in waiting]
+            settled = settled and not waiting
         if to_converge:  # (the idle look, once a second, allocates nothing here)
             order = RestoreOrder(to_converge, RESTORE_CONCURRENCY)
             work: dict[str, Callable[[], Awaitable[bool]]] = {
@@ -223,7 +235,17 @@ class Follower:
         if active is None or (active.version, active.sha256) != (wanted.version, wanted.sha256):
             return False
         assert package is not None
-        return self._splits(package, wanted)
+        return self._splits(package, wanted) and self.engine.is_bound_current(active)
+
+    def _moves_with(self, name: str, wanted: Desired, changing: set[str]) -> bool:
+        """The package serves its desired version, bound to a requirement that changes now."""
+        package = self.engine.get(name)
+        active = package.active if package is not None else None
+        return (
+            active is not None
+            and (active.version, active.sha256) == (wanted.version, wanted.sha256)
+            and bool(changing & active.bound_to.keys())
+        )
 
     def _splits(self, package: Package, wanted: Desired) -> bool:
         """Whether the package's canary (or its absence) and weight are the desired ones."""
@@ -324,11 +346,11 @@ class Follower:
                     return
                 if warm is self.engine.canary(package):  # a canary's promotion: warm already
                     self._prepared[operation.id] = (package, warm)
-                    await self.vote(operation, Vote.PREPARED)
+                    await self._prepare_moves(operation, package, warm)
                     return
                 if self.engine.hold(warm):  # draining: now it cannot be unloaded under us
                     self._prepared[operation.id] = (package, warm)
-                    await self.vote(operation, Vote.PREPARED)
+                    await self._prepare_moves(operation, package, warm)
                     return
             try:
                 unpacked = await self.engine.unpack_stored(
@@ -349,7 +371,18 @@ class Follower:
                 await self.vote(operation, Vote.FAILED, str(exc))
                 return
             self._prepared[operation.id] = (package, version)
-            await self.vote(operation, Vote.PREPARED)
+            await self._prepare_moves(operation, package, version)
+
+    async def _prepare_moves(self, operation: Operation, package: Package, version: PackageVersion) -> None:
+        """The dependents that move with `version`, prepared bound to it here too; then the vote."""
+        try:
+            moves = await self.engine.prepare_dependents(None, self.engine.dependents(package.name), version)
+        except Exception as exc:
+            await self.vote(operation, Vote.FAILED, str(exc))
+            return
+        if moves:
+            self._moves[operation.id] = moves
+        await self.vote(operation, Vote.PREPARED)
 
     async def _converge_package(
         self, name: str, wanted: Desired, operation: Operation | None, order: RestoreOrder
@@ -367,6 +400,12 @@ class Follower:
                 with engine.claim(name):
                     if not await self._converge_canary(package, wanted):
                         return False
+            if not engine.is_bound_current(active):
+                if engine.is_busy(name):
+                    return False
+                with engine.claim(name):
+                    if not await self._rebind(package, active):
+                        return False
             if operation is not None:
                 await self.vote(operation, Vote.SWITCHED, serving=engine.serving())
                 await self._check_after_activate(operation, active, None)
@@ -378,7 +417,8 @@ class Follower:
             # its version first: restore into that same Package, or the switch to the
             # prepared version would leave a second one behind, still pointing at this one.
             package = next((p for p, _ in self._prepared.values() if p.name == name), None)
-        with engine.claim(name):
+        moves = self._moves.pop(operation.id, []) if operation is not None else []
+        with engine.claim(name), contextlib.ExitStack() as claims:
             target: PackageVersion | None = None
             prepared = self._prepared.pop(operation.id, None) if operation is not None else None
             if prepared is not None and package is not None and prepared[0] is not package:
@@ -400,11 +440,15 @@ class Follower:
                 return False
             assert package is not None
             engine.adopt(package)
+            if prepared is None or not self._claim_moves(moves, claims):
+                await engine.discard_moves(moves)  # the dependents are bound anew on a later look
+                moves = []
             if target.manifest.strategy == "block" and active is not None and package.mount is not None:
-                await engine.switch_blocking(package, target, active, force=True)
+                await engine.switch_blocking(package, target, active, moves, force=True)
             else:
-                engine.switch(package, target, active)
+                engine.switch(package, target, active, moves)
             engine.confirm(package, wanted.version, wanted.sha256, wanted.lineage)
+            engine.retire_moves(moves, delay=self.bake_time)
             if active is not None and active is not target:
                 engine.retire(package, active, None, delay=self.bake_time)
             if not self._splits(package, wanted) and not await self._converge_canary(package, wanted):
@@ -414,6 +458,38 @@ class Follower:
                 await self.vote(operation, Vote.SWITCHED, serving=engine.serving())
         if operation is not None:  # outside the claim: a switch back may need the package
             await self._check_after_activate(operation, target, active)
+        return True
+
+    def _claim_moves(self, moves: list[Move], claims: contextlib.ExitStack) -> bool:
+        """Claim the dependents that move with this switch; False (nothing claimed) if one of
+        them changed or is busy since they were prepared."""
+        engine = self.engine
+        if any(m.package.active is not m.old or engine.is_busy(m.package.name) for m in moves):
+            return False
+        for move in moves:
+            claims.enter_context(engine.claim(move.package.name))
+        return True
+
+    async def _rebind(self, package: Package, active: PackageVersion) -> bool:
+        """Under the claim: the active version is bound to a requirement's version that is no
+        longer active (it switched without moving it: a worker that was busy, or started late):
+        a new instance of it, bound to the active versions, takes its place."""
+        engine = self.engine
+        version = PackageVersion(active.manifest, active.root, active.sha256)
+        try:
+            try:
+                await engine.prepare(None, package, version)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await engine.discard(package, version)
+                raise
+        except Exception:
+            logger.exception(
+                "%s %s: cannot bind it to its requirements' new versions", package.name, active.version
+            )
+            return False
+        engine.switch(package, version, active)
+        engine.retire(package, active, None)
         return True
 
     async def _converge_canary(self, package: Package, wanted: Desired) -> bool:

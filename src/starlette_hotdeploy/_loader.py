@@ -90,13 +90,20 @@ T = TypeVar("T")
 class Namespace:
     """The private module namespace of one loaded version."""
 
-    def __init__(self, manifest: Manifest, root: Path) -> None:
+    def __init__(self, manifest: Manifest, root: Path, bound: Sequence[Namespace] = ()) -> None:
         safe_version = re.sub(r"\W", "_", manifest.version)
         self.name = f"{_PREFIX}{manifest.name}_{safe_version}_n{next(_counter)}"
         self.root = root
+        self.manifest = manifest
         self.package = manifest.name
         self.version = manifest.version
         self.top_level = _top_level_names(root)
+        # The namespaces of the required versions this one is bound to, by their top-level
+        # module names: `import inventory.api` resolves to the bound version of inventory.
+        self.bound: dict[str, Namespace] = {
+            top: other for other in bound for top in other.top_level if top not in self.top_level
+        }
+        self.imported: set[str] = set()  # the required packages whose modules it imported
         self.builtins = dict(builtins.__dict__)
         self.builtins["__import__"] = self._import
         self.logging = PackageLogging(self.name, self.package, self.version, self.top_level)
@@ -121,17 +128,60 @@ class Namespace:
         fromlist: Sequence[str] = (),
         level: int = 0,
     ) -> types.ModuleType:
-        if level == 0 and name.partition(".")[0] in self.top_level:
-            aliased = f"{self.name}.{name}"
-            module = builtins.__import__(aliased, globals, locals, fromlist, 0)
-            if fromlist:
-                return module
-            # `import orders.models` binds `orders`: the version's top-level package.
-            return sys.modules[f"{self.name}.{name.partition('.')[0]}"]
-        module = builtins.__import__(name, globals, locals, fromlist, level)
+        if level == 0:
+            top = name.partition(".")[0]
+            if top in self.top_level:
+                return _aliased_import(self, name, globals, locals, fromlist)
+            other = self.bound.get(top)
+            if other is not None:
+                self._check_exported(other, name, fromlist)
+                self.imported.add(other.package)
+                return _aliased_import(other, name, globals, locals, fromlist)
+        try:
+            module = builtins.__import__(name, globals, locals, fromlist, level)
+        except ModuleNotFoundError as exc:
+            if level == 0:
+                self._refuse_unbound(name, exc)
+            raise
         if level == 0 and (name == "logging" or (name.startswith("logging.") and not fromlist)):
             return self.logging  # `import logging`: the package's own logger names
         return module
+
+    def _check_exported(self, other: Namespace, name: str, fromlist: Sequence[str]) -> None:
+        """A dependent imports only what its requirement exports (`exports` in its manifest)."""
+        exported = other.manifest.exported
+        if exported(name) or (fromlist and all(exported(f"{name}.{item}") for item in fromlist)):
+            return
+        wanted = f"{', '.join(fromlist)} from {name!r}" if fromlist else repr(name)
+        raise ImportError(
+            f"{self.package} {self.version} imports {wanted}, which {other.package} {other.version} "
+            f"does not export (its exports: {', '.join(other.manifest.exports or ())})",
+            name=name,
+        )
+
+    def _refuse_unbound(self, name: str, exc: ModuleNotFoundError) -> None:
+        """`name` was not found: if another package's version provides it, say why it is not
+        this version's to import (a clearer error than 'no module named')."""
+        top = name.partition(".")[0]
+        if exc.name is None or exc.name.partition(".")[0] != top:
+            return
+        owner = next(
+            (ns for ns in list(_namespaces.values()) if top in ns.top_level and ns.package != self.package),
+            None,
+        )
+        if owner is None:
+            return
+        if owner.package not in self.manifest.requires:
+            why = f"it does not require {owner.package}: add {owner.package} to its `requires`"
+        else:
+            why = (
+                "its manifest says reload_with_requirements = false (it talks to "
+                f"{owner.package} over HTTP only); remove that key to import {owner.package}'s modules"
+            )
+        raise ImportError(
+            f"{self.package} {self.version} cannot import {name!r} of package {owner.package}: {why}",
+            name=name,
+        ) from None
 
     def open(self) -> None:
         """Make the namespace importable."""
@@ -212,6 +262,21 @@ class Namespace:
         self.builtins.clear()
         self.logging.close()
         self._loaded = False
+
+
+def _aliased_import(
+    namespace: Namespace,
+    name: str,
+    globals: Mapping[str, object] | None,
+    locals: Mapping[str, object] | None,
+    fromlist: Sequence[str],
+) -> types.ModuleType:
+    """`name` (absolute, under one of `namespace`'s top-level names) as that version's module."""
+    module = builtins.__import__(f"{namespace.name}.{name}", globals, locals, fromlist, 0)
+    if fromlist:
+        return module
+    # `import orders.models` binds `orders`: the version's top-level package.
+    return sys.modules[f"{namespace.name}.{name.partition('.')[0]}"]
 
 
 class _VersionLoader(importlib.machinery.SourceFileLoader):

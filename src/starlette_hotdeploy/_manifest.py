@@ -40,6 +40,8 @@ _KNOWN = frozenset(
         "hooks",
         "shadow_host_routes",
         "canary",
+        "exports",
+        "reload_with_requirements",
     )
 )
 
@@ -61,6 +63,17 @@ class Manifest:
     hooks: str | None = None
     shadow_host_routes: bool = False  # the mount may cover routes of the host app on purpose
     canary: CanaryPlan | None = None  # the `[canary]` table: the plan of a canary deploy
+    # The modules dependents may import (each with its submodules); None: every module.
+    exports: tuple[str, ...] | None = None
+    # True: bound to the versions of its requirements it was loaded with, and reloaded with
+    # them when they change; False: it talks to them over HTTP only, and may not import them.
+    reload_with_requirements: bool = True
+
+    def exported(self, module: str) -> bool:
+        """Whether a dependent may import `module` (dotted, under this package's top level)."""
+        if self.exports is None:
+            return True
+        return any(module == e or module.startswith(e + ".") for e in self.exports)
 
     @property
     def app_module(self) -> str:
@@ -93,6 +106,8 @@ class Manifest:
             "hooks": self.hooks,
             "shadow_host_routes": self.shadow_host_routes,
             "canary": self.canary.to_dict() if self.canary is not None else None,
+            "exports": list(self.exports) if self.exports is not None else None,
+            "reload_with_requirements": self.reload_with_requirements,
         }
 
 
@@ -188,6 +203,15 @@ def validate_manifest(raw: dict[str, Any]) -> Manifest:
             f"must be true or false, got {shadow_host_routes!r}", key="shadow_host_routes", package=name
         )
 
+    reload_with_requirements = raw.get("reload_with_requirements", True)
+    if not isinstance(reload_with_requirements, bool):
+        raise ManifestError(
+            f"must be true or false, got {reload_with_requirements!r}",
+            key="reload_with_requirements",
+            package=name,
+        )
+    exports = _exports(raw.get("exports"), name)
+
     hooks = raw.get("hooks")
     if hooks is not None:
         hooks = _string(raw, "hooks", name)
@@ -208,7 +232,22 @@ def validate_manifest(raw: dict[str, Any]) -> Manifest:
         hooks=hooks,
         shadow_host_routes=shadow_host_routes,
         canary=canary,
+        exports=exports,
+        reload_with_requirements=reload_with_requirements,
     )
+
+
+def _exports(value: Any, package: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ManifestError(
+            "must be a list of module names such as ['inventory.api']", key="exports", package=package
+        )
+    for module in value:
+        if not _MODULE.fullmatch(module):
+            raise ManifestError(f"{module!r} is not a module name", key="exports", package=package)
+    return tuple(value)
 
 
 def _string(raw: dict[str, Any], key: str, package: str | None) -> str:

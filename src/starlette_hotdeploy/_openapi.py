@@ -88,6 +88,12 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                         "error": {"type": ["string", "null"]},
                         "error_step": {"type": ["string", "null"]},
                         "steps": {"type": "array", "items": {"$ref": "#/components/schemas/Step"}},
+                        "moved": {
+                            "type": "array",
+                            "description": "the dependents that moved with the package in the same switch "
+                            "(loaded again, bound to its new version): 'orders 1.0'",
+                            "items": {"type": "string"},
+                        },
                         "canary": {
                             "type": ["object", "null"],
                             "description": "a canary deploy: its plan, key, thresholds, current state, "
@@ -120,6 +126,12 @@ def openapi_document(prefix: str, max_upload_bytes: int) -> dict[str, Any]:
                         "sha256": {"type": "string"},
                         "served": {"type": "integer"},
                         "terminated": {"type": "integer"},
+                        "bound_to": {
+                            "type": "object",
+                            "description": "the versions of its requirements whose modules it imports: "
+                            "package -> version",
+                            "additionalProperties": {"type": "string"},
+                        },
                     },
                 },
                 "Package": {

@@ -12,6 +12,7 @@ from ._errors import (
     CanaryError,
     CanaryRefused,
     CheckFailed,
+    DependentFailed,
     DeploymentError,
     DeploymentInProgress,
     HotDeployError,
@@ -50,6 +51,7 @@ _STATUS: list[tuple[type[HotDeployError], int, str]] = [
     (LoadError, 422, "package failed to load"),
     (StartupError, 422, "package failed to start"),
     (CheckFailed, 422, "check failed"),
+    (DependentFailed, 422, "dependent failed"),
     (NotRunning, 503, "deployer not running"),
     (StoreError, 503, "store unavailable"),
 ]

@@ -23,6 +23,9 @@ class VersionStatus:
     loaded_at: float
     activated_at: float | None
     error: str | None
+    # The versions of its requirements it imports from (package -> version): it is bound to
+    # them, and moves when they change.
+    bound_to: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, version: PackageVersion) -> VersionStatus:
@@ -36,6 +39,7 @@ class VersionStatus:
             version.loaded_at,
             version.activated_at,
             version.error,
+            {name: required.version for name, required in sorted(version.bound_to.items())},
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from contextlib import suppress
 from pathlib import Path
 from time import perf_counter
@@ -99,6 +99,11 @@ class PackageVersion:
         self._ending: set[Task[Any]] = set()  # tasks cancelled by `terminate`
         self._by_task = False  # decided in `start`, on the loop that will serve
         self._idle: anyio.Event | None = None
+        # Package dependencies: the required versions this one imports from (by package name),
+        # and the loaded versions bound to this one.
+        self.bound_to: dict[str, PackageVersion] = {}
+        self.dependents: set[PackageVersion] = set()
+        self._unbound: anyio.Event | None = None
 
     @property
     def state(self) -> VersionState:
@@ -138,12 +143,32 @@ class PackageVersion:
 
     # -- loading and lifespan -------------------------------------------------------------
 
-    def open_namespace(self) -> Namespace:
-        """Give the version its private module namespace (before `load`; `unload` closes it)."""
-        namespace = Namespace(self.manifest, self.root)
+    def open_namespace(self, bound_to: Mapping[str, PackageVersion] | None = None) -> Namespace:
+        """Give the version its private module namespace (before `load`; `unload` closes it),
+        bound to loaded versions of its requirements: their modules are the ones it imports."""
+        self.bound_to = dict(bound_to or {})
+        namespaces = [v.namespace for v in self.bound_to.values() if v.namespace is not None]
+        namespace = Namespace(self.manifest, self.root, namespaces)
         namespace.open()
         self.namespace = namespace
+        for required in self.bound_to.values():
+            required.dependents.add(self)
         return namespace
+
+    def unbind(self) -> None:
+        """Unloaded: the versions it was bound to may go too (see `wait_unbound`)."""
+        for required in self.bound_to.values():
+            required.dependents.discard(self)
+            if not required.dependents and required._unbound is not None:
+                required._unbound.set()
+        self.bound_to = {}
+
+    async def wait_unbound(self) -> None:
+        """Until no loaded version is bound to this one (a dependent's requests may still run
+        this version's code: it is stopped and unloaded only after them)."""
+        while self.dependents:
+            self._unbound = anyio.Event()
+            await self._unbound.wait()
 
     def load(self) -> ASGIApp:
         """Import the app in the version's namespace and return it. Blocking, and it keeps
@@ -186,6 +211,7 @@ class PackageVersion:
         if self.namespace is not None:
             refs.extend(weakref.ref(module) for _, module in self.namespace.modules())
             self.namespace.close()
+        self.unbind()
         self.app = None
         self.namespace = None
         self.plugins = None

@@ -1,0 +1,290 @@
+"""Package dependencies: a package imports the Python modules of the packages it requires,
+bound to the versions that were active when it loaded; upgrading (or rolling back) one of
+those loads a new instance of each dependent bound to the new version and switches them all in
+one step; a dependent that fails bound to it aborts the whole operation.
+
+`inventory` exports `inventory.api` (its version, and `reserve`); `orders` requires it, imports
+it at module level and lazily in a request, and stamps both versions in every answer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+import testkit
+from conftest import host_app
+from drains import Drained
+from packages import write_package
+from starlette_hotdeploy import Deployer, DeploymentError, VersionState
+
+pytestmark = pytest.mark.anyio
+
+INVENTORY_APP = """
+import contextlib
+
+import testkit
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from inventory import api
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    yield
+    testkit.calls.append(f"shutdown inventory {api.VERSION}")
+
+
+async def index(request):
+    return JSONResponse({"inventory": api.VERSION})
+
+
+app = Starlette(routes=[Route("/", index)], lifespan=lifespan)
+"""
+
+INVENTORY_API = """
+VERSION = "{version}"
+
+
+def reserve(item):
+    return f"{{item}} reserved by inventory {{VERSION}}"
+"""
+
+ORDERS_APP = """
+import contextlib
+
+import testkit
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from inventory.api import VERSION as INVENTORY, reserve
+from orders import models
+
+VERSION = "{version}"
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    yield
+    testkit.calls.append(f"shutdown orders {{VERSION}} (inventory {{INVENTORY}})")
+
+
+async def index(request):
+    from inventory import api  # lazy: still the version this instance is bound to
+
+    return JSONResponse(
+        {{"orders": VERSION, "inventory": INVENTORY, "lazy": api.VERSION, "own": models.describe()}}
+    )
+
+
+async def hold(request):
+    key = request.query_params["key"]
+    testkit.event(key + ":entered").set()
+    await testkit.event(key).wait()
+    from inventory import api
+
+    return JSONResponse({{"orders": VERSION, "inventory": api.VERSION, "reserved": reserve("a book")}})
+
+
+app = Starlette(routes=[Route("/", index), Route("/hold", hold)], lifespan=lifespan)
+"""
+
+
+def inventory(sources: Path, version: str, *, extra: str = "", api: str | None = None) -> Path:
+    return write_package(
+        sources,
+        "inventory",
+        version,
+        app=INVENTORY_APP,
+        manifest_extra=extra,
+        files={"inventory/api.py": api if api is not None else INVENTORY_API.format(version=version)},
+    )
+
+
+def orders(sources: Path, version: str = "1.0", *, extra: str = "", app: str | None = None) -> Path:
+    return write_package(
+        sources,
+        "orders",
+        version,
+        app=app if app is not None else ORDERS_APP.format(version=version),
+        manifest_extra='requires = { inventory = ">=1" }\n' + extra,
+    )
+
+
+async def answer(client: httpx.AsyncClient, path: str = "/orders/") -> dict[str, str]:
+    response = await client.get(path)
+    assert response.status_code == 200, response.text
+    data: dict[str, str] = response.json()
+    return data
+
+
+def bound_to(deployer: Deployer, name: str) -> dict[str, str]:
+    [status] = deployer.status(name)
+    [active] = [v for v in status.versions if v.state is VersionState.ACTIVE]
+    return active.bound_to
+
+
+async def test_a_dependent_imports_the_active_version_of_what_it_requires(
+    deployer: Deployer, sources: Path, client: httpx.AsyncClient
+) -> None:
+    await deployer.deploy(inventory(sources, "1.0"))
+    await deployer.deploy(orders(sources))
+    assert await answer(client) == {
+        "orders": "1.0",
+        "inventory": "1.0",
+        "lazy": "1.0",
+        "own": "models of orders 1.0",
+    }
+    assert bound_to(deployer, "orders") == {"inventory": "1.0"}
+    assert bound_to(deployer, "inventory") == {}
+
+
+async def test_upgrading_a_requirement_moves_its_dependents_in_the_same_switch(
+    deployer: Deployer, sources: Path, client: httpx.AsyncClient, drained: Drained
+) -> None:
+    await deployer.deploy(inventory(sources, "1.0"))
+    await deployer.deploy(orders(sources))
+    record = await deployer.deploy(inventory(sources, "2.0"))
+    assert record.moved == ["orders 1.0"]
+    assert any(step.name == "dependent orders 1.0" for step in record.steps)
+    assert await answer(client) == {
+        "orders": "1.0",
+        "inventory": "2.0",
+        "lazy": "2.0",
+        "own": "models of orders 1.0",
+    }
+    assert await answer(client, "/inventory/") == {"inventory": "2.0"}
+    assert bound_to(deployer, "orders") == {"inventory": "2.0"}
+    await drained.wait(2)  # the old orders instance and inventory 1.0
+    # The old orders instance may still run inventory 1.0's code: it went first.
+    assert testkit.calls.index("shutdown orders 1.0 (inventory 1.0)") < testkit.calls.index(
+        "shutdown inventory 1.0"
+    )
+
+    back = await deployer.rollback("inventory")
+    assert back.moved == ["orders 1.0"]
+    assert (await answer(client))["inventory"] == "1.0"
+    assert bound_to(deployer, "orders") == {"inventory": "1.0"}
+
+
+async def test_requests_in_flight_finish_on_the_old_pair(
+    deployer: Deployer, sources: Path, client: httpx.AsyncClient
+) -> None:
+    await deployer.deploy(inventory(sources, "1.0"))
+    await deployer.deploy(orders(sources))
+    held: list[httpx.Response] = []
+
+    async def hold() -> None:
+        held.append(await client.get("/orders/hold?key=old"))
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(hold)
+        await testkit.event("old:entered").wait()
+        await deployer.deploy(inventory(sources, "2.0"))
+        assert (await answer(client))["inventory"] == "2.0"
+        assert "shutdown inventory 1.0" not in testkit.calls
+        testkit.event("old").set()
+    assert held[0].json() == {
+        "orders": "1.0",
+        "inventory": "1.0",
+        "reserved": "a book reserved by inventory 1.0",
+    }
+
+
+async def test_a_dependent_that_fails_bound_to_the_new_version_aborts_the_operation(
+    deployer: Deployer, sources: Path, client: httpx.AsyncClient
+) -> None:
+    await deployer.deploy(inventory(sources, "1.0"))
+    await deployer.deploy(orders(sources))
+    # 2.0 drops `reserve`, which orders imports: orders cannot load bound to it.
+    with pytest.raises(DeploymentError) as caught:
+        await deployer.deploy(inventory(sources, "2.0", api='VERSION = "2.0"\n'))
+    error = caught.value.cause
+    assert error.step == "dependent orders"
+    assert "orders 1.0 requires inventory and moves with it" in error.message
+    assert "cannot import name 'reserve'" in error.message
+    assert "nothing switched" in error.message
+    assert await answer(client) == {
+        "orders": "1.0",
+        "inventory": "1.0",
+        "lazy": "1.0",
+        "own": "models of orders 1.0",
+    }
+    assert await answer(client, "/inventory/") == {"inventory": "1.0"}
+    [status] = deployer.status("orders")
+    assert [v.state for v in status.versions] == [VersionState.ACTIVE]
+
+
+async def test_a_package_imports_only_what_it_requires(deployer: Deployer, sources: Path) -> None:
+    await deployer.deploy(inventory(sources, "1.0"))
+    stray = write_package(sources, "stray", "1.0", app="from inventory import api\napp = None\n")
+    with pytest.raises(DeploymentError) as caught:
+        await deployer.deploy(stray)
+    assert caught.value.cause.step == "load"
+    assert "stray 1.0 cannot import 'inventory' of package inventory: it does not require inventory" in str(
+        caught.value.cause
+    )
+
+
+async def test_a_dependent_imports_only_what_its_requirement_exports(
+    deployer: Deployer, sources: Path
+) -> None:
+    await deployer.deploy(
+        inventory(
+            sources, "1.0", extra='exports = ["inventory.api"]\n', api=INVENTORY_API.format(version="1.0")
+        )
+    )
+    nosy = orders(sources, app="from inventory.app import app\n")
+    with pytest.raises(DeploymentError) as caught:
+        await deployer.deploy(nosy)
+    assert "orders 1.0 imports app from 'inventory.app', which inventory 1.0 does not export" in str(
+        caught.value.cause
+    )
+    assert "(its exports: inventory.api)" in str(caught.value.cause)
+    record = await deployer.deploy(orders(sources, "1.1"))  # inventory.api is exported
+    assert record.outcome.value == "succeeded"
+
+
+async def test_a_dependent_that_opts_out_stays_and_may_not_import(
+    deployer: Deployer, sources: Path, client: httpx.AsyncClient
+) -> None:
+    await deployer.deploy(inventory(sources, "1.0"))
+    importing = orders(sources, extra="reload_with_requirements = false\n")
+    with pytest.raises(DeploymentError) as caught:
+        await deployer.deploy(importing)
+    assert "reload_with_requirements = false" in str(caught.value.cause)
+
+    http_only = write_package(
+        sources,
+        "orders",
+        "1.1",
+        manifest_extra='requires = { inventory = ">=1" }\nreload_with_requirements = false\n',
+    )
+    await deployer.deploy(http_only)
+    [before] = deployer.status("orders")
+    record = await deployer.deploy(inventory(sources, "2.0"))
+    assert record.moved == []
+    [after] = deployer.status("orders")
+    assert after.versions == before.versions  # the same instance, untouched
+    assert (await client.get("/orders/")).json()["version"] == "1.1"
+
+
+async def test_a_restart_binds_dependents_to_the_restored_versions(tmp_path: Path, sources: Path) -> None:
+    home = tmp_path / "restart"
+    first = Deployer(home=home, entry_points=False)
+    async with first.running():
+        await first.deploy(inventory(sources, "1.0"))
+        await first.deploy(orders(sources))
+        await first.deploy(inventory(sources, "2.0"))
+    again = Deployer(home=home, entry_points=False)
+    async with again.running():
+        assert bound_to(again, "orders") == {"inventory": "2.0"}
+        transport = httpx.ASGITransport(app=host_app(again))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            assert (await answer(client))["lazy"] == "2.0"

@@ -1,0 +1,155 @@
+"""Package dependencies on a real uvicorn with 2 workers, under load: `orders` imports
+`inventory`; 20 upgrades and rollbacks of inventory move orders with it on both workers, with 0
+failed requests and never a response that pairs an orders instance with an inventory version
+other than the one it is bound to, nor, once an operation has answered, with the old one.
+
+Traffic runs in a thread, on a new connection per request (so both workers get some); it stops
+by itself after `LIMIT` requests or when the test says so.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from packages import write_package, zip_directory
+from workers_support import Server, running_server, worker_pid
+
+WORKERS = 2
+LIMIT = 50_000
+OPERATIONS = 20
+
+INVENTORY_APP = """
+import os
+
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from inventory import api
+
+
+async def index(request):
+    return JSONResponse({"inventory": api.VERSION, "pid": os.getpid()})
+
+
+app = Starlette(routes=[Route("/", index)])
+"""
+
+ORDERS_APP = """
+import os
+
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from inventory.api import VERSION as BOUND_AT_LOAD
+
+
+async def index(request):
+    from inventory import api  # lazy: the same bound version, whatever is active now
+
+    return JSONResponse({"orders": "1.0", "loaded": BOUND_AT_LOAD, "now": api.VERSION, "pid": os.getpid()})
+
+
+app = Starlette(routes=[Route("/", index)])
+"""
+
+
+def inventory(sources: Path, version: str) -> bytes:
+    directory = write_package(
+        sources,
+        "inventory",
+        version,
+        app=INVENTORY_APP,
+        manifest_extra='exports = ["inventory.api"]\n',
+        files={"inventory/api.py": f'VERSION = "{version}"\n'},
+    )
+    return zip_directory(directory, sources / f"inventory-{version}.zip").read_bytes()
+
+
+def orders(sources: Path) -> bytes:
+    directory = write_package(
+        sources, "orders", "1.0", app=ORDERS_APP, manifest_extra='requires = { inventory = ">=1" }\n'
+    )
+    return zip_directory(directory, sources / "orders-1.0.zip").read_bytes()
+
+
+class Traffic:
+    """Requests to /orders/ until stopped: (operations answered before it was sent, answer)."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.answered = 0  # operations that have answered; set by the test
+        self.answers: list[tuple[int, dict[str, object]]] = []
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        limits = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(base_url=self.server.url, timeout=10, limits=limits) as client:
+            for _ in range(LIMIT):
+                if self.stop.is_set():
+                    return
+                answered = self.answered
+                try:
+                    response = client.get("/orders/")
+                    if response.status_code != 200:
+                        self.failures.append(f"{response.status_code} {response.text[:200]}")
+                        continue
+                    self.answers.append((answered, response.json()))
+                except (httpx.HTTPError, ValueError) as exc:
+                    self.failures.append(repr(exc))
+
+
+@contextmanager
+def traffic(server: Server) -> Iterator[Traffic]:
+    load = Traffic(server)
+    load.thread.start()
+    try:
+        yield load
+    finally:
+        load.stop.set()
+        load.thread.join(timeout=30)
+
+
+def test_upgrades_and_rollbacks_move_the_dependent_on_both_workers_under_load(
+    tmp_path: Path, sources: Path
+) -> None:
+    with running_server(tmp_path, "uvicorn", WORKERS) as server:
+        server.deployed(inventory(sources, "1.0"))
+        server.deployed(orders(sources))
+        workers = server.wait_for_workers("orders", "1.0")
+        pids = {worker_pid(w) for w in workers}
+        active = ["1.0"]  # inventory's active version after each operation
+        with traffic(server) as load:
+            for i in range(OPERATIONS // 2):
+                record = server.deployed(inventory(sources, f"1.{i + 1}"))
+                assert record["moved"] == ["orders 1.0"], record
+                active.append(f"1.{i + 1}")
+                load.answered += 1
+                response = server.rollback("inventory")
+                assert response.status_code == 200, response.text
+                assert response.json()["moved"] == ["orders 1.0"]
+                active.append("1.0")
+                load.answered += 1
+            after = len(load.answers)
+            for _ in range(10_000):  # a few answers after the last operation, from both workers
+                if {a["pid"] for _, a in load.answers[after:]} >= pids:
+                    break
+                load.stop.wait(0.01)
+        assert load.failures == []
+        assert len(load.answers) > OPERATIONS
+        for answered, answer in load.answers:
+            # One instance, one inventory: loaded and lazily imported alike.
+            assert answer["loaded"] == answer["now"], answer
+            # Sent after an operation answered: bound to its version, or a later one's (the
+            # request may have raced the next operation), never to one before it.
+            assert answer["now"] in active[answered:], (answered, answer)
+        assert {a["pid"] for _, a in load.answers[after:]} >= pids
+        assert {a["now"] for _, a in load.answers[after:]} == {"1.0"}
