@@ -288,3 +288,28 @@ async def test_a_restart_binds_dependents_to_the_restored_versions(tmp_path: Pat
         transport = httpx.ASGITransport(app=host_app(again))
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             assert (await answer(client))["lazy"] == "2.0"
+
+
+async def test_block_holds_the_dependents_too_until_their_old_instances_are_idle(
+    deployer: Deployer, sources: Path, client: httpx.AsyncClient
+) -> None:
+    await deployer.deploy(inventory(sources, "1.0"))
+    await deployer.deploy(orders(sources))
+    answers: dict[str, dict[str, str]] = {}
+
+    async def get(name: str, path: str) -> None:
+        answers[name] = (await client.get(path)).json()
+
+    async with anyio.create_task_group() as tasks, deployer.events.subscribe() as events:
+        tasks.start_soon(get, "in flight", "/orders/hold?key=old")
+        await testkit.event("old:entered").wait()
+        tasks.start_soon(deployer.deploy, inventory(sources, "2.0", extra='strategy = "block"\n'))
+        async for event in events:  # the gates go up before the switch step's first await
+            if event["type"] == "step.started" and event["step"]["name"] == "switch":
+                break
+        tasks.start_soon(get, "held", "/orders/")
+        await anyio.wait_all_tasks_blocked()
+        assert "held" not in answers  # the dependent's mount is gated as well
+        testkit.event("old").set()
+    assert answers["in flight"]["inventory"] == "1.0"
+    assert answers["held"]["inventory"] == "2.0"

@@ -659,10 +659,12 @@ class Engine:
                     await version.wait_idle(timeout)
             busy = [v for _, v in pairs if v.in_flight]
             if busy and not force:
-                running = ", ".join(f"{v.in_flight} on {v.name} {v.version}" for v in busy)
+                running = ", ".join(
+                    f"{v.in_flight} request(s) still running on {v.version if v is old else f'{v.name} {v.version}'}"
+                    for v in busy
+                )
                 raise HotDeployError(
-                    f"block: request(s) still running after {timeout:g}s ({running}); "
-                    f"{old.version} stays active and held requests go to it",
+                    f"block: {running} after {timeout:g}s; {old.version} stays active and held requests go to it",
                     package=new.name,
                     version=new.version,
                     step="switch",
