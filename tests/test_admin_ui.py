@@ -3,6 +3,7 @@ against a real uvicorn serving the admin API.
 
 An operator signs in, deploys by choosing an archive (and by dropping one), watches the version change and the traffic
 share move, rolls back through the confirmation dialog, and reads why a broken release failed;
+follows a canary's weight, step and analysis, promotes it a step and aborts it through the dialog;
 the read-only token sees everything and can change nothing; a wrong token is refused and kept
 nowhere. The page follows the server through its event stream: each step waits for what the page
 shows (Playwright's `expect` retries until its timeout), never for a fixed time.
@@ -262,3 +263,52 @@ def test_a_wrong_token_is_refused_and_kept_nowhere_and_signing_out_forgets_the_r
     expect(page.locator("#sign-in")).to_be_visible()
     assert page.evaluate(f"sessionStorage.getItem('{TOKEN_KEY}')") is None
     assert page.context.cookies() == []
+
+
+def test_an_operator_follows_a_canary_promotes_it_a_step_and_aborts_it(
+    page: Page, server: HotDeployServer, browser: Browser, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    server.deploy(archive(tmp_path, "1.0"))
+    started = httpx.post(
+        f"{server.url}{server.admin_prefix}/packages",
+        params={"canary": "10%, 50%"},  # each step until promoted: the page moves it on
+        content=archive(tmp_path, "2.0").read_bytes(),
+        headers={"Authorization": f"Bearer {server.token}", "Content-Type": "application/zip"},
+        timeout=30,
+    )
+    assert started.status_code == 202, started.text
+    sign_in(page, server.token)
+    card = page.locator('article.package[data-package="greeter"]')
+    canary = card.locator(".canary")
+    expect(canary.locator(".canary-version")).to_have_text("2.0")
+    expect(canary.locator(".canary-weight")).to_have_text("10%")
+    expect(canary.locator(".canary-step")).to_have_text("step 1 of 3")
+    # The run analyses once a second; without traffic it waits for enough canary requests.
+    expect(canary.locator(".verdict")).to_have_text("inconclusive")
+    expect(canary.locator(".canary-reason")).to_contain_text("canary requests needed")
+
+    # The read-only token sees the canary and no button to move it.
+    reader = browser.new_context().new_page()
+    reader.goto(page.url)
+    sign_in(reader, READ_TOKEN)
+    expect(reader.locator(".canary .canary-weight")).to_have_text("10%")
+    expect(reader.locator("main button:not(.expand)")).to_have_count(0)
+    reader.context.close()
+
+    canary.locator("button.canary-promote").click()
+    expect(page.locator("#confirm-text")).to_contain_text("on to its next step now (from step 1 of 3)")
+    page.click("#confirm-yes")
+    expect(canary.locator(".canary-weight")).to_have_text("50%")
+    expect(canary.locator(".canary-step")).to_have_text("step 2 of 3")
+
+    canary.locator("button.canary-abort").click()
+    expect(page.locator("#confirm-text")).to_have_text(
+        "Abort the canary greeter 2.0? Its users go back to 1.0; it drains and is unloaded."
+    )
+    page.click("#confirm-yes")
+    expect(canary).to_have_count(0)
+    expect(page.locator("#deployments tr.deployment").first.locator(".outcome")).to_have_text("aborted")
+    expect(card.locator(".active-version")).to_have_text("1.0")
+    assert {served_version(server) for _ in range(20)} == {"1.0"}

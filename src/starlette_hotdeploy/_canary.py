@@ -100,6 +100,7 @@ class CanaryState:
             "version": self.version,
             "weight_percent": self.weight / 100,
             "step": self.step + 1,
+            "step_count": len(self.plan.steps),
             "steps": self.plan.describe(),
             "current_step": step.describe(),
             "step_started_at": self.step_started_at,
@@ -235,6 +236,8 @@ class CanaryRun:
                     timeout=self.engine.check_timeout,
                 )
                 elapsed = time.monotonic() - started
+                if self.engine.figures is not None:  # metrics on
+                    self.engine.figures.canary_analysed(self.package.name, self.canary.version, verdict.value)
                 self.latest = {
                     "step": index + 1,
                     "verdict": verdict.value,
@@ -336,6 +339,23 @@ class CanaryRun:
         self.engine.end_canary(self.package, self.record)  # finishes the record once it drained
         await self.coordinator._done(self.operation)
         logger.warning("%s: canary %s aborted: %s", name, self.canary.version, reason)
+
+
+def canary_gauges(package: Package, run: CanaryRun | None) -> dict[str, Any] | None:
+    """The package's canary as the metrics show it: the weight this worker splits with; its step
+    and last verdict only where its run is (the coordinator). Safe from another thread: each
+    attribute is read once, and the run replaces its state and analysis, never changes them."""
+    mount = package.mount
+    split = mount.split if mount is not None else None
+    if split is None:
+        return None
+    found: dict[str, Any] = {"package": package.name, "version": split.canary.version, "weight": split.weight}
+    if run is not None and run.canary is split.canary:
+        state, latest = run.state, run.latest
+        found.update(step=state.step + 1, step_count=len(state.plan.steps))
+        if latest is not None:
+            found["verdict"] = latest["verdict"]
+    return found
 
 
 def figures_report(stable: PackageVersion, canary: PackageVersion) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import anyio.to_thread
 import pluggy
 
 from ._archive import ArchiveLimits, Source
-from ._canary import ABORT, PROMOTE, PROMOTE_ALL, CanaryState
+from ._canary import ABORT, PROMOTE, PROMOTE_ALL, CanaryState, canary_gauges
 from ._cluster import Cluster
 from ._cluster_view import cluster_view
 from ._coordinator import Coordinator, DeployOptions
@@ -225,8 +225,11 @@ class Deployer:
         if self._figures is None or runtime is None:
             return None
         # Copied in steps that hold the GIL (`loaded` is a tuple): a scrape may run in a thread.
-        loaded = [version for package in self._engine.packages() for version in package.loaded]
-        return self._figures.snapshot(runtime.cluster.worker_id, loaded)
+        packages = self._engine.packages()
+        loaded = [version for package in packages for version in package.loaded]
+        runs = runtime.coordinator.canaries
+        canaries = [found for p in packages if (found := canary_gauges(p, runs.get(p.name))) is not None]
+        return self._figures.snapshot(runtime.cluster.worker_id, loaded, canaries)
 
     def _shared(self) -> SharedFigures | None:
         runtime = self._runtime

@@ -19,6 +19,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from ._canary_plan import FULL
 from ._figures import OPERATION_BUCKETS, REQUEST_BUCKETS, STATUS_CLASSES, Histogram
 from ._figures_share import SharedFigures
 
@@ -99,6 +100,32 @@ def families(snapshots: list[tuple[Snapshot, bool]]) -> list[Metric]:
         labels=["package"],
     )
     workers = GaugeMetricFamily("hotdeploy_workers", "Live workers reporting for this host.")
+    canary_weight = GaugeMetricFamily(
+        "hotdeploy_canary_weight_ratio",
+        "The share of users a running canary gets (0..1), on every live worker of the host "
+        "(while a step spreads, the lowest).",
+        labels=["package", "version"],
+    )
+    canary_step = GaugeMetricFamily(
+        "hotdeploy_canary_step",
+        "The step a running canary is at (1 is the first), on the host whose worker runs it.",
+        labels=["package", "version"],
+    )
+    canary_steps = GaugeMetricFamily(
+        "hotdeploy_canary_steps",
+        "How many steps a running canary's plan has (the last one, 100%, is its promotion).",
+        labels=["package", "version"],
+    )
+    canary_verdict = GaugeMetricFamily(
+        "hotdeploy_canary_last_verdict",
+        "A running canary's last analysis: 1 for its verdict (pass, fail, inconclusive).",
+        labels=["package", "version", "verdict"],
+    )
+    canary_analyses = CounterMetricFamily(
+        "hotdeploy_canary_analyses",
+        "Analyses of canaries (about one a second while one runs), by verdict.",
+        labels=["package", "version", "verdict"],
+    )
 
     by_class: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0] * len(STATUS_CLASSES))
     request_histograms: dict[tuple[str, str], Histogram] = defaultdict(lambda: Histogram(REQUEST_BUCKETS))
@@ -109,6 +136,10 @@ def families(snapshots: list[tuple[Snapshot, bool]]) -> list[Metric]:
     operation_histograms: dict[tuple[str, str], Histogram] = defaultdict(lambda: Histogram(OPERATION_BUCKETS))
     drain_histograms: dict[str, Histogram] = defaultdict(lambda: Histogram(OPERATION_BUCKETS))
     ended: dict[str, int] = defaultdict(int)
+    weights: dict[tuple[str, str], int] = {}
+    steps: dict[tuple[str, str], tuple[int, int]] = {}
+    verdicts: dict[tuple[str, str], str] = {}
+    analyses: dict[tuple[str, str, str], int] = defaultdict(int)
     live_workers = 0
 
     for snapshot, live in snapshots:
@@ -125,6 +156,13 @@ def families(snapshots: list[tuple[Snapshot, bool]]) -> list[Metric]:
                 open_[key] += v.get("in_flight", 0)
                 states[(*key, v["state"])] += 1
                 digests[(*key, v["state"])] = v.get("sha256", "")
+            for c in snapshot.get("canaries", ()):
+                key = (c["package"], c["version"])
+                weights[key] = min(c["weight"], weights.get(key, FULL))
+                if "step" in c:  # the worker that runs it
+                    steps[key] = (c["step"], c["step_count"])
+                    if "verdict" in c:
+                        verdicts[key] = c["verdict"]
         for package, operation, outcome, count in snapshot.get("deployments", ()):
             operations[(package, operation, outcome)] += count
         for package, operation, histogram in snapshot.get("deployment_seconds", ()):
@@ -133,6 +171,8 @@ def families(snapshots: list[tuple[Snapshot, bool]]) -> list[Metric]:
             _add(drain_histograms[package], histogram)
         for package, count in snapshot.get("terminated", {}).items():
             ended[package] += count
+        for package, version, verdict, count in snapshot.get("canary_analyses", ()):
+            analyses[(package, version, verdict)] += count
 
     for key, counts in sorted(by_class.items()):
         for status, count in zip(STATUS_CLASSES, counts, strict=True):
@@ -154,6 +194,15 @@ def families(snapshots: list[tuple[Snapshot, bool]]) -> list[Metric]:
     for package, count in sorted(ended.items()):
         terminated.add_metric([package], count)
     workers.add_metric([], live_workers)
+    for key, weight in sorted(weights.items()):
+        canary_weight.add_metric(list(key), weight / FULL)
+    for key, (step, step_count) in sorted(steps.items()):
+        canary_step.add_metric(list(key), step)
+        canary_steps.add_metric(list(key), step_count)
+    for key, verdict in sorted(verdicts.items()):
+        canary_verdict.add_metric([*key, verdict], 1)
+    for analysis_key, count in sorted(analyses.items()):
+        canary_analyses.add_metric(list(analysis_key), count)
     return [
         requests,
         durations,
@@ -165,6 +214,11 @@ def families(snapshots: list[tuple[Snapshot, bool]]) -> list[Metric]:
         drain_durations,
         terminated,
         workers,
+        canary_weight,
+        canary_step,
+        canary_steps,
+        canary_verdict,
+        canary_analyses,
     ]
 
 

@@ -1,6 +1,6 @@
-"""This worker's figures beyond a loaded version's requests: its operations, drains, and the
-request counts of the versions it unloaded; and the snapshot of them all (_figures.py says why
-plain numbers)."""
+"""This worker's figures beyond a loaded version's requests: its operations, drains, canary
+analyses, and the request counts of the versions it unloaded; and the snapshot of them all
+(_figures.py says why plain numbers)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ class WorkerFigures:
         self.deployment_seconds: dict[tuple[str, str], Histogram] = {}  # (package, operation)
         self.drain_seconds: dict[str, Histogram] = {}
         self.terminated: Counter[str] = Counter()  # requests ended by a drain timeout, per package
+        # The analyses of the canaries this worker ran (it coordinated them): (package, version, verdict)
+        self.canary_analyses: Counter[tuple[str, str, str]] = Counter()
 
     def deployment_decided(self, record: Deployment) -> None:
         package = record.package or ""
@@ -48,6 +50,9 @@ class WorkerFigures:
         if terminated:
             self.terminated[package] += terminated
 
+    def canary_analysed(self, package: str, version: str, verdict: str) -> None:
+        self.canary_analyses[(package, version, verdict)] += 1
+
     def unloaded(self, version: PackageVersion) -> None:
         """Keep the counts of a version that is being unloaded."""
         figures, version.figures = version.figures, None  # kept here now, and only once
@@ -61,13 +66,16 @@ class WorkerFigures:
         if len(kept) > self.RETIRED_PER_PACKAGE:
             del kept[next(iter(kept))]
 
-    def snapshot(self, worker: str, loaded: Iterable[PackageVersion]) -> dict[str, Any]:
+    def snapshot(
+        self, worker: str, loaded: Iterable[PackageVersion], canaries: Iterable[dict[str, Any]] = ()
+    ) -> dict[str, Any]:
         """Everything this worker would report, as plain JSON-able data. Safe to take from
         another thread when `loaded` is a copy: the rest is copied in one step (under the GIL)
         before it is read.
 
         `versions`: the loaded versions (the gauges); `requests`: the request counts of every
-        version, loaded or kept after its unload (the counters)."""
+        version, loaded or kept after its unload (the counters); `canaries`: the running
+        canaries as this worker splits them (_canary.canary_gauges), gauges too."""
         versions = []
         counts = {
             (package, version): figures
@@ -100,4 +108,6 @@ class WorkerFigures:
             "deployment_seconds": [[*key, h.to_dict()] for key, h in list(self.deployment_seconds.items())],
             "drain_seconds": [[key, h.to_dict()] for key, h in list(self.drain_seconds.items())],
             "terminated": dict(self.terminated),
+            "canaries": list(canaries),
+            "canary_analyses": [[*key, count] for key, count in list(self.canary_analyses.items())],
         }

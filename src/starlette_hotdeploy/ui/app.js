@@ -11,6 +11,9 @@ const SHARE_WINDOW = 5; // traffic samples (one a second) that a traffic share i
 const SHOWN_DEPLOYMENTS = 20;
 const POLL_MS = 1000; // a followed deployment's record is re-read this often until it finished
 const STEADY_STREAM_MS = 10000; // a stream that lasted this long resets the reconnect backoff
+// While a canary runs, the packages are re-read this often for its analyses (they come with no
+// event); its steps, promotion and abort come with events and are shown at once.
+const CANARY_REFRESH_MS = 3000;
 
 function freshState(token) {
   return {
@@ -26,6 +29,7 @@ function freshState(token) {
     stream: null, // the AbortController of the event stream
     live: false,
     refreshing: null,
+    refreshed: 0, // when the last refresh started (Date.now())
   };
 }
 
@@ -179,6 +183,7 @@ async function refresh() {
     return;
   }
   state.refreshing = { again: false };
+  state.refreshed = Date.now();
   try {
     const [packages, deployments, cluster] = await Promise.all([
       api("GET", "/packages"),
@@ -301,12 +306,14 @@ function received(block) {
     $("live").textContent = event.workers > 1 ? `live · ${event.workers} workers` : "live";
     if (state.traffic.length > SHARE_WINDOW + 1) state.traffic.shift();
     renderTraffic();
+    if (runningCanary() && Date.now() - state.refreshed > CANARY_REFRESH_MS) refresh();
   } else if (type.startsWith("deployment.")) {
     remember(event.deployment);
     if (type !== "deployment.started") refresh();
   } else if (type.startsWith("step.")) {
     rememberStep(event.deployment_id, event.step);
     if (event.deployment_id === state.following) renderProgress();
+    if (runningCanary(event.deployment_id)) refresh(); // a canary's step moved: its weight
   }
 }
 
@@ -407,11 +414,13 @@ function confirmAction(question, label) {
   });
 }
 
+// `call` answers the operation's record, or null (a canary command answers the canary's state).
 async function operate(question, label, call) {
   if (!(await confirmAction(question, label))) return;
   notice(null);
   try {
-    remember(await call());
+    const record = await call();
+    if (record) remember(record);
   } catch (error) {
     if (error instanceof Stale) return;
     notice(`${label} failed: ${error.message}`);
@@ -442,6 +451,34 @@ function undeploy(pkg) {
     "Undeploy",
     () => api("DELETE", `/packages/${pkg.name}`),
   );
+}
+
+function promoteCanary(pkg, all) {
+  const canary = pkg.canary;
+  const question = all
+    ? `Promote ${pkg.name} ${canary.version} all the way now? It becomes the active version on every worker, without waiting for its steps and analyses.`
+    : `Move the canary ${pkg.name} ${canary.version} on to its next step now (from step ${canary.step} of ${canary.step_count}), without waiting for its analysis?`;
+  return operate(question, all ? "Promote all" : "Promote", async () => {
+    await api("POST", `/packages/${pkg.name}/canary/promote${all ? "?all=true" : ""}`);
+    return null;
+  });
+}
+
+function abortCanary(pkg) {
+  const canary = pkg.canary;
+  return operate(
+    `Abort the canary ${pkg.name} ${canary.version}? Its users go back to ${pkg.active_version}; it drains and is unloaded.`,
+    "Abort canary",
+    async () => {
+      await api("POST", `/packages/${pkg.name}/canary/abort`);
+      return null;
+    },
+  );
+}
+
+// A package's running canary (any package's, or the one of the deployment `id`), if any.
+function runningCanary(id) {
+  return state.packages.some((pkg) => pkg.canary && (id === undefined || pkg.canary.deployment === id));
 }
 
 // -- rendering ------------------------------------------------------------------------------
@@ -512,6 +549,7 @@ function packageCard(pkg) {
           ),
         )
       : null,
+    pkg.canary ? canaryPanel(pkg) : null,
     canChange()
       ? el(
           "p",
@@ -520,6 +558,53 @@ function packageCard(pkg) {
             ? el("button", { type: "button", class: "rollback", dataset: { focus: `rollback:${pkg.name}` }, onclick: () => rollback(pkg) }, `Roll back to ${pkg.previous_version}`)
             : null,
           el("button", { type: "button", class: "undeploy danger", dataset: { focus: `undeploy:${pkg.name}` }, onclick: () => undeploy(pkg) }, "Undeploy"),
+        )
+      : null,
+  );
+}
+
+function canaryPanel(pkg) {
+  const canary = pkg.canary;
+  const analysis = canary.analysis;
+  const focus = (what) => ({ focus: `${what}:${pkg.name}` });
+  return el(
+    "div",
+    { class: "canary", dataset: { version: canary.version } },
+    el(
+      "p",
+      { class: "canary-summary" },
+      "Canary ",
+      el("strong", { class: "canary-version" }, canary.version),
+      " gets ",
+      el("strong", { class: "canary-weight" }, `${canary.weight_percent}%`),
+      " of the users",
+      canary.step
+        ? [" · ", el("span", { class: "canary-step", title: canary.steps }, `step ${canary.step} of ${canary.step_count}`)]
+        : null,
+      canary.current_step ? ` (${canary.current_step})` : "",
+      canary.key ? ` · kept by ${canary.key}` : "",
+    ),
+    el(
+      "p",
+      { class: "canary-analysis" },
+      "Last analysis: ",
+      analysis
+        ? [
+            el("span", { class: `verdict verdict-${analysis.verdict}` }, analysis.verdict),
+            " — ",
+            el("span", { class: "canary-reason" }, analysis.reason),
+          ]
+        : "analysis" in canary // absent: the canary runs on another worker, which analyses it
+          ? "none yet"
+          : `on ${canary.coordinator || "the worker that runs it"}`,
+    ),
+    canChange()
+      ? el(
+          "p",
+          { class: "actions" },
+          el("button", { type: "button", class: "canary-promote", dataset: focus("promote"), onclick: () => promoteCanary(pkg, false) }, "Promote"),
+          el("button", { type: "button", class: "canary-promote-all", dataset: focus("promote-all"), onclick: () => promoteCanary(pkg, true) }, "Promote all"),
+          el("button", { type: "button", class: "canary-abort danger", dataset: focus("abort"), onclick: () => abortCanary(pkg) }, "Abort"),
         )
       : null,
   );
