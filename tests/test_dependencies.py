@@ -313,3 +313,101 @@ async def test_block_holds_the_dependents_too_until_their_old_instances_are_idle
         testkit.event("old").set()
     assert answers["in flight"]["inventory"] == "1.0"
     assert answers["held"]["inventory"] == "2.0"
+
+
+# -- sets: several packages deployed as one operation ----------------------------------------------
+
+
+async def test_a_set_is_prepared_then_switched_at_once_each_bound_to_the_others(
+    deployer: Deployer, sources: Path, client: httpx.AsyncClient
+) -> None:
+    record = await deployer.deploy_set([orders(sources), inventory(sources, "1.0")])  # any order
+    assert record.bundle == ["inventory 1.0", "orders 1.0"]  # prepared in dependency order
+    assert record.package == "inventory"
+    assert [s.name for s in record.steps if s.name.startswith("prepare o")] == ["prepare orders 1.0"]
+    assert (await answer(client))["inventory"] == "1.0"
+    again = await deployer.deploy_set(
+        [inventory(sources, "2.0"), orders(sources, "2.0"), write_package(sources, "greeter", "1.0")]
+    )
+    assert again.bundle == ["inventory 2.0", "orders 2.0", "greeter 1.0"]
+    assert again.moved == []  # orders is in the set: it is not a dependent that moved
+    assert await answer(client) == {
+        "orders": "2.0",
+        "inventory": "2.0",
+        "lazy": "2.0",
+        "own": "models of orders 2.0",
+    }
+    assert bound_to(deployer, "orders") == {"inventory": "2.0"}
+    assert (await client.get("/greeter/")).json()["version"] == "1.0"
+    assert [p.active_version for p in deployer.status()] == ["1.0", "2.0", "2.0"]
+
+
+async def test_a_set_with_one_failing_package_switches_nothing(
+    deployer: Deployer, sources: Path, client: httpx.AsyncClient
+) -> None:
+    await deployer.deploy_set([inventory(sources, "1.0"), orders(sources)])
+    broken = write_package(sources, "orders", "2.0", app="raise RuntimeError('no database')\n")
+    with pytest.raises(DeploymentError) as caught:
+        await deployer.deploy_set([inventory(sources, "2.0"), broken, write_package(sources, "greeter")])
+    assert caught.value.cause.package == "orders"
+    assert "RuntimeError" in caught.value.cause.message
+    assert await answer(client) == {
+        "orders": "1.0",
+        "inventory": "1.0",
+        "lazy": "1.0",
+        "own": "models of orders 1.0",
+    }
+    assert (await client.get("/greeter/")).status_code == 404  # not installed either
+    assert [p.name for p in deployer.status()] == ["inventory", "orders"]
+    [inv] = deployer.status("inventory")
+    assert [v.version for v in inv.versions] == ["1.0"]
+
+
+async def test_a_set_whose_requirements_do_not_hold_together_is_refused(
+    deployer: Deployer, sources: Path
+) -> None:
+    with pytest.raises(DeploymentError) as caught:
+        await deployer.deploy_set([orders(sources), write_package(sources, "greeter")])
+    assert "orders 1.0 requires inventory>=1, and it is not active" in caught.value.cause.message
+    with pytest.raises(
+        DeploymentError, match="a set deploys each package once; inventory came more than once"
+    ):
+        await deployer.deploy_set([inventory(sources, "1.0"), inventory(sources, "2.0")])
+    assert deployer.status() == []
+
+
+async def test_a_set_that_fails_its_bake_switches_every_package_back(
+    deployer: Deployer, sources: Path, client: httpx.AsyncClient
+) -> None:
+    await deployer.deploy_set([inventory(sources, "1.0"), orders(sources)])
+    vetoes = write_package(
+        sources,
+        "orders",
+        "2.0",
+        app=ORDERS_APP.format(version="2.0"),
+        manifest_extra='requires = { inventory = ">=1" }\nhooks = "orders.checks"\n',
+        files={
+            "orders/checks.py": """
+            from starlette_hotdeploy import hookimpl
+
+
+            @hookimpl
+            def hotdeploy_check_after_activate(version, previous):
+                return "orders 2.0 vetoes itself after activation"
+            """
+        },
+    )
+    with pytest.raises(DeploymentError) as caught:
+        await deployer.deploy_set([inventory(sources, "2.0"), vetoes, write_package(sources, "greeter")])
+    assert caught.value.deployment.outcome.value == "rolled_back"
+    assert "vetoes itself" in caught.value.cause.message
+    assert await answer(client) == {
+        "orders": "1.0",
+        "inventory": "1.0",
+        "lazy": "1.0",
+        "own": "models of orders 1.0",
+    }
+    assert (await client.get("/greeter/")).status_code == 404
+    assert {p.name: p.active_version for p in deployer.status()} == {"inventory": "1.0", "orders": "1.0"}
+    desired = deployer.cluster()["desired"]  # the store's desired state, switched back too
+    assert {name: d["version"] for name, d in desired.items()} == {"inventory": "1.0", "orders": "1.0"}

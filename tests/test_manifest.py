@@ -62,6 +62,8 @@ def test_minimal_manifest_gets_defaults() -> None:
         "hooks": None,
         "shadow_host_routes": False,
         "canary": None,
+        "exports": None,
+        "reload_with_requirements": True,
     }
     assert (manifest.app_module, manifest.app_attribute, manifest.app_is_factory) == (
         "greeter.app",
@@ -144,6 +146,9 @@ def test_each_required_key_is_required(key: str) -> None:
         ("mount", '"/%ff"', "not UTF-8"),
         ("load_timeout", "0", "positive number of seconds"),
         ("shadow_host_routes", '"yes"', "true or false"),
+        ("reload_with_requirements", "1", "true or false"),
+        ("exports", '"orders.api"', "a list of module names"),
+        ("exports", '["orders api"]', "is not a module name"),
         ("mount", '"/a b"', "literal URL prefix"),
         ("health", '"healthz"', "must be a path starting with '/'"),
         ("requires", '"inventory>=1"', "must be a table"),

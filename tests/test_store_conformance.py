@@ -23,7 +23,7 @@ import pytest
 
 from postgres import schema_url
 from starlette_hotdeploy._errors import HotDeployError, IllegalTransition
-from starlette_hotdeploy._operation import PHASE_TRANSITIONS, Operation, OperationKind, Phase, Vote
+from starlette_hotdeploy._operation import PHASE_TRANSITIONS, Member, Operation, OperationKind, Phase, Vote
 from starlette_hotdeploy._postgres_store import PostgresStore
 from starlette_hotdeploy._sqlite_store import _MIGRATIONS, SQLiteStore
 from starlette_hotdeploy._store import Store
@@ -223,6 +223,38 @@ def test_an_upload_is_listed_only_once_a_commit_activated_it(connect: Connect) -
     assert committed.activated_at == pytest.approx(time.time(), abs=60)
     activated(coordinator, "1.0")  # set_desired activates too
     assert listed(follower) == ["2.0", "1.0"]
+
+
+def test_a_set_commits_every_package_of_it_in_one_generation(connect: Connect) -> None:
+    coordinator, follower = connect(), connect()
+    activated(coordinator, "1.0")
+    for name, version in (("greeter", "2.0"), ("orders", "3.0"), ("billing", "1.0")):
+        uploaded(coordinator, version, package=name)
+    activated(coordinator, "1.0", package="billing")
+    members = (
+        Member("orders", "3.0", sha("3.0"), [("3.0", sha("3.0"))]),
+        Member("billing", None, None, []),  # a set's switch back removes what it installed
+    )
+    operation = dataclasses.replace(activation("set1"), members=members)
+    assert coordinator.begin_operation(operation, {"w1"}) is None
+    stored = follower.operation("set1")
+    assert stored is not None
+    assert stored.members == members
+    assert stored.packages == {"greeter", "orders", "billing"}
+    # Another operation on any package of the set waits for it, and the other way round.
+    assert follower.begin_operation(activation("op2", package="orders"), {"w1", "w2"}) == stored
+    assert follower.begin_operation(dataclasses.replace(activation("op3", package="other"), members=(
+        Member("billing", "2.0", sha("2.0"), []),)), {"w1", "w2"}) == stored  # fmt: skip
+    # Their archives are protected while it is under way, as the package's own are.
+    assert follower.prune("orders", 0, set()) == []
+    before = follower.generation()
+    coordinator.commit(operation)
+    desired = follower.desired()
+    assert (desired["greeter"].version, desired["orders"].version) == ("2.0", "3.0")
+    assert desired["greeter"].generation == desired["orders"].generation == follower.generation()
+    assert follower.generation() == before + 1
+    assert "billing" not in desired
+    assert listed(follower, "orders") == ["3.0"]
 
 
 def test_an_aborted_or_refused_activation_and_a_removal_activate_nothing(store: Store) -> None:
@@ -980,8 +1012,9 @@ def test_a_schema_1_home_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
     store = SQLiteStore(home)
     try:
         version, _, columns = schema_of(home)
-        assert version == 4
+        assert version == 5
         assert columns["desired"][-1] == "canary"
+        assert columns["operations"][-1] == "members"
         assert columns["history"] == ["id", "package", "started_at", "record", "worker", "finished_at"]
         assert columns["archives"] == ["name", "version", "sha256", "path", "created_at", "activated_at"]
         assert store.generation() == 7
@@ -1074,7 +1107,7 @@ def test_opening_a_migrated_home_again_changes_nothing(tmp_path: Path) -> None:
     home = tmp_path / "home"
     SQLiteStore(home).close()
     migrated = schema_of(home)
-    assert migrated[0] == 4
+    assert migrated[0] == 5
     store = SQLiteStore(home)
     store.record(pending_record("d1"))
     store.close()
@@ -1110,7 +1143,7 @@ def test_a_new_home_opened_by_several_workers_at_once_is_migrated_once(tmp_path:
         assert len(stores) == 6
         stores[0].record(pending_record("d1"))
         assert all(s.deployment("d1") is not None for s in stores)
-        assert schema_of(home)[0] == 4
+        assert schema_of(home)[0] == 5
     finally:
         for store in stores:
             store.close()

@@ -39,7 +39,7 @@ from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
 
 from ._errors import StoreError
-from ._operation import Operation, OperationKind, Phase, Vote
+from ._operation import Member, Operation, OperationKind, Phase, Vote
 from ._store import Notifying, Store, Worker
 from ._wakeup import Wakeup
 
@@ -297,6 +297,8 @@ class Cluster:
         version: str | None = None,
         sha256: str | None = None,
         lineage: list[tuple[str, str]] | None = None,
+        *,
+        members: tuple[Member, ...] = (),
     ) -> Operation:
         return Operation(
             id=op_id,
@@ -308,6 +310,7 @@ class Cluster:
             phase=Phase.PREPARE,
             coordinator=self.worker_id,
             created_at=time.time(),
+            members=members,
         )
 
     async def await_votes(

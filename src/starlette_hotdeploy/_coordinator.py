@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,10 +51,10 @@ from ._follower import Follower
 from ._hooks import implemented, notify, run_checks
 from ._host_routes import host_routes, shadowed
 from ._manifest import Manifest
-from ._operation import CANARY_SUFFIX, Operation, OperationKind, Phase, Vote
+from ._operation import CANARY_SUFFIX, Member, Operation, OperationKind, Phase, Vote
 from ._package import Package
 from ._records import RecordLog
-from ._requirements import check_change
+from ._requirements import check_change, in_dependency_order
 from ._store import Store
 from ._version import PackageVersion, VersionState
 
@@ -102,38 +102,8 @@ class Coordinator:
     ) -> Deployment:
         engine = self.engine
         options = options or DeployOptions()
-        unpacked: Unpacked | None = None
-        try:
-            with record.step("unpack") as step:
-                data = await anyio.to_thread.run_sync(read_source, source, engine.limits)
-                if engine.trusted_keys is not None:
-                    # Before anything of the archive is read: an untrusted one is never unpacked.
-                    signer = await anyio.to_thread.run_sync(
-                        engine.trusted_keys.verify, data, options.signature
-                    )
-                    record.signer = signer.describe()
-                unpacked = await anyio.to_thread.run_sync(
-                    unpack, data, engine.home / "packages", engine.limits
-                )
-                manifest = unpacked.manifest
-                record.package, record.to_version = manifest.name, manifest.version
-                await self._check_replacement(record, manifest, unpacked.sha256, options)
-                self._check_host_routes(manifest, options)
-                await anyio.to_thread.run_sync(
-                    self.store.save_archive, manifest.name, manifest.version, unpacked.sha256, data
-                )
-                step.detail = f"{manifest.name} {manifest.version} sha256:{unpacked.sha256[:12]}"
-                if record.signer is not None:
-                    step.detail += f", signed by {record.signer}"
-        except Exception as exc:
-            error = exc if isinstance(exc, HotDeployError) else ArchiveError(f"{type(exc).__name__}: {exc}")
-            if unpacked is not None:
-                # Refused before this upload was saved: an identical archive in the store is
-                # someone else's (another worker may be about to deploy it); only the copy goes.
-                await self._forget_upload(
-                    unpacked.manifest.name, unpacked.manifest.version, unpacked.sha256, saved=False
-                )
-            await self._fail(record, error)
+        unpacked = await self._unpack(source, record, options)
+        manifest = unpacked.manifest
         record.package, record.to_version, record.sha256 = manifest.name, manifest.version, unpacked.sha256
         try:
             with self._claim(manifest.name, record):
@@ -170,6 +140,108 @@ class Coordinator:
             if record.outcome is Outcome.FAILED:
                 await self._forget_upload(manifest.name, manifest.version, unpacked.sha256)
             raise
+
+    async def deploy_set(
+        self,
+        sources: Sequence[Source],
+        record: Deployment,
+        options: DeployOptions | None = None,
+        signatures: Sequence[bytes | None] = (),
+    ) -> Deployment:
+        """Deploy several packages as one operation: all prepared and checked (each bound to the
+        set's new versions of what it requires), then all switched at once, or none."""
+        options = options or DeployOptions()
+        if options.canary or options.canary_steps:
+            raise CanaryRefused("a set of packages is deployed without a canary", step="canary")
+        uploads: list[Unpacked] = []
+        try:
+            for index, source in enumerate(sources):
+                signature = signatures[index] if index < len(signatures) else None
+                uploads.append(await self._unpack(source, record, options, signature))
+            names = [u.manifest.name for u in uploads]
+            twice = sorted({name for name in names if names.count(name) > 1})
+            if twice:
+                await self._fail(
+                    record,
+                    HotDeployError(
+                        f"a set deploys each package once; {', '.join(twice)} came more than once",
+                        package=twice[0],
+                        step="unpack",
+                    ),
+                )
+            order = {m.name: i for i, m in enumerate(in_dependency_order(u.manifest for u in uploads))}
+            uploads.sort(key=lambda u: order[u.manifest.name])
+            record.bundle = [f"{u.manifest.name} {u.manifest.version}" for u in uploads]
+            changed = [u for u in uploads if not self._is_active(u)]
+            first = (changed or uploads)[0]
+            record.package, record.to_version, record.sha256 = (
+                first.manifest.name,
+                first.manifest.version,
+                first.sha256,
+            )
+            with ExitStack() as claims:
+                packages: list[Package] = []
+                for upload in changed or uploads[:1]:
+                    claims.enter_context(self._claim(upload.manifest.name, record))
+                    package = self.engine.get(upload.manifest.name)
+                    if package is None:
+                        package = await anyio.to_thread.run_sync(
+                            self.engine.new_package, upload.manifest.name, upload.manifest.mount
+                        )
+                    packages.append(package)
+                members = list(zip(packages[1:], (changed or uploads)[1:], strict=True))
+                return await self._install(record, packages[0], first, members=members)
+        except DeploymentError:
+            if record.outcome is Outcome.FAILED:
+                for upload in uploads:
+                    await self._forget_upload(upload.manifest.name, upload.manifest.version, upload.sha256)
+            raise
+
+    def _is_active(self, unpacked: Unpacked) -> bool:
+        package = self.engine.get(unpacked.manifest.name)
+        active = package.active if package is not None else None
+        return active is not None and active.sha256 == unpacked.sha256
+
+    async def _unpack(
+        self, source: Source, record: Deployment, options: DeployOptions, signature: bytes | None = None
+    ) -> Unpacked:
+        """The `unpack` step: read, verify, unpack and check an archive, and save it in the store;
+        a failure fails `record`."""
+        engine = self.engine
+        unpacked: Unpacked | None = None
+        try:
+            with record.step("unpack") as step:
+                data = await anyio.to_thread.run_sync(read_source, source, engine.limits)
+                if engine.trusted_keys is not None:
+                    # Before anything of the archive is read: an untrusted one is never unpacked.
+                    signer = await anyio.to_thread.run_sync(
+                        engine.trusted_keys.verify, data, signature or options.signature
+                    )
+                    record.signer = signer.describe()
+                unpacked = await anyio.to_thread.run_sync(
+                    unpack, data, engine.home / "packages", engine.limits
+                )
+                manifest = unpacked.manifest
+                record.package, record.to_version = manifest.name, manifest.version
+                await self._check_replacement(record, manifest, unpacked.sha256, options)
+                self._check_host_routes(manifest, options)
+                await anyio.to_thread.run_sync(
+                    self.store.save_archive, manifest.name, manifest.version, unpacked.sha256, data
+                )
+                step.detail = f"{manifest.name} {manifest.version} sha256:{unpacked.sha256[:12]}"
+                if record.signer is not None:
+                    step.detail += f", signed by {record.signer}"
+        except Exception as exc:
+            error = exc if isinstance(exc, HotDeployError) else ArchiveError(f"{type(exc).__name__}: {exc}")
+            if unpacked is not None:
+                # Refused before this upload was saved: an identical archive in the store is
+                # someone else's (another worker may be about to deploy it); only the copy goes.
+                await self._forget_upload(
+                    unpacked.manifest.name, unpacked.manifest.version, unpacked.sha256, saved=False
+                )
+            await self._fail(record, error)
+        assert unpacked is not None
+        return unpacked
 
     async def _check_replacement(
         self, record: Deployment, manifest: Manifest, sha256: str, options: DeployOptions
@@ -338,11 +410,11 @@ class Coordinator:
         stored = await anyio.to_thread.run_sync(self.store.archives, package.name)
         self.engine.note_available(package, [(a.version, a.sha256) for a in stored])
 
-    async def _check_requirements(self, record: Deployment, manifest: Manifest) -> None:
+    async def _check_requirements(self, record: Deployment, *manifests: Manifest) -> None:
         """Refused (409) if activating `manifest` would leave a requirement unmet, or form a cycle."""
         active = [p.active.manifest for p in self.engine.packages() if p.active is not None]
         try:
-            check_change(active, manifest)
+            check_change(active, *manifests)
         except UnmetRequirement as error:
             await self._fail(record, error)
 
@@ -402,8 +474,11 @@ class Coordinator:
         unpacked: Unpacked | None,
         *,
         warm: PackageVersion | None = None,
+        members: Sequence[tuple[Package, Unpacked]] = (),
     ) -> Deployment:
-        """Prepare a version on every worker, switch to it everywhere, then bake it."""
+        """Prepare a version on every worker, switch to it everywhere, then bake it. `members`:
+        the other packages of a set deployed together (each after those it requires), prepared
+        after it and switched, committed and baked in the same steps."""
         engine = self.engine
         current = package.active
         record.from_version = current.version if current is not None else None
@@ -411,7 +486,7 @@ class Coordinator:
             version = warm
         else:
             assert unpacked is not None
-            if current is not None and current.sha256 == unpacked.sha256:
+            if current is not None and current.sha256 == unpacked.sha256 and not members:
                 with record.step("unchanged") as step:
                     step.detail = (
                         f"{package.name} {unpacked.manifest.version} with this sha256 is already active"
@@ -425,16 +500,32 @@ class Coordinator:
         lineage = package.lineage_after(
             version.version, version.sha256, rollback=record.operation is Action.ROLLBACK
         )[-self.keep_versions :]  # older versions' archives are pruned: no rollback to them
+        together = [
+            (member, PackageVersion(u.manifest, u.root, u.sha256), member.lineage_pairs())
+            for member, u in members
+        ]
         operation = self.cluster.new_operation(
-            record.id, package.name, OperationKind.ACTIVATE, version.version, version.sha256, lineage
+            record.id,
+            package.name,
+            OperationKind.ACTIVATE,
+            version.version,
+            version.sha256,
+            lineage,
+            members=tuple(
+                Member(
+                    m.name, v.version, v.sha256, m.lineage_after(v.version, v.sha256)[-self.keep_versions :]
+                )
+                for m, v, _ in together
+            ),
         )
         moves: list[Move] = []
         # A deployment runs to its outcome (every step is bounded); the claims of the dependents
         # that move with it are held as long.
         with anyio.CancelScope(shield=True), ExitStack() as claims:
             try:
-                await self._check_requirements(record, manifest)
-                dependents = engine.dependents(package.name)
+                await self._check_requirements(record, manifest, *(v.manifest for _, v, _ in together))
+                in_set = {package.name, *(m.name for m, _, _ in together)}
+                dependents = [d for d in engine.dependents(*in_set) if d.name not in in_set]
                 for dependent in dependents:
                     claims.enter_context(self._claim(dependent.name, record))
                 await self._begin(operation, record)
@@ -448,7 +539,10 @@ class Coordinator:
                 else:
                     with record.step("prepare") as step:
                         step.detail = "warm: the version was still loaded"
-                moves = await engine.prepare_dependents(record, dependents, version)
+                moves = await self._prepare_members(record, version, together)
+                moves += await engine.prepare_dependents(
+                    record, dependents, version, *(move.new for move in moves)
+                )
                 await self._vote(operation, Vote.PREPARED)
                 with record.step("prepare workers") as step:
                     result = await self.cluster.await_votes(operation, Vote.PREPARED, _reporter(record))
@@ -471,8 +565,9 @@ class Coordinator:
                     else:
                         engine.switch(package, version, current, moves)
                     if moves:
-                        record.moved = [str(move) for move in moves]
-                        step.detail = f"{step.detail or 'one assignment'}; with {', '.join(record.moved)}"
+                        record.moved = [str(move) for move in moves[len(together) :]]
+                        with_it = ", ".join(f"{move.new.name} {move.new.version}" for move in moves)
+                        step.detail = f"{step.detail or 'one assignment'}; with {with_it}"
             except BaseException as exc:
                 # Ended even if the store fails it (the store may be why this failed): what was
                 # prepared here must go, and the error that failed it is the answer.
@@ -485,10 +580,15 @@ class Coordinator:
                 if not isinstance(exc, Exception):
                     raise
                 await self._fail(record, _as_error(exc, version))
+            set_moves = moves[: len(together)]  # the set's packages (then the dependents)
             first_install = engine.get(package.name) is None
             lineage_before = package.lineage_pairs()
+            installed = [m for m, _, _ in together if engine.get(m.name) is None]
             engine.adopt(package)
             engine.confirm(package, version.version, version.sha256, lineage)
+            for (member, member_version, _), entry in zip(together, operation.members, strict=True):
+                engine.adopt(member)
+                engine.confirm(member, member_version.version, member_version.sha256, entry.lineage)
             try:
                 with record.step("commit"):
                     await self.cluster.commit(operation)
@@ -499,27 +599,32 @@ class Coordinator:
                 # generation moved and this worker's follower converges on it.)
                 with record.step("switch back") as step:
                     step.detail = f"back to {current.version}" if current is not None else "unmounted"
-                    engine.switch(package, current, version, [move.back() for move in moves])
+                    engine.switch_back(package, current, version, moves)
                 engine.set_lineage(package, lineage_before)
+                for member, _, member_lineage in together:
+                    engine.set_lineage(member, member_lineage)
                 with contextlib.suppress(IllegalTransition):  # abandoned already, or committed after all
                     await self.cluster.end(operation.id, Phase.ABORT)
                 await engine.discard_moves(moves)
                 await engine.discard(package, version)
+                for member in installed:
+                    engine.forget(member)
                 if first_install:
                     engine.forget(package)
                 await self._fail(record, _as_error(exc, version))
             await self._converge(operation, record, done=False)
             try:
                 with record.step("bake") as step:
-                    await run_checks(
-                        "hotdeploy_check_after_activate",
-                        engine.managers(version),
-                        {"version": version, "previous": current},
-                        timeout=engine.check_timeout,
-                        package=version.name,
-                        version=version.version,
-                        step="bake",
-                    )
+                    for checked, previous in [(version, current), *((m.new, m.old) for m in set_moves)]:
+                        await run_checks(
+                            "hotdeploy_check_after_activate",
+                            engine.managers(checked),
+                            {"version": checked, "previous": previous},
+                            timeout=engine.check_timeout,
+                            package=checked.name,
+                            version=checked.version,
+                            step="bake",
+                        )
                     await self._vote(operation, Vote.CHECKED)
                     if implemented("hotdeploy_check_after_activate", engine.managers(version)):
                         # They run on every worker: a failure anywhere switches every one back.
@@ -541,20 +646,58 @@ class Coordinator:
                 error = _as_error(exc, version)
                 await self._done(operation)
                 await self._switch_back(
-                    record, package, version, current, operation, first_install, error, moves
+                    record, package, version, current, operation, first_install, error, moves, installed
                 )
                 raise DeploymentError(record, error) from exc
             await self._done(operation)
             record.decide(Outcome.SUCCEEDED)
             await self.records.save(record)
-            engine.runtime().start_soon(self._announce, version, current, record)
+            for new, old in [(version, current), *((m.new, m.old) for m in set_moves)]:
+                engine.runtime().start_soon(self._announce, new, old, record)
             engine.retire_moves(moves)  # before the version they were bound to
             if current is not None and current is not version:
                 engine.retire(package, current, record)  # finishes the record once it is gone
             else:
                 record.finish()
-            await self._prune(package)
+            for pruned in (package, *(m for m, _, _ in together)):
+                await self._prune(pruned)
         return record
+
+    async def _prepare_members(
+        self,
+        record: Deployment,
+        first: PackageVersion,
+        together: Sequence[tuple[Package, PackageVersion, list[tuple[str, str]]]],
+    ) -> list[Move]:
+        """Prepare the other packages of a set (each bound to the set's new versions of what it
+        requires); all or nothing: on failure those prepared are discarded."""
+        engine = self.engine
+        moves: list[Move] = []
+        moving = {first.name: first}
+        for package, version, _ in together:
+            bound = engine.bindings(version.manifest)
+            if version.manifest.reload_with_requirements:
+                bound.update({n: v for n, v in moving.items() if n in version.manifest.requires})
+            try:
+                with record.step(f"prepare {package.name} {version.version}") as step:
+                    try:
+                        await engine.prepare(None, package, version, bound)
+                    except BaseException:
+                        with anyio.CancelScope(shield=True):
+                            await engine.discard(package, version)
+                        raise
+                    step.detail = "loaded, started and checked" + (
+                        f"; bound to {', '.join(f'{n} {v.version}' for n, v in sorted(bound.items()))}"
+                        if bound
+                        else ""
+                    )
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await engine.discard_moves(moves)
+                raise
+            moves.append(Move(package, package.active, version))
+            moving[package.name] = version
+        return moves
 
     async def _install_canary(
         self, record: Deployment, package: Package, unpacked: Unpacked, plan: CanaryPlan
@@ -681,14 +824,16 @@ class Coordinator:
         first_install: bool,
         error: HotDeployError,
         moves: list[Move],
+        installed: list[Package],
     ) -> None:
         """A post-activation check failed: the previous version again, everywhere (and the
-        dependents that moved with it, back to their instances bound to it)."""
+        packages that switched with it: the dependents back to their instances bound to it, the
+        other packages of a set to what they were, or unmounted where it `installed` them)."""
         engine = self.engine
         with record.step("switch back") as step:
             step.detail = f"back to {current.version}" if current is not None else "unmounted"
             # `current` (and the dependents' old instances) were kept warm since the switch.
-            engine.switch(package, current, version, [move.back() for move in moves])
+            engine.switch_back(package, current, version, moves)
         back = self.cluster.new_operation(
             f"{record.id}-back",
             package.name,
@@ -696,6 +841,15 @@ class Coordinator:
             current.version if current is not None else None,
             current.sha256 if current is not None else None,
             operation.lineage[:-1],
+            members=tuple(
+                Member(
+                    m.package,
+                    move.old.version if move.old is not None else None,
+                    move.old.sha256 if move.old is not None else None,
+                    m.lineage[:-1],
+                )
+                for m, move in zip(operation.members, moves, strict=False)
+            ),
         )
         other = await self.cluster.begin_operation(back)
         if other is not None:
@@ -710,8 +864,12 @@ class Coordinator:
         else:
             await self._commit(back, record)
         engine.set_lineage(package, operation.lineage[:-1])
+        for member, move in zip(operation.members, moves, strict=False):
+            engine.set_lineage(move.package, member.lineage[:-1])
         await engine.discard_moves(moves)
         await engine.discard(package, version)
+        for forgotten in installed:
+            engine.forget(forgotten)
         if first_install:
             engine.forget(package)
         error.message = engine.redact(error.message)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -494,6 +494,26 @@ class Deployer:
             await self._records.save(record)
         options = _options(signature, force, shadow_host_routes, canary)
         return await coordinator.deploy(source, record, options)
+
+    async def deploy_set(
+        self,
+        sources: Sequence[Source],
+        *,
+        signatures: Sequence[bytes | None] = (),
+        force: bool = False,
+        shadow_host_routes: bool = False,
+        record: Deployment | None = None,
+    ) -> Deployment:
+        """Deploy several packages as one operation: every one is prepared and checked (a
+        package that requires another of the set is bound to its new version), then all switch
+        at once on every worker, or none does. Returns the record (`bundle` lists the set);
+        raises DeploymentError as `deploy` does. `signatures`: one per source, in order."""
+        coordinator = self._running().coordinator
+        if record is None:
+            record = self._records.new(Action.DEPLOY, None)
+            await self._records.save(record)
+        options = _options(None, force, shadow_host_routes, None)
+        return await coordinator.deploy_set(sources, record, options, signatures)
 
     async def _deploy_dropped(self, path: Path, signature: bytes | None) -> Deployment:
         return await self.deploy(path, signature=signature)

@@ -96,6 +96,8 @@ class Deployment:
     # The dependents that moved with the package in the same switch ("orders 1.0"): loaded
     # again, bound to the new version of what they import.
     moved: list[str] = field(default_factory=list)
+    # A set deployed together: every package of it ("inventory 2.0"), in the order it was prepared.
+    bundle: list[str] = field(default_factory=list)
     # Called with (record, step) when a step starts or ends, and with (record, None) when the
     # outcome is decided or the record finished: how progress reaches the event stream and store.
     on_change: Callable[[Deployment, Step | None], None] | None = field(
@@ -206,6 +208,7 @@ class Deployment:
             "workers": {worker: dict(entry) for worker, entry in self.workers.items()},
             "canary": dict(self.canary) or None,
             "moved": list(self.moved),
+            "bundle": list(self.bundle),
         }
 
     @classmethod
@@ -233,4 +236,5 @@ class Deployment:
             workers={worker: dict(entry) for worker, entry in (data.get("workers") or {}).items()},
             canary=dict(data.get("canary") or {}),
             moved=list(data.get("moved") or []),
+            bundle=list(data.get("bundle") or []),
         )

@@ -18,7 +18,7 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,17 +96,13 @@ class Retirement:
 
 @dataclass(frozen=True, eq=False)
 class Move:
-    """A dependent that moves with a version it imports: `new` is loaded from the same archive
-    as `old` (its active version), bound to the new version of what it requires, and both
-    switch in the same step as that version."""
+    """Another package that switches in the same step as an operation's version: a dependent
+    (`new` loaded from the same archive as `old`, its active version, bound to the new version
+    of what it requires), or a package of a set deployed together (`old` None: installed by it)."""
 
     package: Package
-    old: PackageVersion
+    old: PackageVersion | None
     new: PackageVersion
-
-    def back(self) -> Move:
-        """The same move, undone (a switch back)."""
-        return Move(self.package, self.new, self.old)
 
     def __str__(self) -> str:
         return f"{self.package.name} {self.new.version}"
@@ -466,10 +462,10 @@ class Engine:
 
     # -- dependents -------------------------------------------------------------------------
 
-    def dependents(self, name: str) -> list[Package]:
-        """The active packages that move with `name`: those that require it (or require one
-        that moves) and do not opt out, each after the ones it requires."""
-        moving = {name}
+    def dependents(self, *names: str) -> list[Package]:
+        """The active packages that move with `names` (those changing): those that require one
+        (or require one that moves) and do not opt out, each after the ones it requires."""
+        moving = set(names)
         found: list[Package] = []
         grew = True
         while grew:
@@ -485,13 +481,15 @@ class Engine:
         return found
 
     async def prepare_dependents(
-        self, record: Deployment | None, dependents: list[Package], new: PackageVersion
+        self, record: Deployment | None, dependents: list[Package], *changing: PackageVersion
     ) -> list[Move]:
         """Load, start and check a new instance of each dependent (from its active version's
-        archive), bound to `new` and to the instances moving before it. All or nothing: on
-        failure the ones prepared are discarded and DependentFailed names the dependent."""
+        archive), bound to the `changing` versions and to the instances moving before it. All or
+        nothing: on failure the ones prepared are discarded and DependentFailed names the
+        dependent."""
         moves: list[Move] = []
-        moving = {new.name: new}
+        moving = {version.name: version for version in changing}
+        new = changing[0]
         for package in dependents:
             old = package.active
             if old is None:
@@ -515,9 +513,12 @@ class Engine:
                 with anyio.CancelScope(shield=True):
                     await self.discard_moves(moves)
                 cause = exc.message if isinstance(exc, HotDeployError) else what_raised(exc)
+                required = [v for name, v in moving.items() if name in old.manifest.requires]
+                what = " and ".join(v.name for v in required) or new.name
+                bound_to = ", ".join(f"{v.name} {v.version}" for v in required) or new.version
                 raise DependentFailed(
-                    f"{package.name} {old.version} requires {new.name} and moves with it, but could not "
-                    f"be prepared bound to {new.name} {new.version}: {cause}; nothing switched",
+                    f"{package.name} {old.version} requires {what} and moves with it, but could not "
+                    f"be prepared bound to {bound_to}: {cause}; nothing switched",
                     package=new.name,
                     version=new.version,
                     step=f"dependent {package.name}",
@@ -534,7 +535,7 @@ class Engine:
     def retire_moves(self, moves: list[Move], delay: float = 0.0) -> None:
         """The old instances of moves that switched: drained, stopped and unloaded."""
         for move in moves:
-            if move.old.state is VersionState.DRAINING:
+            if move.old is not None and move.old.state is VersionState.DRAINING:
                 self.retire(move.package, move.old, None, delay)
 
     # -- switching --------------------------------------------------------------------------
@@ -544,7 +545,7 @@ class Engine:
         package: Package,
         new: PackageVersion | None,
         old: PackageVersion | None,
-        moves: list[Move] | tuple[Move, ...] = (),
+        moves: Sequence[Move] = (),
     ) -> None:
         """The switch: one assignment on the request path's mount (or the unmount, for None),
         and one on each moving dependent's, with no await in between: no request sees a new
@@ -552,6 +553,15 @@ class Engine:
         self._switch_one(package, new, old)
         for move in moves:
             self._switch_one(move.package, move.new, move.old)
+
+    def switch_back(
+        self, package: Package, to: PackageVersion | None, away: PackageVersion, moves: Sequence[Move] = ()
+    ) -> None:
+        """Undo `switch(package, away, to, moves)` in one step: every mount back to what served
+        before (held since the switch), or unmounted where the operation installed it."""
+        self._switch_one(package, to, away)
+        for move in moves:
+            self._switch_one(move.package, move.old, move.new)
 
     def _switch_one(self, package: Package, new: PackageVersion | None, old: PackageVersion | None) -> None:
         if new is None:
@@ -639,7 +649,7 @@ class Engine:
         package: Package,
         new: PackageVersion,
         old: PackageVersion,
-        moves: list[Move] | tuple[Move, ...] = (),
+        moves: Sequence[Move] = (),
         *,
         force: bool = False,
     ) -> None:
@@ -647,7 +657,7 @@ class Engine:
         the same for the dependents that move with it (as its reload of dependent packages).
 
         With `force` (a worker following a confirmed change), switch even if it is not."""
-        pairs = [(package, old), *((m.package, m.old) for m in moves)]
+        pairs = [(package, old), *((m.package, m.old) for m in moves if m.old is not None)]
         mounts = [p.mount for p, _ in pairs if p.mount is not None]
         gate = anyio.Event()
         for mount in mounts:

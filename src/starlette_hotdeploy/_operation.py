@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 
 class Phase(enum.StrEnum):
@@ -65,8 +66,33 @@ CANARY_SUFFIX = "-canary"  # a CANARY operation's id: its deployment record's id
 
 
 @dataclass(frozen=True, slots=True)
+class Member:
+    """Another package that an ACTIVATE operation changes in the same commit (a set deployed
+    together): its new desired (version, sha256) and lineage, or its removal (version None: a
+    set's switch back to before a package of it was first installed)."""
+
+    package: str
+    version: str | None
+    sha256: str | None
+    lineage: list[tuple[str, str]]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "package": self.package,
+            "version": self.version,
+            "sha256": self.sha256,
+            "lineage": self.lineage,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Member:
+        return cls(data["package"], data["version"], data["sha256"], [(v, s) for v, s in data["lineage"]])
+
+
+@dataclass(frozen=True, slots=True)
 class Operation:
-    """A change every worker carries out: ACTIVATE (version, sha256) or REMOVE."""
+    """A change every worker carries out: ACTIVATE (version, sha256) or REMOVE; an ACTIVATE
+    may change other packages in the same commit (`members`: a set deployed together)."""
 
     id: str
     package: str
@@ -77,3 +103,9 @@ class Operation:
     phase: Phase
     coordinator: str
     created_at: float
+    members: tuple[Member, ...] = ()
+
+    @property
+    def packages(self) -> frozenset[str]:
+        """Every package it changes: no other operation may change one of them meanwhile."""
+        return frozenset((self.package, *(m.package for m in self.members)))

@@ -94,6 +94,8 @@ _MIGRATIONS: list[list[str]] = [
     ],
     # A package's canary (JSON: version, weight, step, plan), beside its desired version.
     ["ALTER TABLE desired ADD COLUMN canary TEXT"],
+    # The other packages an operation changes in the same commit (JSON; a set deployed together).
+    ["ALTER TABLE operations ADD COLUMN members TEXT"],
 ]
 
 

@@ -18,28 +18,50 @@ from ._errors import UnmetRequirement
 from ._manifest import Manifest
 
 
-def check_change(active: Iterable[Manifest], new: Manifest) -> None:
-    """Raise UnmetRequirement if activating `new` (in place of the active version of its
-    package, if any) would leave one of its requirements, or a requirement on it, unmet, or
-    close a cycle of requirements. (Removing a package that others require is refused by
-    undeploy itself: `PackageInUse`.)"""
-    name = new.name
+def check_change(active: Iterable[Manifest], *changes: Manifest) -> None:
+    """Raise UnmetRequirement if activating the `changes` together (each in place of the active
+    version of its package, if any) would leave one of their requirements, or a requirement on
+    one of them, unmet, or close a cycle of requirements. (Removing a package that others
+    require is refused by undeploy itself: `PackageInUse`.)"""
     after = {manifest.name: manifest for manifest in active}
-    after[name] = new
-    for other, spec in sorted(new.requires.items()):
-        _check(new, other, spec, after)
-    cycle = _cycle_through(name, after)
-    if cycle:
-        raise UnmetRequirement(
-            f"{name} {new.version}: its requirements form a cycle: {' -> '.join(cycle)}",
-            package=name,
-            version=new.version,
-            step="requirements",
-        )
-    for dependant in sorted(after.values(), key=lambda manifest: manifest.name):
-        on_it = dependant.requires.get(name)
-        if on_it is not None and dependant.name != name:
-            _check(dependant, name, on_it, after, changing=new)
+    after.update((new.name, new) for new in changes)
+    for new in changes:
+        for other, spec in sorted(new.requires.items()):
+            _check(new, other, spec, after)
+    for new in changes:
+        cycle = _cycle_through(new.name, after)
+        if cycle:
+            raise UnmetRequirement(
+                f"{new.name} {new.version}: its requirements form a cycle: {' -> '.join(cycle)}",
+                package=new.name,
+                version=new.version,
+                step="requirements",
+            )
+    for new in changes:
+        for dependant in sorted(after.values(), key=lambda manifest: manifest.name):
+            on_it = dependant.requires.get(new.name)
+            if on_it is not None and dependant.name != new.name:
+                _check(dependant, new.name, on_it, after, changing=new)
+
+
+def in_dependency_order(manifests: Iterable[Manifest]) -> list[Manifest]:
+    """`manifests`, each after those of them it requires (a cycle, refused elsewhere, is cut)."""
+    by_name = {m.name: m for m in manifests}
+    ordered: list[Manifest] = []
+    seen: set[str] = set()
+
+    def visit(manifest: Manifest) -> None:
+        if manifest.name in seen:
+            return
+        seen.add(manifest.name)
+        for other in sorted(manifest.requires):
+            if other in by_name:
+                visit(by_name[other])
+        ordered.append(manifest)
+
+    for manifest in by_name.values():
+        visit(manifest)
+    return ordered
 
 
 def _check(

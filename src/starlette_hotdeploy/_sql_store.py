@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ._errors import IllegalTransition, StoreError
-from ._operation import CANARY_SUFFIX, PHASE_TRANSITIONS, Operation, OperationKind, Phase, Vote
+from ._operation import CANARY_SUFFIX, PHASE_TRANSITIONS, Member, Operation, OperationKind, Phase, Vote
 from ._store import STALE_UPLOAD_AFTER, Desired, StoredArchive, Worker, finish_orphaned
 
 _ACTIVE_PHASES = tuple(phase.value for phase in Phase if phase.active)
 _FINISHED_PHASES = tuple(phase.value for phase in Phase if not phase.active)
 COMMITTED_PHASES = (Phase.COMMIT, Phase.DONE)
 
-OP_COLUMNS = "id, package, kind, version, sha256, lineage, phase, coordinator, created_at"
+OP_COLUMNS = "id, package, kind, version, sha256, lineage, phase, coordinator, created_at, members"
 ARCHIVE_COLUMNS = "name, version, sha256, path, created_at, activated_at"
 
 
@@ -171,10 +171,15 @@ class SQLStore:
         """The (version, sha256) that operations under way on the package activate: the workers
         may still fetch those archives."""
         rows = db.execute(
-            f"SELECT version, sha256 FROM operations WHERE package = ? AND kind = ? AND phase IN {sql_in(_ACTIVE_PHASES)}",
-            (name, OperationKind.ACTIVATE.value, *_ACTIVE_PHASES),
+            f"SELECT {OP_COLUMNS} FROM operations WHERE kind = ? AND phase IN {sql_in(_ACTIVE_PHASES)}",
+            (OperationKind.ACTIVATE.value, *_ACTIVE_PHASES),
         ).fetchall()
-        return {(version, sha256) for version, sha256 in rows}
+        found: set[tuple[str, str]] = set()
+        for operation in map(operation_from_row, rows):
+            changes = [(operation.package, operation.version, operation.sha256)]
+            changes += [(m.package, m.version, m.sha256) for m in operation.members]
+            found.update((v, s) for p, v, s in changes if p == name and v is not None and s is not None)
+        return found
 
     @staticmethod
     def _mark_activated(db: Db, name: str, version: str, sha256: str) -> None:
@@ -380,18 +385,20 @@ class SQLStore:
                 package=operation.package,
             )
         with self._transaction() as db:
+            # Few are ever under way: those changing one of its packages are found here.
             under_way = db.execute(
-                f"SELECT {OP_COLUMNS} FROM operations WHERE package = ? AND phase IN {sql_in(_ACTIVE_PHASES)} "
-                "ORDER BY created_at",
-                (operation.package, *_ACTIVE_PHASES),
+                f"SELECT {OP_COLUMNS} FROM operations WHERE phase IN {sql_in(_ACTIVE_PHASES)} ORDER BY created_at",
+                _ACTIVE_PHASES,
             ).fetchall()
             for row in under_way:
                 other = operation_from_row(row)
+                if not other.packages & operation.packages:
+                    continue
                 if other.coordinator in live:
                     return other
                 self._abandon(db, other)
             db.execute(
-                f"INSERT INTO operations ({OP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO operations ({OP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     operation.id,
                     operation.package,
@@ -402,6 +409,7 @@ class SQLStore:
                     Phase.PREPARE.value,
                     operation.coordinator,
                     operation.created_at,
+                    json.dumps([m.to_json() for m in operation.members]) if operation.members else None,
                 ),
             )
         return None
@@ -523,6 +531,14 @@ class SQLStore:
                 )
                 if stored.version is not None and stored.sha256 is not None:
                     self._mark_activated(db, stored.package, stored.version, stored.sha256)
+            for member in stored.members:  # a set: every package of it in this transaction
+                if member.version is None or member.sha256 is None:
+                    db.execute("DELETE FROM desired WHERE name = ?", (member.package,))
+                    continue
+                self._write_desired(
+                    db, member.package, member.version, member.sha256, member.lineage, generation
+                )
+                self._mark_activated(db, member.package, member.version, member.sha256)
             self._move(db, stored, Phase.COMMIT)
         return generation
 
@@ -548,4 +564,5 @@ def operation_from_row(row: tuple[Any, ...]) -> Operation:
         phase=Phase(row[6]),
         coordinator=row[7],
         created_at=row[8],
+        members=tuple(Member.from_json(m) for m in json.loads(row[9] or "[]")),
     )

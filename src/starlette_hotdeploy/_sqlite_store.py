@@ -112,11 +112,17 @@ def _add_desired_canary(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE desired ADD COLUMN canary TEXT")
 
 
+def _add_operation_members(db: sqlite3.Connection) -> None:
+    """5: the other packages an operation changes in the same commit (JSON; a set deployed together)."""
+    db.execute("ALTER TABLE operations ADD COLUMN members TEXT")
+
+
 _MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _create_tables,
     _add_history_worker_and_finished_at,
     _add_archive_activated_at,
     _add_desired_canary,
+    _add_operation_members,
 ]
 
 
