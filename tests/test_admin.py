@@ -49,7 +49,7 @@ PROBLEM = "application/problem+json"
 RECORD_KEYS = (
     "id operation package from_version to_version sha256 worker signer downgrade forced started_at decided_at"
     " finished_at duration_ms"
-    " outcome error error_step steps workers canary moved"
+    " outcome error error_step steps workers canary moved bundle"
 )
 VERSION_KEYS = "version state in_flight sha256 served terminated loaded_at activated_at error bound_to"
 STEPS = DEPLOY_STEPS
@@ -497,20 +497,21 @@ FAILURES: dict[str, Failure] = {
     "multipart without a file": refused(
         400,
         "invalid upload",
-        "a multipart upload must hold one archive file (and optionally a part named 'signature'), got 0",
+        "a multipart upload must hold one archive file, or up to 32 (a set deployed together), and "
+        "optionally one part named 'signature' per archive; got 0 file(s) and 0 signature(s)",
         lambda _: multipart({}, {"note": "x"}),
     ),
-    "multipart with two files": refused(
+    "multipart, two files and one signature": refused(
         400,
         "invalid upload",
-        "must hold one archive file (and optionally a part named 'signature'), got 2",
-        lambda s: multipart({"a": archive(s, "2.0"), "b": archive(s, "3.0")}),
+        "one part named 'signature' per archive; got 2 file(s) and 1 signature(s)",
+        lambda s: multipart({"a": archive(s, "2.0"), "b": archive(s, "3.0", "other"), "signature": b"x"}),
     ),
-    "multipart with three files": refused(
+    "multipart with too many files": refused(
         400,
         "invalid upload",
         "Too many files",
-        lambda s: multipart({"a": archive(s, "2.0"), "b": archive(s, "3.0"), "signature": b"x"}),
+        lambda s: multipart({f"f{i}": b"x" for i in range(65)}),
     ),
     "unsupported media type": refused(
         415, "unsupported media type", "got text/plain", lambda s: (archive(s, "2.0"), "text/plain"), seen=()
@@ -1506,3 +1507,43 @@ async def test_the_cluster_of_one_host_shows_its_worker_and_what_it_serves(
     assert worker["serving"] == {"greeter": "1.0"}
     assert worker["lagging"] == []
     assert only["lagging"] == []
+
+
+async def test_a_multipart_upload_of_several_archives_deploys_them_as_one_set(
+    admin: httpx.AsyncClient, sources: Path, deployer: Deployer
+) -> None:
+    body, content_type = multipart(
+        {"consumer": consumer(sources, "1.0", 'greeter = ">=1"'), "greeter": archive(sources, "1.0")}
+    )
+    response = await admin.post(f"{PREFIX}/packages", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 201, response.text
+    record = response.json()
+    assert record["bundle"] == ["greeter 1.0", "consumer 1.0"]
+    assert record["package"] == "greeter"
+    assert response.headers["location"] == f"{PREFIX}/deployments/{record['id']}"
+    packages = (await admin.get(f"{PREFIX}/packages")).json()["packages"]
+    assert {p["name"]: p["active_version"] for p in packages} == {"consumer": "1.0", "greeter": "1.0"}
+
+    body, content_type = multipart(
+        {"a": archive(sources, "2.0"), "b": consumer(sources, "2.0", 'greeter = ">=2"')}
+    )
+    async with deployer.events.subscribe() as events:
+        accepted = await admin.post(
+            f"{PREFIX}/packages?wait=false", content=body, headers={"Content-Type": content_type}
+        )
+        assert accepted.status_code == 202, accepted.text
+        async for event in events:  # until the background deployment is decided
+            decided = event["type"] in ("deployment.decided", "deployment.finished")
+            if decided and event["deployment"]["id"] == accepted.json()["id"]:
+                break
+    record = (await admin.get(accepted.headers["location"])).json()
+    assert record["outcome"] == "succeeded", record
+    assert record["bundle"] == ["greeter 2.0", "consumer 2.0"]
+
+
+async def test_a_set_upload_with_a_canary_is_refused(admin: httpx.AsyncClient, sources: Path) -> None:
+    body, content_type = multipart({"a": archive(sources, "1.0"), "b": archive(sources, "1.0", "other")})
+    response = await admin.post(
+        f"{PREFIX}/packages?canary=true", content=body, headers={"Content-Type": content_type}
+    )
+    assert_problem(response, 400, "a set of packages is deployed without a canary", title="invalid query")

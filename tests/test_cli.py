@@ -374,6 +374,41 @@ def test_deploy_uploads_and_prints_each_step_as_it_happens(archive: Path) -> Non
     assert [r.url.path for r in server.requests[1:]] == ["/_hotdeploy/deployments/abc123"] * 3
 
 
+def test_deploy_of_several_files_uploads_them_as_one_set(sources: Path, archive: Path) -> None:
+    done = record(
+        "succeeded",
+        [step("unpack", True, 2.0), step("prepare orders 1.0", True, 3.0), step("switch", True, 0.01)],
+        bundle=["greeter 2.0", "orders 1.0"],
+        moved=["reports 1.0"],
+    )
+    server = FakeServer([accepted(record("pending", [])), httpx.Response(200, json=done)])
+    orders = write_package(sources, "orders", "1.0", manifest_extra='requires = { greeter = ">=2" }\n')
+    result = run("deploy", str(archive), str(orders), "--token", "t", transport=server.transport)
+    assert result.exit_code == 0, (result.output, result.stderr)
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("uploading ")
+    assert "(packed orders 1.0)" in lines[1]
+    assert lines[2] == "deployment abc123 (a set of 2)"
+    assert lines[-1] == (
+        "deploy greeter: 1.0 -> 2.0 succeeded in 12.5 ms: together with orders 1.0, moved reports 1.0"
+    )
+    upload = server.requests[0]
+    assert upload.url.params["wait"] == "false"
+    assert upload.headers["content-type"].startswith("multipart/form-data; boundary=")
+    assert upload.content.count(b'name="archive"') == 2
+    assert archive.read_bytes() in upload.content
+    assert b'name="signature"' not in upload.content
+
+
+def test_a_set_takes_no_canary(archive: Path, sources: Path) -> None:
+    server = FakeServer([])
+    other = write_package(sources, "orders")
+    result = run("deploy", str(archive), str(other), "--canary", "--token", "t", transport=server.transport)
+    assert result.exit_code == 2
+    assert "a set (several FILEs) takes neither --canary nor --signature" in result.stderr
+    assert server.requests == []
+
+
 def test_deploy_packs_a_directory_on_the_fly(sources: Path, archive: Path) -> None:
     done = record("succeeded", [step("unchanged", True, 0.1)])
     server = FakeServer([accepted(done)])

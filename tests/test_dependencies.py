@@ -19,7 +19,14 @@ import testkit
 from conftest import host_app
 from drains import Drained
 from packages import write_package
-from starlette_hotdeploy import Deployer, DeploymentError, VersionState
+from starlette_hotdeploy import (
+    Deployer,
+    DeploymentError,
+    DeploymentInProgress,
+    PackageVersion,
+    VersionState,
+    hookimpl,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -411,3 +418,83 @@ async def test_a_set_that_fails_its_bake_switches_every_package_back(
     assert {p.name: p.active_version for p in deployer.status()} == {"inventory": "1.0", "orders": "1.0"}
     desired = deployer.cluster()["desired"]  # the store's desired state, switched back too
     assert {name: d["version"] for name, d in desired.items()} == {"inventory": "1.0", "orders": "1.0"}
+
+
+# -- what must not happen under a dependent --------------------------------------------------------
+
+
+class HoldInventory:
+    """Holds the check of `version` of inventory until the test sets the event `release`."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    @hookimpl
+    async def hotdeploy_check_before_activate(self, version: PackageVersion) -> None:
+        if (version.name, version.version) == ("inventory", self.version):
+            testkit.event("checking").set()
+            await testkit.event("release").wait()
+
+
+async def test_a_dependent_is_not_deployed_while_what_it_requires_changes(
+    deployer: Deployer, sources: Path, client: httpx.AsyncClient
+) -> None:
+    await deployer.deploy(inventory(sources, "1.0"))
+    deployer.plugins.register(HoldInventory("2.0"))
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(deployer.deploy, inventory(sources, "2.0"))
+        await testkit.event("checking").wait()
+        # Bound to inventory 1.0 now, it would be left on a version about to go away.
+        with pytest.raises(DeploymentInProgress, match="another operation on inventory is in progress"):
+            await deployer.deploy(orders(sources))
+        testkit.event("release").set()
+    await deployer.deploy(orders(sources))
+    assert (await answer(client))["inventory"] == "2.0"
+
+
+class VetoAfter:
+    """Vetoes the post-activation check of `version` of inventory."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    @hookimpl
+    def hotdeploy_check_after_activate(self, version: PackageVersion) -> str | None:
+        if (version.name, version.version) == ("inventory", self.version):
+            return f"inventory {self.version} is vetoed"
+        return None
+
+
+async def test_a_failed_warm_rollback_keeps_the_version_an_old_dependent_still_runs(
+    deployer: Deployer, sources: Path, client: httpx.AsyncClient
+) -> None:
+    await deployer.deploy(inventory(sources, "1.0"))
+    await deployer.deploy(orders(sources))
+    held: list[httpx.Response] = []
+
+    async def hold() -> None:
+        held.append(await client.get("/orders/hold?key=old"))
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(hold)
+        await testkit.event("old:entered").wait()  # on the orders instance bound to 1.0
+        await deployer.deploy(inventory(sources, "2.0"))
+        deployer.plugins.register(VetoAfter("1.0"))
+        with pytest.raises(DeploymentError) as caught:
+            await deployer.activate("inventory", "1.0")  # warm: 1.0 still drains
+        assert caught.value.deployment.outcome.value == "rolled_back"
+        assert (await answer(client))["inventory"] == "2.0"
+        testkit.event("old").set()  # its lazy import still finds inventory 1.0
+    assert held[0].status_code == 200, held[0].text
+    assert held[0].json()["reserved"] == "a book reserved by inventory 1.0"
+
+
+async def test_import_of_a_submodule_would_expose_what_is_not_exported(
+    deployer: Deployer, sources: Path
+) -> None:
+    await deployer.deploy(inventory(sources, "1.0", extra='exports = ["inventory.api"]\n'))
+    sly = orders(sources, app="import inventory.api\n\napp = inventory.app.app\n")
+    with pytest.raises(DeploymentError) as caught:
+        await deployer.deploy(sly)
+    assert "write `from inventory import api`" in caught.value.cause.message
+    assert "`import inventory.api` would give it all of inventory" in caught.value.cause.message

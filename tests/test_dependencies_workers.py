@@ -1,7 +1,8 @@
 """Package dependencies on a real uvicorn with 2 workers, under load: `orders` imports
-`inventory`; 20 upgrades and rollbacks of inventory move orders with it on both workers, with 0
-failed requests and never a response that pairs an orders instance with an inventory version
-other than the one it is bound to, nor, once an operation has answered, with the old one.
+`inventory`; 20 upgrades and rollbacks of inventory move orders with it on both workers, and 5
+sets deploy both together, with 0 failed requests and never a response that pairs an orders
+instance with an inventory version other than the one it is bound to, nor, once an operation
+has answered, with the old one.
 
 Traffic runs in a thread, on a new connection per request (so both workers get some); it stops
 by itself after `LIMIT` requests or when the test says so.
@@ -22,6 +23,7 @@ from workers_support import Server, running_server, worker_pid
 WORKERS = 2
 LIMIT = 50_000
 OPERATIONS = 20
+SETS = 5
 
 INVENTORY_APP = """
 import os
@@ -53,7 +55,7 @@ from inventory.api import VERSION as BOUND_AT_LOAD
 async def index(request):
     from inventory import api  # lazy: the same bound version, whatever is active now
 
-    return JSONResponse({"orders": "1.0", "loaded": BOUND_AT_LOAD, "now": api.VERSION, "pid": os.getpid()})
+    return JSONResponse({{"orders": "{version}", "loaded": BOUND_AT_LOAD, "now": api.VERSION, "pid": os.getpid()}})
 
 
 app = Starlette(routes=[Route("/", index)])
@@ -72,11 +74,15 @@ def inventory(sources: Path, version: str) -> bytes:
     return zip_directory(directory, sources / f"inventory-{version}.zip").read_bytes()
 
 
-def orders(sources: Path) -> bytes:
+def orders(sources: Path, version: str = "1.0") -> bytes:
     directory = write_package(
-        sources, "orders", "1.0", app=ORDERS_APP, manifest_extra='requires = { inventory = ">=1" }\n'
+        sources,
+        "orders",
+        version,
+        app=ORDERS_APP.format(version=version),
+        manifest_extra='requires = { inventory = ">=1" }\n',
     )
-    return zip_directory(directory, sources / "orders-1.0.zip").read_bytes()
+    return zip_directory(directory, sources / f"orders-{version}.zip").read_bytes()
 
 
 class Traffic:
@@ -118,7 +124,15 @@ def traffic(server: Server) -> Iterator[Traffic]:
         load.thread.join(timeout=30)
 
 
-def test_upgrades_and_rollbacks_move_the_dependent_on_both_workers_under_load(
+def deploy_set(server: Server, *archives: bytes) -> dict[str, object]:
+    files = [("archive", (f"{i}.zip", data, "application/zip")) for i, data in enumerate(archives)]
+    response = server.admin.post(server.url + "/_hotdeploy/packages", files=files, timeout=60)
+    assert response.status_code == 201, response.text
+    record: dict[str, object] = response.json()
+    return record
+
+
+def test_upgrades_rollbacks_and_sets_move_the_dependent_on_both_workers_under_load(
     tmp_path: Path, sources: Path
 ) -> None:
     with running_server(tmp_path, "uvicorn", WORKERS) as server:
@@ -126,17 +140,24 @@ def test_upgrades_and_rollbacks_move_the_dependent_on_both_workers_under_load(
         server.deployed(orders(sources))
         workers = server.wait_for_workers("orders", "1.0")
         pids = {worker_pid(w) for w in workers}
-        active = ["1.0"]  # inventory's active version after each operation
+        # After each operation: the (orders, inventory) pair every new request must get.
+        pairs = [("1.0", "1.0")]
         with traffic(server) as load:
             for i in range(OPERATIONS // 2):
                 record = server.deployed(inventory(sources, f"1.{i + 1}"))
                 assert record["moved"] == ["orders 1.0"], record
-                active.append(f"1.{i + 1}")
+                pairs.append(("1.0", f"1.{i + 1}"))
                 load.answered += 1
                 response = server.rollback("inventory")
                 assert response.status_code == 200, response.text
                 assert response.json()["moved"] == ["orders 1.0"]
-                active.append("1.0")
+                pairs.append(("1.0", "1.0"))
+                load.answered += 1
+            for i in range(SETS):
+                version = f"2.{i}"
+                record = deploy_set(server, orders(sources, version), inventory(sources, version))
+                assert record["bundle"] == [f"inventory {version}", f"orders {version}"], record
+                pairs.append((version, version))
                 load.answered += 1
             after = len(load.answers)
             for _ in range(10_000):  # a few answers after the last operation, from both workers
@@ -144,12 +165,15 @@ def test_upgrades_and_rollbacks_move_the_dependent_on_both_workers_under_load(
                     break
                 load.stop.wait(0.01)
         assert load.failures == []
-        assert len(load.answers) > OPERATIONS
+        assert len(load.answers) > OPERATIONS + SETS
         for answered, answer in load.answers:
             # One instance, one inventory: loaded and lazily imported alike.
             assert answer["loaded"] == answer["now"], answer
-            # Sent after an operation answered: bound to its version, or a later one's (the
-            # request may have raced the next operation), never to one before it.
-            assert answer["now"] in active[answered:], (answered, answer)
+            pair = (answer["orders"], answer["now"])
+            # A pair that some operation made (never orders 2.1 with inventory 2.0, say), and
+            # sent after an operation answered: its pair or a later one's (the request may have
+            # raced the next operation), never one from before it.
+            assert pair in pairs[answered:], (answered, answer)
+        last = {(a["orders"], a["now"]) for _, a in load.answers[after:]}
+        assert last == {pairs[-1]}
         assert {a["pid"] for _, a in load.answers[after:]} >= pids
-        assert {a["now"] for _, a in load.answers[after:]} == {"1.0"}

@@ -14,7 +14,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -29,6 +29,7 @@ from starlette.routing import Route
 from ._admin_events import event_stream
 from ._canary_plan import parse_steps
 from ._deployer import Deployer
+from ._deployment import Deployment
 from ._errors import CanaryError, HotDeployError, UploadRefused, UploadTooLarge
 from ._openapi import openapi_document
 from ._problems import problem, problem_for
@@ -58,10 +59,16 @@ class BadQuery(Exception):
     """A query parameter or path parameter out of its bounds: 400, naming it."""
 
 
+# The most archives one upload may deploy together (a set).
+MAX_SET = 32
+
+
 @dataclass(slots=True)
 class Upload:
     archive: bytes
     signature: bytes | None
+    # A set: the other archives of a multipart upload of several (and their signatures).
+    more: list[tuple[bytes, bytes | None]] = field(default_factory=list)
 
 
 def flag(request: Request, name: str, default: bool) -> bool:
@@ -252,6 +259,8 @@ class AdminAPI:
             )
         except UploadRefused as exc:
             return problem(exc.status, exc.title, str(exc))
+        if upload.more:
+            return await self._deploy_set(upload, wait=wait, force=force, shadow=shadow, canary=canary)
         if not wait:
             try:
                 record = await self.deployer.submit(
@@ -277,6 +286,26 @@ class AdminAPI:
         except HotDeployError as exc:
             return problem_for(exc)
         # A canary that runs: accepted, its outcome comes with its promotion or abort.
+        return self._answer(record)
+
+    async def _deploy_set(
+        self, upload: Upload, *, wait: bool, force: bool, shadow: bool, canary: bool | str | None
+    ) -> Response:
+        """Several archives in one upload: one operation for all of them (Deployer.deploy_set)."""
+        if canary:
+            return problem(400, "invalid query", "a set of packages is deployed without a canary")
+        archives = [(upload.archive, upload.signature), *upload.more]
+        sources = [archive for archive, _ in archives]
+        signatures = [signature for _, signature in archives]
+        deploy = self.deployer.submit_set if not wait else self.deployer.deploy_set
+        try:
+            record = await deploy(sources, signatures=signatures, force=force, shadow_host_routes=shadow)
+        except HotDeployError as exc:
+            return problem_for(exc)
+        return self._answer(record)
+
+    def _answer(self, record: Deployment) -> JSONResponse:
+        """201 with the record once decided; 202 while under way (in the background, a canary)."""
         return JSONResponse(
             record.to_dict(),
             status_code=201 if record.decided else 202,
@@ -420,42 +449,55 @@ class AdminAPI:
         return Upload(bytes(body), signature)
 
     async def _upload_from_form(self, request: Request) -> Upload:
-        """One archive file, and optionally its signature as a part named `signature`."""
+        """One archive file, and optionally its signature as a part named `signature`; or several
+        archives (a set), with no signature or one `signature` part per archive, in order."""
         try:
-            form = await request.form(max_files=2, max_fields=10)
+            form = await request.form(max_files=2 * MAX_SET, max_fields=MAX_SET + 10)
         except Exception as exc:  # the multipart parser's errors
             detail = exc.detail if isinstance(exc, HTTPException) else str(exc)
             raise UploadRefused(400, "invalid upload", f"cannot parse the multipart body: {detail}") from exc
         try:
-            signature: bytes | None = None
+            signatures: list[bytes] = []
             files = []
-            for field, value in form.multi_items():
-                if field == "signature":
+            for name, value in form.multi_items():
+                if name == "signature":
                     raw = (
                         await value.read(MAX_SIGNATURE_BYTES + 1) if isinstance(value, UploadFile) else value
                     )
                     signature = raw.encode() if isinstance(raw, str) else raw
                     if len(signature) > MAX_SIGNATURE_BYTES:
                         raise UploadRefused(400, "invalid signature", "the signature part is too large")
+                    signatures.append(signature)
                 elif isinstance(value, UploadFile):
                     files.append(value)
-            if len(files) != 1:
+            if not 1 <= len(files) <= MAX_SET or (signatures and len(signatures) != len(files)):
                 raise UploadRefused(
                     400,
                     "invalid upload",
-                    f"a multipart upload must hold one archive file (and optionally a part named "
-                    f"'signature'), got {len(files)}",
+                    f"a multipart upload must hold one archive file, or up to {MAX_SET} (a set deployed "
+                    f"together), and optionally one part named 'signature' per archive; got {len(files)} "
+                    f"file(s) and {len(signatures)} signature(s)",
                 )
-            if files[0].size is not None and files[0].size > self.max_upload_bytes:
-                raise UploadTooLarge("the upload is over the size limit")
-            data = await files[0].read()
+            archives: list[bytes] = []
+            total = 0
+            for file in files:
+                if file.size is not None and total + file.size > self.max_upload_bytes:
+                    raise UploadTooLarge("the upload is over the size limit")
+                data = await file.read()
+                total += len(data)
+                if total > self.max_upload_bytes:
+                    raise UploadTooLarge("the upload is over the size limit")
+                if not data:
+                    raise UploadRefused(
+                        400, "invalid archive", f"the uploaded file {file.filename!r} is empty"
+                    )
+                archives.append(data)
         finally:
             await form.close()
-        if len(data) > self.max_upload_bytes:
-            raise UploadTooLarge("the upload is over the size limit")
-        if not data:
-            raise UploadRefused(400, "invalid archive", "the uploaded file is empty")
-        return Upload(data, signature)
+        paired: list[tuple[bytes, bytes | None]] = [
+            (data, signatures[i] if signatures else None) for i, data in enumerate(archives)
+        ]
+        return Upload(paired[0][0], paired[0][1], paired[1:])
 
 
 async def _bounded_body(request: Request, limit: int) -> bytes:

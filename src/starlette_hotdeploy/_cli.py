@@ -160,6 +160,10 @@ def summary(record: dict[str, Any]) -> str:
     notes = [flag for flag in ("downgrade", "forced") if record.get(flag)]
     if record.get("signer"):
         notes.append(f"signed by {record['signer']}")
+    if record.get("bundle"):
+        notes.append(f"together with {', '.join(record['bundle'][1:])}")
+    if record.get("moved"):
+        notes.append(f"moved {', '.join(record['moved'])}")
     return (
         f"{record.get('operation')} {record.get('package')}: {_version(record.get('from_version'))} -> "
         f"{_version(record.get('to_version'))} {record.get('outcome')} in {_ms(record.get('duration_ms'))}"
@@ -519,8 +523,10 @@ def drop_stale_signature(path: Path, data: bytes) -> None:
     click.echo(f"{path}  kept: it still signs the archive ({signer.fingerprint})")
 
 
-@cli.command(short_help="Upload a package and follow its deployment.")
-@click.argument("source", metavar="FILE", type=click.Path(exists=True, path_type=Path))
+@cli.command(short_help="Upload a package (or a set) and follow its deployment.")
+@click.argument(
+    "sources", metavar="FILE...", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path)
+)
 @click.option("--no-wait", is_flag=True, help="Print the deployment id once it is accepted, and exit.")
 @click.option(
     "--signature",
@@ -551,7 +557,7 @@ def drop_stale_signature(path: Path, data: bytes) -> None:
 @with_client
 def deploy(
     client: AdminClient,
-    source: Path,
+    sources: tuple[Path, ...],
     no_wait: bool,
     signature: Path | None,
     key: Path | None,
@@ -561,6 +567,8 @@ def deploy(
     no_canary: bool,
 ) -> None:
     """Upload the archive FILE (a directory is packed first) and show the deployment's steps.
+    Several FILEs are deployed as one set: all prepared and checked, then all switched at once,
+    or none.
 
     FILE.sig, if it exists, is sent as its signature. A canary deploy is followed through its
     steps until it is promoted or aborted (Ctrl-C stops following, not the canary).
@@ -569,6 +577,12 @@ def deploy(
         raise click.UsageError("give --sign KEY or --signature FILE, not both")
     if canary is not None and no_canary:
         raise click.UsageError("give --canary or --no-canary, not both")
+    if len(sources) > 1:
+        if canary is not None or signature is not None:
+            raise click.UsageError("a set (several FILEs) takes neither --canary nor --signature")
+        deploy_set(client, sources, no_wait, key, force, shadow_host_routes)
+        return
+    [source] = sources
     wanted: bool | str | None = False if no_canary else (True if canary == "true" else canary)
     try:
         data, label = read_upload(source)
@@ -589,6 +603,40 @@ def deploy(
     # A canary takes as long as its steps (or until promoted by hand): no deadline of ours.
     timeout = CANARY_WAIT if wanted not in (None, False) else None
     record = client.wait(record, on_update=StepPrinter().update, timeout=timeout)
+    if record.get("outcome") != "succeeded":
+        raise failure(record)
+    click.echo(summary(record))
+
+
+def deploy_set(
+    client: AdminClient,
+    sources: tuple[Path, ...],
+    no_wait: bool,
+    key: Path | None,
+    force: bool,
+    shadow_host_routes: bool,
+) -> None:
+    """`hotdeploy deploy a.zip b.zip`: one upload, one operation."""
+    archives: list[tuple[str, bytes, bytes | None]] = []
+    for source in sources:
+        try:
+            data, label = read_upload(source)
+        except HotDeployError as exc:
+            raise CliError(str(exc)) from None
+        signature_bytes, _ = read_signature(source, data, None, key)
+        archives.append((label, data, signature_bytes))
+        if not no_wait:
+            click.echo(
+                f"uploading {label}: {len(data)} bytes, sha256:{hashlib.sha256(data).hexdigest()[:12]}"
+            )
+    if len({signature is None for _, _, signature in archives}) > 1:
+        raise CliError("sign every archive of a set, or none (some have a .sig file, some do not)")
+    record = client.submit_set(archives, force=force, shadow_host_routes=shadow_host_routes)
+    if no_wait:
+        click.echo(record.get("id"))
+        return
+    click.echo(f"deployment {record.get('id')} (a set of {len(archives)})")
+    record = client.wait(record, on_update=StepPrinter().update)
     if record.get("outcome") != "succeeded":
         raise failure(record)
     click.echo(summary(record))

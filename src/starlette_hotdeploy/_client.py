@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -135,6 +135,28 @@ class AdminClient:
         follow it with `wait`. The options are `upload`'s; `canary`: True or steps such as
         "5%:30s,100%" for a canary deploy, False for a plain one (None: as the manifest says)."""
         return self._post_archive(archive, False, signature, force, shadow_host_routes, canary)
+
+    def submit_set(
+        self,
+        archives: Sequence[tuple[str, bytes, bytes | None]],
+        *,
+        force: bool = False,
+        shadow_host_routes: bool = False,
+    ) -> dict[str, Any]:
+        """Start deploying several archives as one set (all switched at once, or none) and
+        return its record at once: follow it with `wait`. `archives`: (file name, bytes,
+        signature or None) each; sign all of them or none."""
+        params = {"wait": "false"}
+        if force:
+            params["force"] = "true"
+        if shadow_host_routes:
+            params["shadow_host_routes"] = "true"
+        files: list[tuple[str, tuple[str, bytes, str]]] = []
+        for name, data, signature in archives:
+            files.append(("archive", (name, data, "application/zip")))
+            if signature is not None:
+                files.append(("signature", (f"{name}.sig", signature, "application/octet-stream")))
+        return self._call("POST", "/packages", params=params, files=files)
 
     def _post_archive(
         self,

@@ -30,7 +30,7 @@ from ._canary import CanaryRun, CanaryState, with_command
 from ._canary_plan import DEFAULT_STEPS, CanaryPlan, parse_steps
 from ._cluster import Cluster
 from ._deployment import Action, Deployment, Outcome
-from ._engine import Engine, Move
+from ._engine import Engine, Move, describe_binding
 from ._errors import (
     ArchiveError,
     CanaryRefused,
@@ -526,6 +526,12 @@ class Coordinator:
                 await self._check_requirements(record, manifest, *(v.manifest for _, v, _ in together))
                 in_set = {package.name, *(m.name for m, _, _ in together)}
                 dependents = [d for d in engine.dependents(*in_set) if d.name not in in_set]
+                # What it imports from must not change under it (its new version is bound to
+                # their active versions), nor what moves with it.
+                required = {r for v in (version, *(v for _, v, _ in together)) for r in v.manifest.requires}
+                for name in sorted(required - in_set):
+                    if engine.get(name) is not None:
+                        claims.enter_context(self._claim(name, record))
                 for dependent in dependents:
                     claims.enter_context(self._claim(dependent.name, record))
                 await self._begin(operation, record)
@@ -606,7 +612,7 @@ class Coordinator:
                 with contextlib.suppress(IllegalTransition):  # abandoned already, or committed after all
                     await self.cluster.end(operation.id, Phase.ABORT)
                 await engine.discard_moves(moves)
-                await engine.discard(package, version)
+                await self._let_go(package, version, warm)
                 for member in installed:
                     engine.forget(member)
                 if first_install:
@@ -646,7 +652,7 @@ class Coordinator:
                 error = _as_error(exc, version)
                 await self._done(operation)
                 await self._switch_back(
-                    record, package, version, current, operation, first_install, error, moves, installed
+                    record, package, version, current, operation, first_install, error, moves, installed, warm
                 )
                 raise DeploymentError(record, error) from exc
             await self._done(operation)
@@ -675,22 +681,9 @@ class Coordinator:
         moves: list[Move] = []
         moving = {first.name: first}
         for package, version, _ in together:
-            bound = engine.bindings(version.manifest)
-            if version.manifest.reload_with_requirements:
-                bound.update({n: v for n, v in moving.items() if n in version.manifest.requires})
             try:
                 with record.step(f"prepare {package.name} {version.version}") as step:
-                    try:
-                        await engine.prepare(None, package, version, bound)
-                    except BaseException:
-                        with anyio.CancelScope(shield=True):
-                            await engine.discard(package, version)
-                        raise
-                    step.detail = "loaded, started and checked" + (
-                        f"; bound to {', '.join(f'{n} {v.version}' for n, v in sorted(bound.items()))}"
-                        if bound
-                        else ""
-                    )
+                    step.detail = describe_binding(await engine.prepare_bound(package, version, moving))
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await engine.discard_moves(moves)
@@ -825,6 +818,7 @@ class Coordinator:
         error: HotDeployError,
         moves: list[Move],
         installed: list[Package],
+        warm: PackageVersion | None,
     ) -> None:
         """A post-activation check failed: the previous version again, everywhere (and the
         packages that switched with it: the dependents back to their instances bound to it, the
@@ -867,7 +861,7 @@ class Coordinator:
         for member, move in zip(operation.members, moves, strict=False):
             engine.set_lineage(move.package, member.lineage[:-1])
         await engine.discard_moves(moves)
-        await engine.discard(package, version)
+        await self._let_go(package, version, warm)
         for forgotten in installed:
             engine.forget(forgotten)
         if first_install:
@@ -882,6 +876,15 @@ class Coordinator:
                 {"version": version, "previous": current, "deployment": record},
             )
         await notify("hotdeploy_failed", engine.managers(None), {"deployment": record, "error": error})
+
+    async def _let_go(self, package: Package, version: PackageVersion, warm: PackageVersion | None) -> None:
+        """The version an operation switched to and back from: discarded, or, if it was a warm
+        one (a draining version taken back), given back to its retirement, which waits for the
+        dependents' instances still bound to it."""
+        if version is warm:
+            self.engine.release(package, version)
+        else:
+            await self.engine.discard(package, version)
 
     async def _announce(self, new: PackageVersion, old: PackageVersion | None, record: Deployment) -> None:
         await notify(

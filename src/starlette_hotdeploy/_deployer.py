@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -530,14 +530,34 @@ class Deployer:
         """Start `deploy(source)` in the background and return its record once it is in the
         store (its outcome is "pending" until the deployment ends): a crash from then on leaves
         a record that says `interrupted`, never none."""
-        runtime = self._running()
+        coordinator = self._running().coordinator
+        options = _options(signature, force, shadow_host_routes, canary)
+        return await self._in_background(lambda record: coordinator.deploy(source, record, options))
+
+    async def submit_set(
+        self,
+        sources: Sequence[Source],
+        *,
+        signatures: Sequence[bytes | None] = (),
+        force: bool = False,
+        shadow_host_routes: bool = False,
+    ) -> Deployment:
+        """`deploy_set(sources)` in the background, as `submit` is for one package."""
+        coordinator = self._running().coordinator
+        options = _options(None, force, shadow_host_routes, None)
+        return await self._in_background(
+            lambda record: coordinator.deploy_set(sources, record, options, signatures)
+        )
+
+    async def _in_background(self, work: Callable[[Deployment], Awaitable[Deployment]]) -> Deployment:
+        """A new record, saved, and `work(record)` started in the runtime: a crash from then on
+        leaves a record that says `interrupted`, never none."""
         record = self._records.new(Action.DEPLOY, None)
         await self._records.save(record)
-        options = _options(signature, force, shadow_host_routes, canary)
 
         async def run() -> None:
             try:
-                await runtime.coordinator.deploy(source, record, options)
+                await work(record)
             except HotDeployError:
                 pass  # the record holds the outcome and the error
             except Exception:

@@ -323,11 +323,9 @@ class Engine:
         return {name: version for name, version in found.items() if version is not None}
 
     def is_bound_current(self, version: PackageVersion) -> bool:
-        """Whether every version it imports from is still its package's active one."""
-        return all(
-            (p := self._packages.get(name)) is not None and p.active is required
-            for name, required in version.bound_to.items()
-        )
+        """Whether it is bound to exactly the active versions of its requirements (one restored
+        before its requirement was is bound to nothing there, and must be bound anew)."""
+        return version.bound_to == self.bindings(version.manifest)
 
     async def _load(
         self, package: Package, version: PackageVersion, bound_to: dict[str, PackageVersion] | None = None
@@ -495,20 +493,11 @@ class Engine:
             if old is None:
                 continue
             version = PackageVersion(old.manifest, old.root, old.sha256)
-            bound = self.bindings(old.manifest)
-            bound.update({name: v for name, v in moving.items() if name in old.manifest.requires})
             try:
                 with maybe_step(record, f"dependent {package.name} {old.version}") as step:
-                    try:
-                        await self.prepare(None, package, version, bound)
-                    except BaseException:
-                        with anyio.CancelScope(shield=True):
-                            await self.discard(package, version)
-                        raise
+                    bound = await self.prepare_bound(package, version, moving)
                     if step is not None:
-                        step.detail = "bound to " + ", ".join(
-                            f"{name} {v.version}" for name, v in sorted(bound.items())
-                        )
+                        step.detail = describe_binding(bound)
             except Exception as exc:
                 with anyio.CancelScope(shield=True):
                     await self.discard_moves(moves)
@@ -526,6 +515,22 @@ class Engine:
             moves.append(Move(package, old, version))
             moving[package.name] = version
         return moves
+
+    async def prepare_bound(
+        self, package: Package, version: PackageVersion, moving: dict[str, PackageVersion]
+    ) -> dict[str, PackageVersion]:
+        """`prepare` a version bound to the `moving` versions of what it requires (to the active
+        ones for the rest); discarded if it fails. What it is bound to."""
+        bound = self.bindings(version.manifest)
+        if version.manifest.reload_with_requirements:
+            bound.update({name: v for name, v in moving.items() if name in version.manifest.requires})
+        try:
+            await self.prepare(None, package, version, bound)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.discard(package, version)
+            raise
+        return bound
 
     async def discard_moves(self, moves: list[Move]) -> None:
         """Throw away the new instances of moves that did not switch (dependents first)."""
@@ -882,7 +887,7 @@ class Engine:
     async def shutdown(self) -> None:
         """Stop every loaded version (the server is stopping), dependents before what they
         import. Idempotent."""
-        for package in reversed(_requirements_first(list(self._packages.values()))):
+        for package in reversed(requirements_first(list(self._packages.values()))):
             if package.mount is not None:
                 self.switch(package, None, package.active)
             for version in list(package._loaded):
@@ -894,7 +899,14 @@ class Engine:
         clean_staging(self.home / "packages")
 
 
-def _requirements_first(packages: list[Package]) -> list[Package]:
+def describe_binding(bound: dict[str, PackageVersion]) -> str:
+    """'bound to inventory 2.0, billing 1.1' (for a step's detail)."""
+    if not bound:
+        return "bound to no other package"
+    return "bound to " + ", ".join(f"{name} {v.version}" for name, v in sorted(bound.items()))
+
+
+def requirements_first(packages: list[Package]) -> list[Package]:
     """`packages`, each after the ones its loaded versions require (a cycle is cut anywhere)."""
     by_name = {p.name: p for p in packages}
     ordered: list[Package] = []

@@ -23,7 +23,7 @@ import anyio.to_thread
 
 from ._canary import figures_report
 from ._cluster import Cluster
-from ._engine import Engine, Move
+from ._engine import Engine, Move, requirements_first
 from ._hooks import run_checks
 from ._operation import Operation, OperationKind, Phase, Vote
 from ._package import Package
@@ -194,6 +194,9 @@ class Follower:
                     self.on_canary(name, wanted.canary)  # a command for the canary run here?
             elif not self._serves(name, wanted) or name in latest:
                 to_converge.append(name)
+        # The other packages of a set switch with it (what this worker prepared for it).
+        carried = {m.package for op in latest.values() if op.id in self._moves for m in op.members}
+        to_converge = [name for name in to_converge if name not in carried]
         if len(to_converge) > 1:
             # A dependent whose only change is a requirement's new version moves with that
             # requirement's switch (or is bound anew once it has switched: the next look).
@@ -209,8 +212,12 @@ class Follower:
             }
             settled = await self._run_all(work, order) and settled
         switched = bool(to_converge)
-        for package in self.engine.packages():
+        # Dependents first: a package is removed only once no loaded version is bound to it.
+        for package in reversed(requirements_first(self.engine.packages())):
             name = package.name
+            if any(version.dependents for version in package.loaded):
+                settled = settled and name in desired
+                continue
             if name not in desired and not self.engine.is_busy(name) and package.active is not None:
                 with self.engine.claim(name):
                     await self.engine.remove(package, None)
@@ -374,15 +381,57 @@ class Follower:
             await self._prepare_moves(operation, package, version)
 
     async def _prepare_moves(self, operation: Operation, package: Package, version: PackageVersion) -> None:
-        """The dependents that move with `version`, prepared bound to it here too; then the vote."""
+        """What switches with `version`, prepared here too: the other packages of its set, then
+        the dependents that move with them, bound to the new versions; then the vote."""
+        engine = self.engine
+        moves: list[Move] = []
         try:
-            moves = await self.engine.prepare_dependents(None, self.engine.dependents(package.name), version)
+            moves = await self._prepare_members(operation, version)
+            names = operation.packages
+            dependents = [d for d in engine.dependents(*names) if d.name not in names]
+            moves += await engine.prepare_dependents(None, dependents, version, *(m.new for m in moves))
         except Exception as exc:
+            with anyio.CancelScope(shield=True):
+                await engine.discard_moves(moves)
             await self.vote(operation, Vote.FAILED, str(exc))
             return
         if moves:
             self._moves[operation.id] = moves
         await self.vote(operation, Vote.PREPARED)
+
+    async def _prepare_members(self, operation: Operation, first: PackageVersion) -> list[Move]:
+        """The other packages of a set, in its order, each bound to the set's new versions (a
+        draining one held warm, as for a switch back); all or nothing."""
+        engine = self.engine
+        moves: list[Move] = []
+        moving = {first.name: first}
+        try:
+            for member in operation.members:
+                if member.version is None or member.sha256 is None:
+                    continue  # removed by the commit: the converge that follows removes it
+                package = engine.get(member.package)
+                warm = package.loaded_version(member.version) if package is not None else None
+                if package is not None and warm is not None and warm.sha256 == member.sha256:
+                    if warm is package.active:
+                        continue
+                    if engine.hold(warm):
+                        moves.append(Move(package, package.active, warm))
+                        moving[member.package] = warm
+                        continue
+                unpacked = await engine.unpack_stored(member.package, member.version, member.sha256)
+                if package is None:
+                    package = await anyio.to_thread.run_sync(
+                        engine.new_package, member.package, unpacked.manifest.mount
+                    )
+                version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
+                await engine.prepare_bound(package, version, moving)
+                moves.append(Move(package, package.active, version))
+                moving[member.package] = version
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await engine.discard_moves(moves)
+            raise
+        return moves
 
     async def _converge_package(
         self, name: str, wanted: Desired, operation: Operation | None, order: RestoreOrder
@@ -440,14 +489,24 @@ class Follower:
                 return False
             assert package is not None
             engine.adopt(package)
-            if prepared is None or not self._claim_moves(moves, claims):
-                await engine.discard_moves(moves)  # the dependents are bound anew on a later look
+            if prepared is None and moves:
+                await engine.discard_moves(moves)  # prepared for another Package: never switched
+                moves = []
+            if not moves and active is not None and target.state is VersionState.DRAINING:
+                moves = self._warm_moves(package, target, active)  # a switch back: theirs too
+            if moves and not self._claim_moves(moves, claims):
+                await self._drop_moves(moves)  # the dependents are bound anew on a later look
                 moves = []
             if target.manifest.strategy == "block" and active is not None and package.mount is not None:
                 await engine.switch_blocking(package, target, active, moves, force=True)
             else:
                 engine.switch(package, target, active, moves)
             engine.confirm(package, wanted.version, wanted.sha256, wanted.lineage)
+            for member in operation.members if operation is not None and moves else ():
+                moved = next((m.package for m in moves if m.package.name == member.package), None)
+                if moved is not None and member.version is not None and member.sha256 is not None:
+                    engine.adopt(moved)
+                    engine.confirm(moved, member.version, member.sha256, member.lineage)
             engine.retire_moves(moves, delay=self.bake_time)
             if active is not None and active is not target:
                 engine.retire(package, active, None, delay=self.bake_time)
@@ -459,6 +518,35 @@ class Follower:
         if operation is not None:  # outside the claim: a switch back may need the package
             await self._check_after_activate(operation, target, active)
         return True
+
+    def _warm_moves(self, package: Package, target: PackageVersion, active: PackageVersion) -> list[Move]:
+        """Switching back to a draining version: the dependents' instances still bound to it
+        (draining too, since they moved away with it), taken back from their retirement."""
+        engine = self.engine
+        moves: list[Move] = []
+        for dependent in engine.dependents(package.name):
+            current = dependent.active
+            if current is None or current.bound_to.get(package.name) is not active:
+                continue
+            earlier = next(
+                (
+                    v
+                    for v in dependent.loaded
+                    if v.sha256 == current.sha256 and v.bound_to.get(package.name) is target
+                ),
+                None,
+            )
+            if earlier is not None and engine.hold(earlier):
+                moves.append(Move(dependent, current, earlier))
+        return moves
+
+    async def _drop_moves(self, moves: list[Move]) -> None:
+        """Moves that will not switch: prepared instances discarded, warm ones given back."""
+        for move in reversed(moves):
+            if move.new.state is VersionState.DRAINING:
+                self.engine.release(move.package, move.new)
+            else:
+                await self.engine.discard(move.package, move.new)
 
     def _claim_moves(self, moves: list[Move], claims: contextlib.ExitStack) -> bool:
         """Claim the dependents that move with this switch; False (nothing claimed) if one of

@@ -150,6 +150,16 @@ class Namespace:
     def _check_exported(self, other: Namespace, name: str, fromlist: Sequence[str]) -> None:
         """A dependent imports only what its requirement exports (`exports` in its manifest)."""
         exported = other.manifest.exported
+        if not fromlist and "." in name and exported(name) and not exported(name.partition(".")[0]):
+            # `import inventory.api` binds `inventory`, and with it every module of inventory
+            # imported so far: only `from ... import` gives exactly what is exported.
+            parent, _, child = name.rpartition(".")
+            raise ImportError(
+                f"{self.package} {self.version}: write `from {parent} import {child}` (or `from {name} "
+                f"import ...`): `import {name}` would give it all of {other.package}, which exports only "
+                f"{', '.join(other.manifest.exports or ())}",
+                name=name,
+            )
         if exported(name) or (fromlist and all(exported(f"{name}.{item}") for item in fromlist)):
             return
         wanted = f"{', '.join(fromlist)} from {name!r}" if fromlist else repr(name)
@@ -173,11 +183,13 @@ class Namespace:
             return
         if owner.package not in self.manifest.requires:
             why = f"it does not require {owner.package}: add {owner.package} to its `requires`"
-        else:
+        elif not self.manifest.reload_with_requirements:
             why = (
                 "its manifest says reload_with_requirements = false (it talks to "
                 f"{owner.package} over HTTP only); remove that key to import {owner.package}'s modules"
             )
+        else:
+            why = f"no version of {owner.package} was active when it loaded, so it is bound to none"
         raise ImportError(
             f"{self.package} {self.version} cannot import {name!r} of package {owner.package}: {why}",
             name=name,
