@@ -498,3 +498,71 @@ async def test_import_of_a_submodule_would_expose_what_is_not_exported(
         await deployer.deploy(sly)
     assert "write `from inventory import api`" in caught.value.cause.message
     assert "`import inventory.api` would give it all of inventory" in caught.value.cause.message
+
+
+# -- a canary of a package moves its dependents with it --------------------------------------------
+
+
+async def test_a_canary_user_gets_the_dependents_bound_to_the_canary(
+    deployer: Deployer, sources: Path, client: httpx.AsyncClient
+) -> None:
+    await deployer.deploy(inventory(sources, "1.0"))
+    await deployer.deploy(orders(sources))
+    record = await deployer.deploy(
+        inventory(sources, "2.0", extra="[canary]\nkey = 'header:x-user'\n"), canary="50%"
+    )
+    assert record.outcome.value == "pending"
+    assert record.moved == ["orders 1.0"]  # an instance of it, bound to the canary, follows it
+    [status] = deployer.status("orders")
+    assert status.canary is not None
+    assert status.canary["follows"] == "inventory 2.0"
+    mismatched, seen = [], set()
+    for n in range(200):
+        user = {"x-user": f"user-{n}"}
+        inv = (await client.get("/inventory/", headers=user)).json()["inventory"]
+        orders_answer = (await client.get("/orders/", headers=user)).json()
+        assert orders_answer["inventory"] == orders_answer["lazy"]
+        seen.add(inv)
+        if orders_answer["inventory"] != inv:
+            mismatched.append(n)
+    assert seen == {"1.0", "2.0"}
+    assert mismatched == []  # every user sees one inventory version, directly or through orders
+    # A pin names the leader's versions, on the dependent's mount too.
+    pinned = (await client.get("/orders/", headers={"hotdeploy-version": "2.0"})).json()
+    assert pinned["inventory"] == "2.0"
+    stable = (await client.get("/orders/", headers={"hotdeploy-version": "1.0"})).json()
+    assert stable["inventory"] == "1.0"
+    with pytest.raises(DeploymentInProgress, match=r"orders follows the canary of inventory 2\.0"):
+        await deployer.deploy(orders(sources, "1.1"))
+
+    await deployer.promote_canary("inventory", all_steps=True)
+    with anyio.fail_after(10):
+        async with deployer.events.subscribe() as events:
+            while not record.decided:
+                await events.receive()
+    assert record.outcome.value == "succeeded"
+    assert "orders 1.0" in record.moved
+    for n in range(20):
+        assert (await answer(client, "/orders/"))["inventory"] == "2.0", n
+    assert bound_to(deployer, "orders") == {"inventory": "2.0"}
+    [status] = deployer.status("orders")
+    assert status.canary is None
+
+
+async def test_an_aborted_canary_takes_its_followers_with_it(
+    deployer: Deployer, sources: Path, client: httpx.AsyncClient, drained: Drained
+) -> None:
+    await deployer.deploy(inventory(sources, "1.0"))
+    await deployer.deploy(orders(sources))
+    record = await deployer.deploy(inventory(sources, "2.0"), canary="50%")
+    await deployer.abort_canary("inventory")
+    await drained.wait(2)  # the canary and the orders instance bound to it
+    assert record.outcome.value == "aborted"
+    for n in range(20):
+        assert (await client.get("/orders/", headers={"cookie": f"hotdeploy_canary={n}"})).json()[
+            "inventory"
+        ] == "1.0"
+    [status] = deployer.status("orders")
+    assert status.canary is None
+    assert [v.state for v in status.versions] == [VersionState.ACTIVE]
+    await deployer.deploy(orders(sources, "1.1"))  # no longer follows anything

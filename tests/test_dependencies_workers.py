@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from packages import write_package, zip_directory
-from workers_support import Server, running_server, worker_pid
+from workers_support import Server, running_server, wait_for, worker_pid
 
 WORKERS = 2
 LIMIT = 50_000
@@ -68,7 +68,7 @@ def inventory(sources: Path, version: str) -> bytes:
         "inventory",
         version,
         app=INVENTORY_APP,
-        manifest_extra='exports = ["inventory.api"]\n',
+        manifest_extra="exports = ['inventory.api']\n[canary]\nkey = 'header:x-user'\n",
         files={"inventory/api.py": f'VERSION = "{version}"\n'},
     )
     return zip_directory(directory, sources / f"inventory-{version}.zip").read_bytes()
@@ -177,3 +177,41 @@ def test_upgrades_rollbacks_and_sets_move_the_dependent_on_both_workers_under_lo
         last = {(a["orders"], a["now"]) for _, a in load.answers[after:]}
         assert last == {pairs[-1]}
         assert {a["pid"] for _, a in load.answers[after:]} >= pids
+
+
+def test_a_canary_moves_the_dependent_with_it_on_both_workers(tmp_path: Path, sources: Path) -> None:
+    with running_server(tmp_path, "uvicorn", WORKERS) as server:
+        server.deployed(inventory(sources, "1.0"))
+        server.deployed(orders(sources))
+        workers = server.wait_for_workers("orders", "1.0")
+        pids = {worker_pid(w) for w in workers}
+        response = server.admin.post(
+            server.url + "/_hotdeploy/packages?canary=50%25",  # until promoted or aborted
+            content=inventory(sources, "2.0"),
+            headers={"Content-Type": "application/zip"},
+        )
+        assert response.status_code == 202, response.text
+        assert response.json()["moved"] == ["orders 1.0"]
+        seen: dict[int, set[str]] = {pid: set() for pid in pids}
+        limits = httpx.Limits(max_keepalive_connections=0)  # a new connection (and worker) each
+        with httpx.Client(base_url=server.url, timeout=10, limits=limits) as client:
+            for n in range(2_000):  # bounded: until both workers served both sides
+                user = {"x-user": f"user-{n}"}
+                direct = client.get("/inventory/", headers=user).json()
+                through = client.get("/orders/", headers=user).json()
+                # The same user gets one inventory, whichever worker answers either request.
+                assert through["now"] == through["loaded"] == direct["inventory"], (n, direct, through)
+                seen[through["pid"]].add(through["now"])
+                if all(versions == {"1.0", "2.0"} for versions in seen.values()):
+                    break
+        assert all(versions == {"1.0", "2.0"} for versions in seen.values()), seen
+        aborted = server.admin.post(server.url + "/_hotdeploy/packages/inventory/canary/abort")
+        assert aborted.status_code == 202, aborted.text
+
+        def everyone_on_1_0() -> bool | None:
+            with httpx.Client(base_url=server.url, timeout=10, limits=limits) as client:
+                answers = [client.get("/orders/", headers={"x-user": f"user-{n}"}).json() for n in range(40)]
+            ok = {a["pid"] for a in answers} >= pids and {a["now"] for a in answers} == {"1.0"}
+            return True if ok else None
+
+        wait_for("every worker's orders back on inventory 1.0", everyone_on_1_0, timeout=20, interval=0.1)

@@ -120,20 +120,6 @@ class Coordinator:
                 except HotDeployError as exc:
                     await self._fail(record, exc)
                 if plan is not None:
-                    moving = [p.name for p in engine.dependents(manifest.name)]
-                    if moving:
-                        await self._fail(
-                            record,
-                            CanaryRefused(
-                                f"{', '.join(moving)} import {manifest.name} and move with it; a canary "
-                                f"of {manifest.name} would leave them bound to {current.version if current else '-'}"
-                                " (canaries of packages with dependents are not supported yet): deploy it "
-                                "without a canary",
-                                package=manifest.name,
-                                version=manifest.version,
-                                step="canary",
-                            ),
-                        )
                     return await self._install_canary(record, package, unpacked, plan)
                 return await self._install(record, package, unpacked)
         except DeploymentError:
@@ -367,6 +353,15 @@ class Coordinator:
                         package=name,
                         step="claim",
                     )
+                for run in self.canaries.values():
+                    following = {move.package.name for move in self.engine.carried(run.package)}
+                    if run.ending is None and name in following:
+                        raise DeploymentInProgress(
+                            f"{name} follows the canary of {run.package.name} {run.canary.version} "
+                            f"(deployment {run.record.id}): promote or abort it first",
+                            package=name,
+                            step="claim",
+                        )
                 stack.enter_context(self.engine.claim(name))
             except DeploymentInProgress as error:
                 error.deployment = record
@@ -546,8 +541,17 @@ class Coordinator:
                     with record.step("prepare") as step:
                         step.detail = "warm: the version was still loaded"
                 moves = await self._prepare_members(record, version, together)
+                # A canary's promotion: its dependents' instances bound to it are ready.
+                carried = (
+                    engine.carried(package) if warm is not None and warm is engine.canary(package) else []
+                )
+                moves += carried
+                following = {move.package.name for move in carried}
                 moves += await engine.prepare_dependents(
-                    record, dependents, version, *(move.new for move in moves)
+                    record,
+                    [d for d in dependents if d.name not in following],
+                    version,
+                    *(m.new for m in moves),
                 )
                 await self._vote(operation, Vote.PREPARED)
                 with record.step("prepare workers") as step:
@@ -712,6 +716,9 @@ class Coordinator:
             )
         version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
         record.sha256 = version.sha256
+        # Its dependents follow it: instances bound to the canary take the same users. They are
+        # the operation's members, so no operation on them begins anywhere while it runs.
+        dependents = engine.dependents(package.name)
         operation = self.cluster.new_operation(
             record.id + CANARY_SUFFIX,
             package.name,
@@ -719,6 +726,11 @@ class Coordinator:
             version.version,
             version.sha256,
             package.lineage_pairs(),
+            members=tuple(
+                Member(d.name, d.active.version, d.active.sha256, d.lineage_pairs())
+                for d in dependents
+                if d.active is not None
+            ),
         )
         first = plan.steps[0]
         state = CanaryState(
@@ -731,11 +743,18 @@ class Coordinator:
             weight=first.weight,
         )
         record.canary = {"plan": plan.describe(), "key": plan.key, "thresholds": plan.thresholds.to_dict()}
-        with anyio.CancelScope(shield=True):
+        # The dependents are claimed while the canary is prepared; once its run is registered,
+        # `_claim` refuses them as followers of a running canary.
+        with anyio.CancelScope(shield=True), ExitStack() as claims:
             await self._check_requirements(record, version.manifest)
+            for dependent in dependents:
+                claims.enter_context(self._claim(dependent.name, record))
             await self._begin(operation, record)
+            carried: list[Move] = []
             try:
                 await engine.prepare(record, package, version)
+                carried = await engine.prepare_dependents(record, dependents, version)
+                record.moved = [str(move) for move in carried]
                 await self._vote(operation, Vote.PREPARED)
                 with record.step("prepare workers") as step:
                     result = await self.cluster.await_votes(operation, Vote.PREPARED, _reporter(record))
@@ -751,12 +770,13 @@ class Coordinator:
                 with record.step("commit") as step:
                     await self.cluster.commit(operation, state.to_dict())
                     step.detail = f"canary {plan.describe()}, users kept by {plan.key}"
-                engine.start_canary(package, version, first.weight, plan.key, operation.id)
+                engine.start_canary(package, version, first.weight, plan.key, operation.id, carried)
             except BaseException as exc:
                 await self.cluster.end(operation.id, Phase.ABORT)
                 if engine.canary(package) is version:
                     engine.end_canary(package, None)
                 else:
+                    await engine.discard_moves(carried)
                     await engine.discard(package, version)
                 if not isinstance(exc, Exception):
                     raise

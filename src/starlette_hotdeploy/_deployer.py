@@ -420,7 +420,10 @@ class Deployer:
             return None
         runtime = self._runtime
         found: dict[str, Any] = {"version": canary.version, "key": mount.split.key}
-        if runtime is not None:
+        leader = mount.split.leader
+        if leader is not None:  # its instance bound to the canary of what it requires
+            found["follows"] = f"{leader.canary.name} {leader.canary.version}"
+        elif runtime is not None:
             run = runtime.coordinator.canaries.get(package.name)
             if run is not None:
                 found.update(run.state.status(), analysis=run.latest)

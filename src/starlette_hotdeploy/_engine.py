@@ -136,6 +136,8 @@ class Engine:
         self._packages: dict[str, Package] = {}
         self._busy: set[str] = set()  # packages with an operation under way in this process
         self._handed_over: set[str] = set()  # claims that outlive their block (see hand_over_claim)
+        # A package under a canary -> its dependents, whose instances bound to the canary follow it.
+        self._carried: dict[str, list[Package]] = {}
         self._retirements: dict[PackageVersion, Retirement] = {}
         self._held: set[PackageVersion] = set()  # draining versions taken back for a switch back
         self._unloaded: deque[tuple[str, list[weakref.ref[Any]]]] = deque(maxlen=1000)
@@ -594,6 +596,7 @@ class Engine:
                 split = package._mount.split
                 if split is not None and split.canary is new:
                     package._mount.split = None  # promoted: every request goes to it now
+                    self._carried.pop(package.name, None)  # its dependents' switch in the same step
         if old is not None and old is not new and old.state is VersionState.ACTIVE:
             old.transition(VersionState.DRAINING)
             if new is not None:
@@ -608,9 +611,16 @@ class Engine:
         return mount.split.canary if mount is not None and mount.split is not None else None
 
     def start_canary(
-        self, package: Package, version: PackageVersion, weight: int, key: str, operation: str
+        self,
+        package: Package,
+        version: PackageVersion,
+        weight: int,
+        key: str,
+        operation: str,
+        carried: Sequence[Move] = (),
     ) -> None:
-        """Send `weight` basis points of new users to a ready version, beside the active one."""
+        """Send `weight` basis points of new users to a ready version, beside the active one;
+        the same users to each `carried` dependent's instance bound to it (one step, no await)."""
         mount = package.mount
         active = package.active
         if mount is None or active is None or version.state is not VersionState.READY or version.app is None:
@@ -625,12 +635,55 @@ class Engine:
         for side in (active, version):
             if side.figures is None:  # the analysis compares them, metrics or not
                 side.figures = RequestFigures()
-        mount.split = Split(version, weight, key, operation, self.pin_secret)
+        leader = Split(version, weight, key, operation, self.pin_secret)
+        for move in carried:
+            if move.package.mount is None or move.new.state is not VersionState.READY:
+                raise IllegalTransition(
+                    "a dependent follows a canary with a ready instance beside its active one",
+                    package=move.package.name,
+                    version=move.new.version,
+                    step="canary",
+                )
+        for move in carried:
+            if move.new not in move.package._loaded:
+                move.package._loaded.append(move.new)
+            follows = move.package.mount
+            assert follows is not None  # checked above
+            follows.split = Split(move.new, weight, key, operation, self.pin_secret, leader=(leader, active))
+        self._carried[package.name] = [move.package for move in carried]
+        mount.split = leader
+
+    def carried(self, package: Package) -> list[Move]:
+        """The dependents following the package's canary: (their active, the instance bound to
+        the canary)."""
+        return [
+            Move(dependent, dependent.active, split.canary) for dependent, split in self._followers(package)
+        ]
+
+    def _followers(self, package: Package) -> list[tuple[Package, Split]]:
+        found = []
+        for dependent in self._carried.get(package.name, ()):
+            mount = dependent.mount
+            split = mount.split if mount is not None else None
+            if split is not None and split.leader is not None:
+                found.append((dependent, split))
+        return found
+
+    def follows_a_canary(self, package: Package) -> bool:
+        """Its split follows a canary that still runs (on the mount of what it requires)."""
+        mount = package.mount
+        split = mount.split if mount is not None else None
+        if split is None or split.leader is None:
+            return False
+        leader = self._packages.get(split.leader.canary.name)
+        return leader is not None and leader.mount is not None and leader.mount.split is split.leader
 
     def set_canary_weight(self, package: Package, weight: int) -> None:
         mount = package.mount
         if mount is not None and mount.split is not None:
             mount.split.weight = weight
+        for _, split in self._followers(package):
+            split.weight = weight
 
     def end_canary(self, package: Package, record: Deployment | None) -> PackageVersion | None:
         """No more requests to the canary: it drains, then stops and is unloaded (the active
@@ -640,6 +693,13 @@ class Engine:
         if split is None:
             return None
         assert mount is not None
+        for dependent, follows in self._followers(package):  # their instances bound to it first
+            assert dependent.mount is not None
+            dependent.mount.split = None
+            if follows.canary.state is VersionState.READY:
+                follows.canary.transition(VersionState.DRAINING)
+                self.retire(dependent, follows.canary, None)
+        self._carried.pop(package.name, None)
         mount.split = None  # from here on, new requests go to the active version only
         canary = split.canary
         if canary.state is VersionState.READY:

@@ -258,6 +258,11 @@ class Follower:
         """Whether the package's canary (or its absence) and weight are the desired ones."""
         mount = package.mount
         split = mount.split if mount is not None else None
+        if split is not None and split.leader is not None:
+            # It follows a canary of what it requires: right while that canary runs.
+            if not self.engine.follows_a_canary(package):
+                return False  # its leader ended without it (converging ends it)
+            split = None
         canary = wanted.canary
         if canary is None or split is None:
             return canary is None and split is None
@@ -386,8 +391,12 @@ class Follower:
         engine = self.engine
         moves: list[Move] = []
         try:
-            moves = await self._prepare_members(operation, version)
-            names = operation.packages
+            names = {operation.package}
+            if operation.kind is not OperationKind.CANARY:  # a canary's members follow it
+                moves = await self._prepare_members(operation, version)
+                names = set(operation.packages)
+            if version is engine.canary(package):  # its promotion: its followers are ready
+                names |= {move.package.name for move in engine.carried(package)}
             dependents = [d for d in engine.dependents(*names) if d.name not in names]
             moves += await engine.prepare_dependents(None, dependents, version, *(m.new for m in moves))
         except Exception as exc:
@@ -494,6 +503,8 @@ class Follower:
                 moves = []
             if not moves and active is not None and target.state is VersionState.DRAINING:
                 moves = self._warm_moves(package, target, active)  # a switch back: theirs too
+            if target is engine.canary(package):  # a promotion: its followers' instances too
+                moves = [*engine.carried(package), *moves]
             if moves and not self._claim_moves(moves, claims):
                 await self._drop_moves(moves)  # the dependents are bound anew on a later look
                 moves = []
@@ -541,8 +552,11 @@ class Follower:
         return moves
 
     async def _drop_moves(self, moves: list[Move]) -> None:
-        """Moves that will not switch: prepared instances discarded, warm ones given back."""
+        """Moves that will not switch: prepared instances discarded, warm ones given back (a
+        canary's follower is its canary's to end)."""
         for move in reversed(moves):
+            if move.new is self.engine.canary(move.package):
+                continue
             if move.new.state is VersionState.DRAINING:
                 self.engine.release(move.package, move.new)
             else:
@@ -598,10 +612,14 @@ class Follower:
             engine.set_canary_weight(package, int(canary["weight"]))
             return True
         prepared = self._prepared.pop(canary["operation"], None)
+        carried = self._moves.pop(canary["operation"], [])  # its dependents, bound to it
         version = prepared[1] if prepared is not None and prepared[0] is package else None
         if prepared is not None and version is None:
+            await engine.discard_moves(carried)
             await self._let_go(*prepared)
+            carried = []
         if version is None or version.state is not VersionState.READY:
+            await engine.discard_moves(carried)
             try:
                 unpacked = await engine.unpack_stored(package.name, canary["version"], canary["sha256"])
                 version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
@@ -611,11 +629,15 @@ class Follower:
                     with anyio.CancelScope(shield=True):
                         await engine.discard(package, version)
                     raise
+                carried = await engine.prepare_dependents(None, engine.dependents(package.name), version)
             except Exception:
                 logger.exception("%s: cannot load its canary %s here", package.name, canary["version"])
                 return False
+        if any(move.package.active is not move.old for move in carried):
+            await engine.discard_moves(carried)  # a dependent changed since: it does not follow
+            carried = []
         plan_key = str(canary.get("plan", {}).get("key", "cookie"))
-        engine.start_canary(package, version, int(canary["weight"]), plan_key, canary["operation"])
+        engine.start_canary(package, version, int(canary["weight"]), plan_key, canary["operation"], carried)
         return True
 
     async def report_canaries(self) -> None:
@@ -625,7 +647,7 @@ class Follower:
             mount = package.mount
             split = mount.split if mount is not None else None
             active = package.active
-            if split is None or active is None:
+            if split is None or active is None or split.leader is not None:
                 continue
             report = json.dumps(figures_report(active, split.canary), separators=(",", ":"))
             with contextlib.suppress(Exception):  # a lost report only makes the analysis wait

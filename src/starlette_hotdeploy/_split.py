@@ -12,6 +12,10 @@ Only a mount with a canary has one (`Mount.split`); every other request pays one
   weight go to the canary. Raising the weight only adds buckets: no user ever moves from the
   canary back to the stable version. A new canary version hashes anew (not always the same users).
 - Without a key (`random`, or a websocket without the cookie), each request draws on its own.
+- **Dependents follow.** The dependents of a package under a canary get a split of their own whose
+  canary is an instance bound to the canary version (the engine keeps them with the leader's): it
+  has the leader's salt, key and weight, so a user on the canary of `inventory` gets the `orders` bound
+  to it too, and a pin names the leader's versions.
 """
 
 from __future__ import annotations
@@ -50,10 +54,28 @@ def bucket(salt: bytes, key: str) -> int:
 class Split:
     """The canary of a mount and the share of new users it gets."""
 
-    __slots__ = ("_cookie_key", "_header_key", "canary", "key", "operation", "pin_secret", "salt", "weight")
+    __slots__ = (
+        "_cookie_key",
+        "_header_key",
+        "canary",
+        "key",
+        "leader",
+        "operation",
+        "pin_secret",
+        "pins",
+        "salt",
+        "weight",
+    )
 
     def __init__(
-        self, canary: PackageVersion, weight: int, key: str, operation: str, pin_secret: str | None = None
+        self,
+        canary: PackageVersion,
+        weight: int,
+        key: str,
+        operation: str,
+        pin_secret: str | None = None,
+        *,
+        leader: tuple[Split, PackageVersion] | None = None,
     ) -> None:
         self.canary = canary
         self.operation = operation  # the cluster operation its figures are reported on
@@ -61,6 +83,14 @@ class Split:
         self.key = key
         self.pin_secret = pin_secret
         self.salt = f"{canary.name}\0{canary.version}\0".encode()
+        # A dependent's split follows its leader's (and the leader's split carries it): the
+        # leader's salt, so the same users; pins name the leader (package, stable, canary).
+        self.leader = leader[0] if leader is not None else None
+        self.pins: tuple[str, str | None, str] = (canary.name, None, canary.version)
+        if leader is not None:
+            split, stable = leader
+            self.salt = split.salt
+            self.pins = (split.canary.name, stable.version, split.canary.version)
         kind, _, name = key.partition(":")
         self._header_key = name.lower().encode("latin-1") if kind == "header" else None
         self._cookie_key = (name or COOKIE) if kind == "cookie" else None
@@ -84,7 +114,7 @@ class Split:
         cookies = cookie_parser(cookie_header.decode("latin-1")) if cookie_header is not None else {}
         canary = self.canary
         if pin is None:
-            pin = cookies.get(_PIN_COOKIE_PREFIX + canary.name)
+            pin = cookies.get(_PIN_COOKIE_PREFIX + self.pins[0])
         if pin is not None:
             version = await self._pinned(scope, receive, send, pin, pin_secret, stable)
             if version is not None:
@@ -122,7 +152,8 @@ class Split:
         stable: PackageVersion,
     ) -> PackageVersion | None:
         """The version a pin asks for, or None once a refusal was sent."""
-        name = self.canary.name
+        name, stable_label, canary_label = self.pins
+        stable_label = stable_label or stable.version
         if self.pin_secret is not None and (
             secret is None or not hmac.compare_digest(secret, self.pin_secret.encode())
         ):
@@ -131,13 +162,13 @@ class Split:
                 f"pinning {name} to a version needs the pin secret (the Hotdeploy-Pin-Secret header)",
             )  # fmt: skip
             return None
-        for version in (stable, self.canary):
-            if version.version == pin:
+        for label, version in ((stable_label, stable), (canary_label, self.canary)):
+            if label == pin:
                 return version
         await _refuse(
             scope, receive, send, 409, "version not loaded",
-            f"{name} {pin} is not loaded: a request can be pinned to {stable.version} (active) "
-            f"or {self.canary.version} (canary)",
+            f"{name} {pin} is not loaded: a request can be pinned to {stable_label} (active) "
+            f"or {canary_label} (canary)",
         )  # fmt: skip
         return None
 

@@ -531,7 +531,9 @@ class SQLStore:
                 )
                 if stored.version is not None and stored.sha256 is not None:
                     self._mark_activated(db, stored.package, stored.version, stored.sha256)
-            for member in stored.members:  # a set: every package of it in this transaction
+            # A set: every package of it in this transaction (a canary's members are its
+            # dependents, which follow it: their desired state does not change).
+            for member in stored.members if stored.kind is not OperationKind.CANARY else ():
                 if member.version is None or member.sha256 is None:
                     db.execute("DELETE FROM desired WHERE name = ?", (member.package,))
                     continue
