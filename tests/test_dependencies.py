@@ -566,3 +566,85 @@ async def test_an_aborted_canary_takes_its_followers_with_it(
     assert status.canary is None
     assert [v.state for v in status.versions] == [VersionState.ACTIVE]
     await deployer.deploy(orders(sources, "1.1"))  # no longer follows anything
+
+
+# -- sets: what a review found -----------------------------------------------------------------------
+
+
+async def test_a_set_whose_mounts_overlap_is_refused_before_anything_starts(
+    deployer: Deployer, sources: Path, client: httpx.AsyncClient
+) -> None:
+    alpha = write_package(sources, "alpha", mount="/shop")
+    beta = write_package(sources, "beta", mount="/shop/beta")
+    with pytest.raises(DeploymentError) as caught:
+        await deployer.deploy_set([alpha, beta])
+    assert "mount '/shop/beta' overlaps '/shop' of package 'alpha'" in caught.value.cause.message
+    assert (await client.get("/shop/")).status_code == 404
+    assert deployer.status() == []
+
+
+async def test_a_set_refused_at_a_claim_is_recorded_failed_and_leaves_no_upload(
+    deployer: Deployer, sources: Path
+) -> None:
+    await deployer.deploy_set([inventory(sources, "1.0"), orders(sources)])
+    deployer.plugins.register(HoldInventory("2.0"))
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(deployer.deploy, inventory(sources, "2.0"))
+        await testkit.event("checking").wait()
+        with pytest.raises(DeploymentInProgress) as caught:
+            await deployer.deploy_set([orders(sources, "2.0"), write_package(sources, "greeter")])
+        testkit.event("release").set()
+    refused = caught.value.deployment
+    assert refused is not None
+    [stored] = [r for r in deployer.deployments() if r.id == refused.id]
+    assert stored.outcome.value == "failed"
+    assert {p.name: sorted(p.available_versions) for p in deployer.status()} == {
+        "inventory": ["1.0", "2.0"],
+        "orders": ["1.0"],  # orders 2.0 and greeter 1.0 were forgotten
+    }
+
+
+async def test_a_failed_set_restores_each_lineage_as_it_was(deployer: Deployer, sources: Path) -> None:
+    await deployer.deploy(inventory(sources, "1.0"))
+    await deployer.deploy(inventory(sources, "2.0"))
+    await deployer.deploy(orders(sources))
+    deployer.plugins.register(VetoAfter("1.0"))
+    with pytest.raises(DeploymentError):  # 1.0 again (it is in the lineage already): vetoed
+        await deployer.deploy_set([inventory(sources, "1.0"), orders(sources, "1.1")])
+    [status] = deployer.status("inventory")
+    assert (status.active_version, status.previous_version) == ("2.0", "1.0")
+
+
+CHECK_ON_THE_SECOND_WORKER = """
+import testkit
+from starlette_hotdeploy import hookimpl
+
+
+@hookimpl
+def hotdeploy_check_after_activate(version, previous):
+    testkit.calls.append(f"checked {version.name} {version.version}")
+    if testkit.calls.count(f"checked {version.name} {version.version}") == 2:
+        return f"{version.name} {version.version} fails on the second worker"
+"""
+
+
+async def test_every_worker_checks_every_package_of_a_set_after_the_switch(
+    tmp_path: Path, sources: Path
+) -> None:
+    home = tmp_path / "home"
+    first, second = (Deployer(home=home, entry_points=False) for _ in range(2))
+    async with first.running(), second.running():
+        await first.deploy_set([inventory(sources, "1.0"), orders(sources)])
+        checked = write_package(
+            sources,
+            "orders",
+            "2.0",
+            app=ORDERS_APP.format(version="2.0"),
+            manifest_extra='requires = { inventory = ">=1" }\nhooks = "orders.checks"\n',
+            files={"orders/checks.py": CHECK_ON_THE_SECOND_WORKER},
+        )
+        with pytest.raises(DeploymentError) as caught:
+            await first.deploy_set([inventory(sources, "2.0"), checked])
+        assert caught.value.deployment.outcome.value == "rolled_back"
+        assert "orders 2.0 fails on the second worker" in caught.value.cause.message
+        assert testkit.calls.count("checked orders 2.0") == 2  # on both workers

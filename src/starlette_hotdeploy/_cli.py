@@ -160,8 +160,9 @@ def summary(record: dict[str, Any]) -> str:
     notes = [flag for flag in ("downgrade", "forced") if record.get(flag)]
     if record.get("signer"):
         notes.append(f"signed by {record['signer']}")
-    if record.get("bundle"):
-        notes.append(f"together with {', '.join(record['bundle'][1:])}")
+    others = [entry for entry in record.get("bundle") or [] if entry.split(" ")[0] != record.get("package")]
+    if others:
+        notes.append(f"together with {', '.join(others)}")
     if record.get("moved"):
         notes.append(f"moved {', '.join(record['moved'])}")
     return (

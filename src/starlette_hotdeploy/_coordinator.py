@@ -51,6 +51,7 @@ from ._follower import Follower
 from ._hooks import implemented, notify, run_checks
 from ._host_routes import host_routes, shadowed
 from ._manifest import Manifest
+from ._mounts import Mount, MountTable
 from ._operation import CANARY_SUFFIX, Member, Operation, OperationKind, Phase, Vote
 from ._package import Package
 from ._records import RecordLog
@@ -122,8 +123,9 @@ class Coordinator:
                 if plan is not None:
                     return await self._install_canary(record, package, unpacked, plan)
                 return await self._install(record, package, unpacked)
-        except DeploymentError:
+        except (DeploymentError, DeploymentInProgress):
             if record.outcome is Outcome.FAILED:
+                await self.records.save(record)  # a refused claim concluded it
                 await self._forget_upload(manifest.name, manifest.version, unpacked.sha256)
             raise
 
@@ -155,6 +157,13 @@ class Coordinator:
                         step="unpack",
                     ),
                 )
+            scratch = MountTable()  # the set's mounts against each other (prepare checks the rest)
+            for upload in uploads:
+                try:
+                    scratch.add(Mount.reservation(upload.manifest.mount, upload.manifest.name))
+                except MountConflict as error:
+                    error.version = upload.manifest.version
+                    await self._fail(record, error)
             order = {m.name: i for i, m in enumerate(in_dependency_order(u.manifest for u in uploads))}
             uploads.sort(key=lambda u: order[u.manifest.name])
             record.bundle = [f"{u.manifest.name} {u.manifest.version}" for u in uploads]
@@ -177,8 +186,9 @@ class Coordinator:
                     packages.append(package)
                 members = list(zip(packages[1:], (changed or uploads)[1:], strict=True))
                 return await self._install(record, packages[0], first, members=members)
-        except DeploymentError:
+        except (DeploymentError, DeploymentInProgress):
             if record.outcome is Outcome.FAILED:
+                await self.records.save(record)  # a refused claim concluded it
                 for upload in uploads:
                     await self._forget_upload(upload.manifest.name, upload.manifest.version, upload.sha256)
             raise
@@ -417,8 +427,9 @@ class Coordinator:
         """Register a cluster-wide operation; refused while another worker runs one on the package."""
         other = await self.cluster.begin_operation(operation)
         if other is not None:
+            on = sorted(other.packages & operation.packages)
             error = DeploymentInProgress(
-                f"another operation on {operation.package} is in progress on worker {other.coordinator}; "
+                f"another operation on {', '.join(on)} is in progress on worker {other.coordinator}; "
                 "retry when it has finished",
                 package=operation.package,
                 step="claim",
@@ -569,7 +580,13 @@ class Coordinator:
                     if warm is not None:
                         step.detail = "warm: one assignment"
                         engine.switch(package, version, current, moves)
-                    elif manifest.strategy == "block" and current is not None:
+                    elif any(
+                        new.manifest.strategy == "block" and old is not None
+                        for new, old in [
+                            (version, current),
+                            *((m.new, m.old) for m in moves[: len(together)]),
+                        ]
+                    ):
                         step.detail = "block: new requests held while the previous version finished"
                         await engine.switch_blocking(package, version, current, moves)
                     else:
@@ -636,7 +653,9 @@ class Coordinator:
                             step="bake",
                         )
                     await self._vote(operation, Vote.CHECKED)
-                    if implemented("hotdeploy_check_after_activate", engine.managers(version)):
+                    set_versions = (version, *(move.new for move in set_moves))
+                    managers = [manager for v in set_versions for manager in engine.managers(v)]
+                    if implemented("hotdeploy_check_after_activate", managers):
                         # They run on every worker: a failure anywhere switches every one back.
                         result = await self.cluster.await_votes(operation, Vote.CHECKED, _reporter(record))
                         if not result.ok:
@@ -655,8 +674,19 @@ class Coordinator:
             except Exception as exc:
                 error = _as_error(exc, version)
                 await self._done(operation)
+                before = [lineage_before, *(lineage for _, _, lineage in together)]
                 await self._switch_back(
-                    record, package, version, current, operation, first_install, error, moves, installed, warm
+                    record,
+                    package,
+                    version,
+                    current,
+                    operation,
+                    first_install,
+                    error,
+                    moves,
+                    installed,
+                    warm,
+                    before,
                 )
                 raise DeploymentError(record, error) from exc
             await self._done(operation)
@@ -839,6 +869,7 @@ class Coordinator:
         moves: list[Move],
         installed: list[Package],
         warm: PackageVersion | None,
+        lineages: list[list[tuple[str, str]]],
     ) -> None:
         """A post-activation check failed: the previous version again, everywhere (and the
         packages that switched with it: the dependents back to their instances bound to it, the
@@ -854,15 +885,15 @@ class Coordinator:
             OperationKind.ACTIVATE if current is not None else OperationKind.REMOVE,
             current.version if current is not None else None,
             current.sha256 if current is not None else None,
-            operation.lineage[:-1],
+            lineages[0],  # each package's lineage as it was before the switch
             members=tuple(
                 Member(
                     m.package,
                     move.old.version if move.old is not None else None,
                     move.old.sha256 if move.old is not None else None,
-                    m.lineage[:-1],
+                    lineage,
                 )
-                for m, move in zip(operation.members, moves, strict=False)
+                for m, move, lineage in zip(operation.members, moves, lineages[1:], strict=False)
             ),
         )
         other = await self.cluster.begin_operation(back)
@@ -877,9 +908,9 @@ class Coordinator:
             )
         else:
             await self._commit(back, record)
-        engine.set_lineage(package, operation.lineage[:-1])
-        for member, move in zip(operation.members, moves, strict=False):
-            engine.set_lineage(move.package, member.lineage[:-1])
+        engine.set_lineage(package, lineages[0])
+        for move, lineage in zip(moves, lineages[1:], strict=False):
+            engine.set_lineage(move.package, lineage)
         await engine.discard_moves(moves)
         await self._let_go(package, version, warm)
         for forgotten in installed:

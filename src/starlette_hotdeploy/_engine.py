@@ -713,7 +713,7 @@ class Engine:
         self,
         package: Package,
         new: PackageVersion,
-        old: PackageVersion,
+        old: PackageVersion | None,
         moves: Sequence[Move] = (),
         *,
         force: bool = False,
@@ -722,7 +722,7 @@ class Engine:
         the same for the dependents that move with it (as its reload of dependent packages).
 
         With `force` (a worker following a confirmed change), switch even if it is not."""
-        pairs = [(package, old), *((m.package, m.old) for m in moves if m.old is not None)]
+        pairs = [(p, v) for p, v in [(package, old), *((m.package, m.old) for m in moves)] if v is not None]
         mounts = [p.mount for p, _ in pairs if p.mount is not None]
         gate = anyio.Event()
         for mount in mounts:
@@ -739,7 +739,9 @@ class Engine:
                     for v in busy
                 )
                 raise HotDeployError(
-                    f"block: {running} after {timeout:g}s; {old.version} stays active and held requests go to it",
+                    f"block: {running} after {timeout:g}s; what was active stays active and held requests go to it"
+                    if old is None
+                    else f"block: {running} after {timeout:g}s; {old.version} stays active and held requests go to it",
                     package=new.name,
                     version=new.version,
                     step="switch",

@@ -15,7 +15,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -418,7 +418,7 @@ class Follower:
             for member in operation.members:
                 if member.version is None or member.sha256 is None:
                     continue  # removed by the commit: the converge that follows removes it
-                package = engine.get(member.package)
+                package = engine.get(member.package) or self._prepared_package(member.package)
                 warm = package.loaded_version(member.version) if package is not None else None
                 if package is not None and warm is not None and warm.sha256 == member.sha256:
                     if warm is package.active:
@@ -474,7 +474,7 @@ class Follower:
             # A worker that starts while another one's operation is being prepared prepares
             # its version first: restore into that same Package, or the switch to the
             # prepared version would leave a second one behind, still pointing at this one.
-            package = next((p for p, _ in self._prepared.values() if p.name == name), None)
+            package = self._prepared_package(name)
         moves = self._moves.pop(operation.id, []) if operation is not None else []
         with engine.claim(name), contextlib.ExitStack() as claims:
             target: PackageVersion | None = None
@@ -495,6 +495,7 @@ class Follower:
             if target is None:
                 target, package = await engine.restore(name, wanted, package, order.before_load)
             if target is None:
+                await self._drop_moves(moves)
                 return False
             assert package is not None
             engine.adopt(package)
@@ -506,9 +507,17 @@ class Follower:
             if target is engine.canary(package):  # a promotion: its followers' instances too
                 moves = [*engine.carried(package), *moves]
             if moves and not self._claim_moves(moves, claims):
+                if operation is not None and operation.members and prepared is not None:
+                    # A set switches whole here too: not yet (the next look tries again).
+                    self._prepared[operation.id], self._moves[operation.id] = prepared, moves
+                    return False
                 await self._drop_moves(moves)  # the dependents are bound anew on a later look
                 moves = []
-            if target.manifest.strategy == "block" and active is not None and package.mount is not None:
+            set_moves = [m for m in moves if operation is not None and m.package.name in operation.packages]
+            if package.mount is not None and any(
+                new.manifest.strategy == "block" and old is not None
+                for new, old in [(target, active), *((m.new, m.old) for m in set_moves)]
+            ):
                 await engine.switch_blocking(package, target, active, moves, force=True)
             else:
                 engine.switch(package, target, active, moves)
@@ -527,8 +536,20 @@ class Follower:
                 # Heartbeat first: once the vote is in, the workers map must show the new version.
                 await self.vote(operation, Vote.SWITCHED, serving=engine.serving())
         if operation is not None:  # outside the claim: a switch back may need the package
-            await self._check_after_activate(operation, target, active)
+            await self._check_after_activate(operation, target, active, [(m.new, m.old) for m in set_moves])
         return True
+
+    def _prepared_package(self, name: str) -> Package | None:
+        """The Package that something prepared here for an operation belongs to (a worker that
+        starts while it is prepared must restore into that same one)."""
+        for package, _ in self._prepared.values():
+            if package.name == name:
+                return package
+        for moves in self._moves.values():
+            for move in moves:
+                if move.package.name == name:
+                    return move.package
+        return None
 
     def _warm_moves(self, package: Package, target: PackageVersion, active: PackageVersion) -> list[Move]:
         """Switching back to a draining version: the dependents' instances still bound to it
@@ -566,7 +587,12 @@ class Follower:
         """Claim the dependents that move with this switch; False (nothing claimed) if one of
         them changed or is busy since they were prepared."""
         engine = self.engine
-        if any(m.package.active is not m.old or engine.is_busy(m.package.name) for m in moves):
+        if any(
+            m.package.active is not m.old
+            or engine.is_busy(m.package.name)
+            or engine.get(m.package.name) not in (None, m.package)  # another one restored meanwhile
+            for m in moves
+        ):
             return False
         for move in moves:
             claims.enter_context(engine.claim(move.package.name))
@@ -654,7 +680,11 @@ class Follower:
                 await self.cluster.vote(split.operation, Vote.SWITCHED, report)
 
     async def _check_after_activate(
-        self, operation: Operation, version: PackageVersion, previous: PackageVersion | None
+        self,
+        operation: Operation,
+        version: PackageVersion,
+        previous: PackageVersion | None,
+        also: Sequence[tuple[PackageVersion, PackageVersion | None]] = (),
     ) -> None:
         """The post-activation checks, here too, while the coordinator bakes the change (the
         operation is still in COMMIT); the vote tells it whether they passed. A failure
@@ -666,15 +696,16 @@ class Follower:
         ):
             return
         try:
-            await run_checks(
-                "hotdeploy_check_after_activate",
-                self.engine.managers(version),
-                {"version": version, "previous": previous},
-                timeout=self.engine.check_timeout,
-                package=version.name,
-                version=version.version,
-                step="bake",
-            )
+            for checked, before in [(version, previous), *also]:  # and the rest of its set
+                await run_checks(
+                    "hotdeploy_check_after_activate",
+                    self.engine.managers(checked),
+                    {"version": checked, "previous": before},
+                    timeout=self.engine.check_timeout,
+                    package=checked.name,
+                    version=checked.version,
+                    step="bake",
+                )
         except Exception as exc:
             await self.vote(operation, Vote.FAILED, self.engine.redact(str(exc)))
         else:
