@@ -140,7 +140,9 @@ class Coordinator:
         set's new versions of what it requires), then all switched at once, or none."""
         options = options or DeployOptions()
         if options.canary or options.canary_steps:
-            raise CanaryRefused("a set of packages is deployed without a canary", step="canary")
+            await self._fail(
+                record, CanaryRefused("a set of packages is deployed without a canary", step="canary")
+            )
         uploads: list[Unpacked] = []
         try:
             for index, source in enumerate(sources):
@@ -462,6 +464,23 @@ class Coordinator:
         if done:
             await self._done(operation)
 
+    async def _prepare_workers(
+        self, operation: Operation, record: Deployment, version: PackageVersion
+    ) -> None:
+        """This worker's PREPARED vote, then every live worker's (CheckFailed names who failed)."""
+        await self._vote(operation, Vote.PREPARED)
+        with record.step("prepare workers") as step:
+            result = await self.cluster.await_votes(operation, Vote.PREPARED, _reporter(record))
+            if not result.ok:
+                raise CheckFailed(
+                    f"not every worker could prepare it: {result.describe()}",
+                    check="workers",
+                    package=version.name,
+                    version=version.version,
+                    step="prepare workers",
+                )
+            step.detail = f"{len(result.live)} worker(s) prepared"
+
     async def _vote(self, operation: Operation, vote: Vote) -> None:
         """This worker's own vote. A store that fails it (a database restarting, this process
         frozen past the database's patience) is ridden out: the follower casts it again on its
@@ -564,18 +583,7 @@ class Coordinator:
                     version,
                     *(m.new for m in moves),
                 )
-                await self._vote(operation, Vote.PREPARED)
-                with record.step("prepare workers") as step:
-                    result = await self.cluster.await_votes(operation, Vote.PREPARED, _reporter(record))
-                    if not result.ok:
-                        raise CheckFailed(
-                            f"not every worker could prepare it: {result.describe()}",
-                            check="workers",
-                            package=version.name,
-                            version=version.version,
-                            step="prepare workers",
-                        )
-                    step.detail = f"{len(result.live)} worker(s) prepared"
+                await self._prepare_workers(operation, record, version)
                 with record.step("switch") as step:
                     if warm is not None:
                         step.detail = "warm: one assignment"
@@ -785,18 +793,7 @@ class Coordinator:
                 await engine.prepare(record, package, version)
                 carried = await engine.prepare_dependents(record, dependents, version)
                 record.moved = [str(move) for move in carried]
-                await self._vote(operation, Vote.PREPARED)
-                with record.step("prepare workers") as step:
-                    result = await self.cluster.await_votes(operation, Vote.PREPARED, _reporter(record))
-                    if not result.ok:
-                        raise CheckFailed(
-                            f"not every worker could prepare it: {result.describe()}",
-                            check="workers",
-                            package=version.name,
-                            version=version.version,
-                            step="prepare workers",
-                        )
-                    step.detail = f"{len(result.live)} worker(s) prepared"
+                await self._prepare_workers(operation, record, version)
                 with record.step("commit") as step:
                     await self.cluster.commit(operation, state.to_dict())
                     step.detail = f"canary {plan.describe()}, users kept by {plan.key}"
