@@ -532,7 +532,9 @@ async def test_a_canary_user_gets_the_dependents_bound_to_the_canary(
     assert pinned["inventory"] == "2.0"
     stable = (await client.get("/orders/", headers={"hotdeploy-version": "1.0"})).json()
     assert stable["inventory"] == "1.0"
-    with pytest.raises(DeploymentInProgress, match=r"orders follows the canary of inventory 2\.0"):
+    with pytest.raises(
+        DeploymentInProgress, match=r"orders follows the canary of inventory \(it imports it\)"
+    ):
         await deployer.deploy(orders(sources, "1.1"))
 
     await deployer.promote_canary("inventory", all_steps=True)
@@ -648,3 +650,66 @@ async def test_every_worker_checks_every_package_of_a_set_after_the_switch(
         assert caught.value.deployment.outcome.value == "rolled_back"
         assert "orders 2.0 fails on the second worker" in caught.value.cause.message
         assert testkit.calls.count("checked orders 2.0") == 2  # on both workers
+
+
+# -- canaries and dependents: what a review found ---------------------------------------------------
+
+BILLING_APP = """
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from inventory.api import VERSION as INVENTORY
+from orders.app import INVENTORY as ORDERS_INVENTORY
+
+
+async def index(request):
+    return JSONResponse({"inventory": INVENTORY, "orders_inventory": ORDERS_INVENTORY})
+
+
+app = Starlette(routes=[Route("/", index)])
+"""
+
+
+def billing(sources: Path) -> Path:
+    return write_package(
+        sources,
+        "billing",
+        app=BILLING_APP,
+        manifest_extra='requires = { inventory = ">=1", orders = ">=1" }\n',
+    )
+
+
+async def test_a_dependent_of_two_moving_packages_is_bound_to_both_new_instances(
+    deployer: Deployer, sources: Path, client: httpx.AsyncClient
+) -> None:
+    await deployer.deploy(inventory(sources, "1.0"))
+    await deployer.deploy(orders(sources))
+    await deployer.deploy(billing(sources))  # "billing" sorts before "orders", which it requires
+    record = await deployer.deploy(inventory(sources, "2.0"))
+    assert record.moved == ["orders 1.0", "billing 1.0"]  # each after what it requires
+    assert (await client.get("/billing/")).json() == {"inventory": "2.0", "orders_inventory": "2.0"}
+
+
+def follows(deployer: Deployer, name: str) -> str | None:
+    canary = deployer.status(name)[0].canary
+    return canary.get("follows") if canary is not None else None
+
+
+async def test_on_every_worker_a_following_dependent_is_left_alone_and_a_late_worker_follows_too(
+    tmp_path: Path, sources: Path
+) -> None:
+    home = tmp_path / "home"
+    first, second = (Deployer(home=home, entry_points=False) for _ in range(2))
+    async with first.running(), second.running():
+        await first.deploy(inventory(sources, "1.0"))
+        await first.deploy(orders(sources))
+        await first.deploy(inventory(sources, "2.0"), canary="50%")  # once every worker splits
+        assert follows(second, "orders") == "inventory 2.0"
+        # On the worker that does not run the canary, orders may not move either.
+        with pytest.raises(DeploymentInProgress, match=r"orders follows the canary of inventory"):
+            await second.deploy(orders(sources, "1.1"))
+        late = Deployer(home=home, entry_points=False)
+        async with late.running():  # restores inventory (with its canary), then orders
+            assert follows(late, "orders") == "inventory 2.0"
+        await first.abort_canary("inventory")

@@ -14,8 +14,9 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,16 @@ async def listening(*wakeups: Wakeup) -> AsyncIterator[None]:
 # -- Wakeup ---------------------------------------------------------------------------------------
 
 
-async def test_a_notify_wakes_the_other_worker_not_itself(tmp_path: Path) -> None:
-    one, two = Wakeup(tmp_path), Wakeup(tmp_path)
+@pytest.fixture
+def short_home() -> Iterator[Path]:
+    """A home whose socket paths fit in it (pytest's tmp_path grows with its run counter: past
+    pytest-99 the sockets of a home under it no longer fit, and go to the short directory)."""
+    with tempfile.TemporaryDirectory(prefix="hd-", dir="/tmp") as directory:
+        yield Path(directory)
+
+
+async def test_a_notify_wakes_the_other_worker_not_itself(short_home: Path) -> None:
+    one, two = Wakeup(short_home), Wakeup(short_home)
     async with listening(one, two):
         assert one.directory == two.directory
         assert one.directory is not None

@@ -316,9 +316,18 @@ class CanaryRun:
         try:
             await self.coordinator._install(self.record, self.package, None, warm=self.canary)
         except DeploymentError:
-            # Refused or failed before its commit: the stable version still serves; the canary goes.
-            if self.engine.canary(self.package) is self.canary:
+            # Refused or failed (before its commit, or the commit itself, whose switch back has
+            # ended the split here already): the stable version still serves, and the canary goes
+            # from the store too, or the workers would split for a canary nobody runs.
+            try:
                 await self.cluster.set_canary(self.package.name, None)
+            except Exception:  # the store may be why it failed
+                logger.exception(
+                    "%s: the canary could not be cleared from the store; the workers split for it "
+                    "until the package's next deployment",
+                    self.package.name,
+                )
+            if self.engine.canary(self.package) is self.canary:
                 self.engine.end_canary(self.package, None)
 
     async def _abort(self, reason: str) -> None:
@@ -347,7 +356,7 @@ def canary_gauges(package: Package, run: CanaryRun | None) -> dict[str, Any] | N
     attribute is read once, and the run replaces its state and analysis, never changes them."""
     mount = package.mount
     split = mount.split if mount is not None else None
-    if split is None:
+    if split is None or split.leader is not None:  # none, or a dependent following another's
         return None
     found: dict[str, Any] = {"package": package.name, "version": split.canary.version, "weight": split.weight}
     if run is not None and run.canary is split.canary:

@@ -365,15 +365,17 @@ class Coordinator:
                         package=name,
                         step="claim",
                     )
-                for run in self.canaries.values():
-                    following = {move.package.name for move in self.engine.carried(run.package)}
-                    if run.ending is None and name in following:
-                        raise DeploymentInProgress(
-                            f"{name} follows the canary of {run.package.name} {run.canary.version} "
-                            f"(deployment {run.record.id}): promote or abort it first",
-                            package=name,
-                            step="claim",
-                        )
+                package = self.engine.get(name)
+                leader = self.engine.leader_of(package) if package is not None else None
+                leading = self.canaries.get(leader) if leader is not None else None
+                # (Every worker that splits its requests knows; its promotion may move it.)
+                if leader is not None and (leading is None or leading.ending is None):
+                    raise DeploymentInProgress(
+                        f"{name} follows the canary of {leader} (it imports it): promote or abort "
+                        "that canary first",
+                        package=name,
+                        step="claim",
+                    )
                 stack.enter_context(self.engine.claim(name))
             except DeploymentInProgress as error:
                 error.deployment = record
@@ -544,6 +546,7 @@ class Coordinator:
             ),
         )
         moves: list[Move] = []
+        carried: list[Move] = []  # a promotion's: its canary's to end, should it fail
         # A deployment runs to its outcome (every step is bounded); the claims of the dependents
         # that move with it are held as long.
         with anyio.CancelScope(shield=True), ExitStack() as claims:
@@ -607,7 +610,7 @@ class Coordinator:
                 # Ended even if the store fails it (the store may be why this failed): what was
                 # prepared here must go, and the error that failed it is the answer.
                 await self.cluster.end(operation.id, Phase.ABORT)
-                await engine.discard_moves(moves)
+                await engine.discard_moves([move for move in moves if move not in carried])
                 if warm is None:
                     await engine.discard(package, version)
                 elif version.state is not VersionState.ACTIVE:

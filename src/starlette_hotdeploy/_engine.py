@@ -136,8 +136,9 @@ class Engine:
         self._packages: dict[str, Package] = {}
         self._busy: set[str] = set()  # packages with an operation under way in this process
         self._handed_over: set[str] = set()  # claims that outlive their block (see hand_over_claim)
-        # A package under a canary -> its dependents, whose instances bound to the canary follow it.
-        self._carried: dict[str, list[Package]] = {}
+        # A package under a canary -> its dependents whose instances bound to the canary follow
+        # it, each with the active version it had when it began to follow.
+        self._carried: dict[str, list[tuple[Package, PackageVersion | None]]] = {}
         self._retirements: dict[PackageVersion, Retirement] = {}
         self._held: set[PackageVersion] = set()  # draining versions taken back for a switch back
         self._unloaded: deque[tuple[str, list[weakref.ref[Any]]]] = deque(maxlen=1000)
@@ -478,7 +479,7 @@ class Engine:
                     moving.add(package.name)
                     found.append(package)
                     grew = True
-        return found
+        return requirements_first(found)  # each bound to the new instances of what it requires
 
     async def prepare_dependents(
         self, record: Deployment | None, dependents: list[Package], *changing: PackageVersion
@@ -635,8 +636,21 @@ class Engine:
         for side in (active, version):
             if side.figures is None:  # the analysis compares them, metrics or not
                 side.figures = RequestFigures()
-        leader = Split(version, weight, key, operation, self.pin_secret)
-        for move in carried:
+        mount.split = Split(version, weight, key, operation, self.pin_secret)
+        self._carried[package.name] = []
+        self.add_followers(package, carried)
+
+    def add_followers(self, package: Package, moves: Sequence[Move]) -> None:
+        """Dependents follow the package's running canary: each move's `new`, a ready instance
+        bound to the canary, gets the same users on the dependent's mount."""
+        mount = package.mount
+        leader = mount.split if mount is not None else None
+        active = package.active
+        if leader is None or leader.leader is not None or active is None:
+            raise IllegalTransition(
+                "only a running canary has followers", package=package.name, step="canary"
+            )
+        for move in moves:
             if move.package.mount is None or move.new.state is not VersionState.READY:
                 raise IllegalTransition(
                     "a dependent follows a canary with a ready instance beside its active one",
@@ -644,30 +658,58 @@ class Engine:
                     version=move.new.version,
                     step="canary",
                 )
-        for move in carried:
+        for move in moves:
             if move.new not in move.package._loaded:
                 move.package._loaded.append(move.new)
             follows = move.package.mount
             assert follows is not None  # checked above
-            follows.split = Split(move.new, weight, key, operation, self.pin_secret, leader=(leader, active))
-        self._carried[package.name] = [move.package for move in carried]
-        mount.split = leader
+            follows.split = Split(
+                move.new,
+                leader.weight,
+                leader.key,
+                leader.operation,
+                self.pin_secret,
+                leader=(leader, active),
+            )
+            self._carried[package.name].append((move.package, move.old))
 
     def carried(self, package: Package) -> list[Move]:
-        """The dependents following the package's canary: (their active, the instance bound to
-        the canary)."""
-        return [
-            Move(dependent, dependent.active, split.canary) for dependent, split in self._followers(package)
-        ]
+        """The dependents following the package's canary: (their active when they began to
+        follow, the instance bound to the canary)."""
+        return [Move(dependent, old, split.canary) for dependent, old, split in self._followers(package)]
 
-    def _followers(self, package: Package) -> list[tuple[Package, Split]]:
+    def _followers(self, package: Package) -> list[tuple[Package, PackageVersion | None, Split]]:
         found = []
-        for dependent in self._carried.get(package.name, ()):
+        for dependent, old in self._carried.get(package.name, ()):
             mount = dependent.mount
             split = mount.split if mount is not None else None
             if split is not None and split.leader is not None:
-                found.append((dependent, split))
+                found.append((dependent, old, split))
         return found
+
+    def leader_of(self, package: Package) -> str | None:
+        """The package whose running canary this one follows, if any."""
+        mount = package.mount
+        split = mount.split if mount is not None else None
+        if split is None or split.leader is None or not self.follows_a_canary(package):
+            return None
+        return split.leader.canary.name
+
+    def canary_to_follow(self, package: Package) -> Package | None:
+        """A package it imports from whose canary it should follow but does not (it was restored,
+        or deployed, after the canary began here)."""
+        active = package.active
+        mount = package.mount
+        if active is None or mount is None or mount.split is not None:
+            return None
+        if not active.manifest.reload_with_requirements:
+            return None
+        for name in sorted(active.manifest.requires):
+            required = self._packages.get(name)
+            split = required.mount.split if required is not None and required.mount is not None else None
+            if required is not None and split is not None and split.leader is None:
+                return required
+        return None
 
     def follows_a_canary(self, package: Package) -> bool:
         """Its split follows a canary that still runs (on the mount of what it requires)."""
@@ -682,7 +724,7 @@ class Engine:
         mount = package.mount
         if mount is not None and mount.split is not None:
             mount.split.weight = weight
-        for _, split in self._followers(package):
+        for _, _, split in self._followers(package):
             split.weight = weight
 
     def end_canary(self, package: Package, record: Deployment | None) -> PackageVersion | None:
@@ -693,7 +735,7 @@ class Engine:
         if split is None:
             return None
         assert mount is not None
-        for dependent, follows in self._followers(package):  # their instances bound to it first
+        for dependent, _, follows in self._followers(package):  # their instances bound to it first
             assert dependent.mount is not None
             dependent.mount.split = None
             if follows.canary.state is VersionState.READY:

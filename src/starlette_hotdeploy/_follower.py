@@ -263,6 +263,8 @@ class Follower:
             if not self.engine.follows_a_canary(package):
                 return False  # its leader ended without it (converging ends it)
             split = None
+        elif split is None and self.engine.canary_to_follow(package) is not None:
+            return False  # restored (or deployed) after that canary began here: it must follow
         canary = wanted.canary
         if canary is None or split is None:
             return canary is None and split is None
@@ -633,7 +635,7 @@ class Follower:
             engine.end_canary(package, None)  # aborted (or another canary): it drains and goes
             current = None
         if canary is None:
-            return True
+            return await self._follow_canary(package)
         if current is not None:
             engine.set_canary_weight(package, int(canary["weight"]))
             return True
@@ -664,6 +666,25 @@ class Follower:
             carried = []
         plan_key = str(canary.get("plan", {}).get("key", "cookie"))
         engine.start_canary(package, version, int(canary["weight"]), plan_key, canary["operation"], carried)
+        return True
+
+    async def _follow_canary(self, package: Package) -> bool:
+        """Under the claim: a package that imports one whose canary runs here follows it, with
+        an instance bound to the canary (it was restored, or deployed, after the canary began)."""
+        engine = self.engine
+        leader = engine.canary_to_follow(package)
+        canary = engine.canary(leader) if leader is not None else None
+        if leader is None or canary is None:
+            return True
+        try:
+            moves = await engine.prepare_dependents(None, [package], canary)
+        except Exception:
+            logger.exception("%s: cannot follow the canary of %s here", package.name, leader.name)
+            return False
+        if engine.canary(leader) is not canary:  # it ended meanwhile
+            await engine.discard_moves(moves)
+            return True
+        engine.add_followers(leader, moves)
         return True
 
     async def report_canaries(self) -> None:
