@@ -9,14 +9,17 @@ it at module level and lazily in a request, and stamps both versions in every an
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
 import pytest
 
 import testkit
-from conftest import host_app
+from conftest import host_app, running_on
 from drains import Drained
 from packages import write_package
 from starlette_hotdeploy import (
@@ -27,6 +30,10 @@ from starlette_hotdeploy import (
     VersionState,
     hookimpl,
 )
+from starlette_hotdeploy._deployment import Deployment
+from starlette_hotdeploy._errors import StoreError
+from starlette_hotdeploy._operation import Operation, OperationKind, Vote
+from starlette_hotdeploy._sqlite_store import SQLiteStore
 
 pytestmark = pytest.mark.anyio
 
@@ -713,3 +720,91 @@ async def test_on_every_worker_a_following_dependent_is_left_alone_and_a_late_wo
         async with late.running():  # restores inventory (with its canary), then orders
             assert follows(late, "orders") == "inventory 2.0"
         await first.abort_canary("inventory")
+
+
+class FailingPromotion(SQLiteStore):
+    """The SQLite store, failing a promotion (an ACTIVATE) at its first vote, or at its commit."""
+
+    def __init__(self, home: Path) -> None:
+        super().__init__(home)
+        self.fail_vote = self.fail_commit = False
+
+    def vote(self, op_id: str, worker_id: str, vote: Vote, detail: str | None = None) -> None:
+        operation = self.operation(op_id)
+        if self.fail_vote and operation is not None and operation.kind is OperationKind.ACTIVATE:
+            raise StoreError("the store failed: connection refused (the test's outage)")
+        super().vote(op_id, worker_id, vote, detail)
+
+    def commit(self, operation: Operation, canary: dict[str, Any] | None = None) -> int:
+        if self.fail_commit and operation.kind is OperationKind.ACTIVATE:
+            raise StoreError("the store failed: connection refused (the test's outage)")
+        return super().commit(operation, canary)
+
+
+async def promote_and_wait(deployer: Deployer, record: Deployment) -> None:
+    """Promote, and wait until the failed promotion has ended the canary. That last act of its
+    run publishes no event (the record is finished by then): look again, bounded."""
+    await deployer.promote_canary("inventory", all_steps=True)
+    for _ in range(500):
+        if "ended" in record.canary:
+            return
+        await anyio.sleep(0.02)
+    raise AssertionError(f"the canary did not end: {record.to_dict()}")
+
+
+@asynccontextmanager
+async def failing_promotion(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[Deployer, FailingPromotion, httpx.AsyncClient]]:
+    """A deployer on a FailingPromotion store that waits for its own lost vote 1 s, not 60."""
+    home = tmp_path / "home"
+    home.mkdir()
+    store = FailingPromotion(home)
+    deployer = Deployer(home=home, store=store, entry_points=False, cluster_timeout=1.0)
+    async with deployer.running():
+        transport = httpx.ASGITransport(app=host_app(deployer))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield deployer, store, client
+
+
+async def test_a_promotion_that_fails_lets_the_followers_finish_their_requests(
+    tmp_path: Path, sources: Path
+) -> None:
+    async with failing_promotion(tmp_path) as (deployer, store, client):
+        await deployer.deploy(inventory(sources, "1.0"))
+        await deployer.deploy(orders(sources))
+        record = await deployer.deploy(inventory(sources, "2.0"), canary="50%")
+        held: list[httpx.Response] = []
+
+        async def hold() -> None:  # a canary user, on the orders instance bound to 2.0
+            held.append(await client.get("/orders/hold?key=canary", headers={"hotdeploy-version": "2.0"}))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(hold)
+            await testkit.event("canary:entered").wait()
+            store.fail_vote = True
+            await promote_and_wait(deployer, record)
+            store.fail_vote = False
+            assert record.outcome.value == "failed"
+            testkit.event("canary").set()
+        assert held[0].status_code == 200, held[0].text
+        assert held[0].json()["inventory"] == "2.0"
+        assert (await answer(client))["inventory"] == "1.0"  # the canary ended with it
+        assert store.desired()["inventory"].canary is None
+
+
+async def test_a_promotion_whose_commit_fails_ends_the_canary_in_the_store_too(
+    tmp_path: Path, sources: Path
+) -> None:
+    async with running_on(tmp_path, FailingPromotion) as (deployer, store, _client):
+        await deployer.deploy(inventory(sources, "1.0"))
+        await deployer.deploy(orders(sources))
+        record = await deployer.deploy(inventory(sources, "2.0"), canary="50%")
+        store.fail_commit = True
+        await promote_and_wait(deployer, record)
+        store.fail_commit = False
+        assert record.outcome.value == "failed"
+        assert store.desired()["inventory"].canary is None  # no worker splits for it any more
+        assert deployer.status("inventory")[0].canary is None
+        assert deployer.status("orders")[0].canary is None
+        await deployer.deploy(orders(sources, "1.1"))  # nothing follows a canary any more

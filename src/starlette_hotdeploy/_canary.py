@@ -319,16 +319,19 @@ class CanaryRun:
             # Refused or failed (before its commit, or the commit itself, whose switch back has
             # ended the split here already): the stable version still serves, and the canary goes
             # from the store too, or the workers would split for a canary nobody runs.
+            ended = "the promotion failed: every worker serves the stable version only"
             try:
                 await self.cluster.set_canary(self.package.name, None)
             except Exception:  # the store may be why it failed
-                logger.exception(
-                    "%s: the canary could not be cleared from the store; the workers split for it "
-                    "until the package's next deployment",
-                    self.package.name,
+                ended = (
+                    "the promotion failed, and the canary could not be cleared from the store: the "
+                    "workers split for it until the package's next deployment"
                 )
+                logger.exception("%s: %s", self.package.name, ended)
             if self.engine.canary(self.package) is self.canary:
                 self.engine.end_canary(self.package, None)
+            self.record.canary["ended"] = ended
+            await self.coordinator.records.save(self.record)
 
     async def _abort(self, reason: str) -> None:
         """Weight 0 everywhere; the canary drains and is unloaded; the stable version was never
