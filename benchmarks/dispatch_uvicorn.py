@@ -407,31 +407,16 @@ def overheads(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def metrics_cost(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For each sub-app, request and package count: HotDeployMiddleware with metrics on against
     the same with metrics off, req/s ratio per round (median, min-max), p50/p99 side by side."""
-    by = {(r["app"], r["call"], r["kind"], r["packages"]): r for r in results}
     rows = []
-    for (app, call, kind, n), on in by.items():
-        off = by.get((app, call, "nometrics", n))
-        if kind != "middleware" or off is None:
-            continue
-        ratios = [a / b for a, b in zip(on["rps_rounds"], off["rps_rounds"], strict=True)]
-        median = statistics.median(ratios)
+    for on, off, row in _paired(results, "middleware", "nometrics"):
         rows.append(
             {
-                "app": app,
-                "call": call,
-                "packages": n,
-                "rps_ratio": {
-                    "median": round(median, 4),
-                    "min": round(min(ratios), 4),
-                    "max": round(max(ratios), 4),
-                    "rounds": [round(x, 4) for x in ratios],
-                },
-                "cost_pct": round((1 / median - 1) * 100, 2),
+                **row,
                 "p50_us": on["p50_us"],
                 "off_p50_us": off["p50_us"],
                 "p99_us": on["p99_us"],
                 "off_p99_us": off["p99_us"],
-                "target_met": median >= 0.98,
+                "target_met": row["rps_ratio"]["median"] >= 0.98,
             }
         )
     return rows
@@ -441,26 +426,11 @@ def canary_cost(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For each sub-app, request and package count: HotDeployMiddleware with a canary of the
     target package (50%, sticky by cookie) against the same without one: the cost of canary
     routing, as a req/s ratio per round (median, min-max), p50/p99 side by side."""
-    by = {(r["app"], r["call"], r["kind"], r["packages"]): r for r in results}
     rows = []
-    for (app, call, kind, n), canary in by.items():
-        plain = by.get((app, call, "middleware", n))
-        if kind != "canary" or plain is None:
-            continue
-        ratios = [a / b for a, b in zip(canary["rps_rounds"], plain["rps_rounds"], strict=True)]
-        median = statistics.median(ratios)
+    for canary, plain, row in _paired(results, "canary", "middleware"):
         rows.append(
             {
-                "app": app,
-                "call": call,
-                "packages": n,
-                "rps_ratio": {
-                    "median": round(median, 4),
-                    "min": round(min(ratios), 4),
-                    "max": round(max(ratios), 4),
-                    "rounds": [round(x, 4) for x in ratios],
-                },
-                "cost_pct": round((1 / median - 1) * 100, 2),
+                **row,
                 "us_per_request_added": round(canary["us_per_request"] - plain["us_per_request"], 2),
                 "p50_us": canary["p50_us"],
                 "plain_p50_us": plain["p50_us"],
@@ -469,6 +439,35 @@ def canary_cost(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _paired(
+    results: list[dict[str, Any]], kind: str, against: str
+) -> list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """Each `kind` result with the `against` one of the same sub-app, request and package count,
+    and their req/s ratio per round (median, min-max) and cost."""
+    by = {(r["app"], r["call"], r["kind"], r["packages"]): r for r in results}
+    found = []
+    for (app, call, this, n), one in by.items():
+        other = by.get((app, call, against, n))
+        if this != kind or other is None:
+            continue
+        ratios = [a / b for a, b in zip(one["rps_rounds"], other["rps_rounds"], strict=True)]
+        median = statistics.median(ratios)
+        row = {
+            "app": app,
+            "call": call,
+            "packages": n,
+            "rps_ratio": {
+                "median": round(median, 4),
+                "min": round(min(ratios), 4),
+                "max": round(max(ratios), 4),
+                "rounds": [round(x, 4) for x in ratios],
+            },
+            "cost_pct": round((1 / median - 1) * 100, 2),
+        }
+        found.append((one, other, row))
+    return found
 
 
 def run(config: DispatchConfig) -> list[dict[str, Any]]:
