@@ -22,6 +22,7 @@ BASE = {
     "_store",
     "_files",
     "_canary_plan",
+    "_dependency_order",
 }
 REQUEST_PATH = {
     "_dispatch",

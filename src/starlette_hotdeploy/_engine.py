@@ -31,6 +31,7 @@ import pluggy
 
 from ._archive import ArchiveLimits, Unpacked, clean_staging, unpack
 from ._cleaners import Collector, Unloaded, release
+from ._dependency_order import requirements_first as dependency_order
 from ._deployment import Deployment, Step
 from ._detail import Redactor
 from ._errors import (
@@ -689,11 +690,8 @@ class Engine:
 
     def leader_of(self, package: Package) -> str | None:
         """The package whose running canary this one follows, if any."""
-        mount = package.mount
-        split = mount.split if mount is not None else None
-        if split is None or split.leader is None or not self.follows_a_canary(package):
-            return None
-        return split.leader.canary.name
+        leader = self._leading(package)
+        return leader.canary.name if leader is not None else None
 
     def canary_to_follow(self, package: Package) -> Package | None:
         """A package it imports from whose canary it should follow but does not (it was restored,
@@ -713,12 +711,17 @@ class Engine:
 
     def follows_a_canary(self, package: Package) -> bool:
         """Its split follows a canary that still runs (on the mount of what it requires)."""
+        return self._leading(package) is not None
+
+    def _leading(self, package: Package) -> Split | None:
+        """The split of the running canary that the package's split follows, if any."""
         mount = package.mount
         split = mount.split if mount is not None else None
         if split is None or split.leader is None:
-            return False
+            return None
         leader = self._packages.get(split.leader.canary.name)
-        return leader is not None and leader.mount is not None and leader.mount.split is split.leader
+        live = leader is not None and leader.mount is not None and leader.mount.split is split.leader
+        return split.leader if live else None
 
     def set_canary_weight(self, package: Package, weight: int) -> None:
         mount = package.mount
@@ -780,10 +783,9 @@ class Engine:
                     f"{v.in_flight} request(s) still running on {v.version if v is old else f'{v.name} {v.version}'}"
                     for v in busy
                 )
+                stays = old.version if old is not None else "what was active"
                 raise HotDeployError(
-                    f"block: {running} after {timeout:g}s; what was active stays active and held requests go to it"
-                    if old is None
-                    else f"block: {running} after {timeout:g}s; {old.version} stays active and held requests go to it",
+                    f"block: {running} after {timeout:g}s; {stays} stays active and held requests go to it",
                     package=new.name,
                     version=new.version,
                     step="switch",
@@ -1011,24 +1013,10 @@ def describe_binding(bound: dict[str, PackageVersion]) -> str:
 
 
 def requirements_first(packages: list[Package]) -> list[Package]:
-    """`packages`, each after the ones its loaded versions require (a cycle is cut anywhere)."""
-    by_name = {p.name: p for p in packages}
-    ordered: list[Package] = []
-    seen: set[str] = set()
-
-    def visit(package: Package) -> None:
-        if package.name in seen:
-            return
-        seen.add(package.name)
-        for version in package.loaded:
-            for name in version.manifest.requires:
-                if name in by_name:
-                    visit(by_name[name])
-        ordered.append(package)
-
-    for package in packages:
-        visit(package)
-    return ordered
+    """`packages`, each after the ones its loaded versions require."""
+    return dependency_order(
+        packages, lambda p: p.name, lambda p: [r for v in p.loaded for r in sorted(v.manifest.requires)]
+    )
 
 
 def _import_version(version: PackageVersion, stage: list[str]) -> tuple[ASGIApp, pluggy.PluginManager | None]:

@@ -5,7 +5,9 @@ Namespaces. Every version gets a private top-level module, its *namespace*
 that version is imported as `<namespace>.orders.models`. The package's own absolute imports
 (`import orders`, also run lazily inside a function) must land in the same version, so every
 module of the version executes with its own `__builtins__`, whose `__import__` rewrites the
-package's top-level names to the namespace. Third-party imports are untouched and shared.
+package's top-level names to the namespace. The top-level names of the versions it is bound to
+(the packages it requires) are rewritten to their namespaces the same way, after a check of their
+`exports`. Third-party imports are untouched and shared.
 
 The boundary. Package code must not take the server down. Wherever the deployer runs it (the
 import and factory here, the lifespan, the hooks, the health probe), any BaseException it raises
@@ -103,7 +105,6 @@ class Namespace:
         self.bound: dict[str, Namespace] = {
             top: other for other in bound for top in other.top_level if top not in self.top_level
         }
-        self.imported: set[str] = set()  # the required packages whose modules it imported
         self.builtins = dict(builtins.__dict__)
         self.builtins["__import__"] = self._import
         self.logging = PackageLogging(self.name, self.package, self.version, self.top_level)
@@ -135,7 +136,6 @@ class Namespace:
             other = self.bound.get(top)
             if other is not None:
                 self._check_exported(other, name, fromlist)
-                self.imported.add(other.package)
                 return _aliased_import(other, name, globals, locals, fromlist)
         try:
             module = builtins.__import__(name, globals, locals, fromlist, level)

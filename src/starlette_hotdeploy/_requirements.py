@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from ._dependency_order import requirements_first
 from ._errors import UnmetRequirement
 from ._manifest import Manifest
 
@@ -45,23 +46,8 @@ def check_change(active: Iterable[Manifest], *changes: Manifest) -> None:
 
 
 def in_dependency_order(manifests: Iterable[Manifest]) -> list[Manifest]:
-    """`manifests`, each after those of them it requires (a cycle, refused elsewhere, is cut)."""
-    by_name = {m.name: m for m in manifests}
-    ordered: list[Manifest] = []
-    seen: set[str] = set()
-
-    def visit(manifest: Manifest) -> None:
-        if manifest.name in seen:
-            return
-        seen.add(manifest.name)
-        for other in sorted(manifest.requires):
-            if other in by_name:
-                visit(by_name[other])
-        ordered.append(manifest)
-
-    for manifest in by_name.values():
-        visit(manifest)
-    return ordered
+    """`manifests`, each after those of them it requires."""
+    return requirements_first(manifests, lambda m: m.name, lambda m: sorted(m.requires))
 
 
 def _check(
