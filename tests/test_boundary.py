@@ -46,6 +46,7 @@ from starlette_hotdeploy import (
     PackageVersion,
     StartupError,
     VersionState,
+    _loader,
     hookimpl,
 )
 from starlette_hotdeploy._hooks import make_plugin_manager, run_checks
@@ -469,6 +470,51 @@ async def test_versions_unloaded_during_a_load_are_not_tampering(
         await entered("load")
         await deployer.undeploy("other")
         assert namespaced("_hotdeploy_other_1_0_") == []
+        thread_gate("load").set()
+
+    assert await version_of(client) == (200, "2.0")
+
+
+@pytest.mark.parametrize("seen_by", ["module locks", "module specs"])
+async def test_an_import_that_fails_in_another_thread_during_a_load_is_not_tampering(
+    deployer: Deployer,
+    client: httpx.AsyncClient,
+    sources: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    seen_by: str,
+) -> None:
+    """A third-party module is still being imported (in another thread) when a version's load
+    begins, and its import fails meanwhile (the module leaves sys.modules): that is not the
+    load's doing. Imports in flight are told by importlib's module locks, or, where those are
+    not to be found, by each module's spec."""
+    if seen_by == "module specs":
+        monkeypatch.setattr(_loader, "_module_locks", None)
+    third_party = tmp_path / "third_party"
+    third_party.mkdir()
+    (third_party / "hotdeploy_failing_dependency.py").write_text(
+        "import packages\n\n"
+        "packages.thread_gate('dependency:entered').set()\n"
+        f"packages.thread_gate('dependency').wait({GATE_WAIT})\n"
+        "raise RuntimeError('no database')\n"
+    )
+    monkeypatch.syspath_prepend(str(third_party))
+    failed = anyio.Event()
+
+    async def import_it() -> None:
+        with pytest.raises(RuntimeError, match="no database"):
+            await anyio.to_thread.run_sync(__import__, "hotdeploy_failing_dependency")
+        failed.set()
+
+    await deployer.deploy(package(sources, "1.0"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(import_it)
+        await entered("dependency")
+        tg.start_soon(deployer.deploy, package(sources, "2.0", app=paused_at_import("load", "2.0")))
+        await entered("load")  # its snapshot has the dependency, half imported
+        thread_gate("dependency").set()
+        await failed.wait()
+        assert "hotdeploy_failing_dependency" not in sys.modules
         thread_gate("load").set()
 
     assert await version_of(client) == (200, "2.0")

@@ -7,7 +7,10 @@ talk through the store (tests/test_workers.py does the same with real processes)
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -79,6 +82,33 @@ async def lifespan(app):
 
 app = Starlette(lifespan=lifespan)
 """
+
+
+async def test_a_restart_imports_the_bytecode_cached_in_the_version_copy(
+    tmp_path: Path, sources: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under PYTHONDONTWRITEBYTECODE (as in many container images) a version's bytecode is still
+    cached in its unpacked copy, the deployer's own: a restart does not compile it again."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    home = tmp_path / "home"
+    async with worker(home) as (deployer, client):
+        await deployer.deploy(write_package(sources, version="1.0"))
+        version = deployer.package("greeter").active
+        assert version is not None
+        source = next(version.root.rglob("app.py"))
+
+    assert await anyio.Path(importlib.util.cache_from_source(str(source))).is_file()
+    compiled: list[str] = []
+    original = importlib.machinery.SourceFileLoader.source_to_code
+
+    def counting(self: object, data: object, path: str, **options: object) -> object:
+        compiled.append(Path(path).name)
+        return original(self, data, path, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(importlib.machinery.SourceFileLoader, "source_to_code", counting)
+    async with worker(home) as (deployer, client):
+        assert await answer(client) == "1.0"
+    assert compiled == []  # the restart read app.py's bytecode (and __init__'s) from the copy
 
 
 async def test_a_restart_starts_each_package_after_the_packages_it_requires(

@@ -332,10 +332,16 @@ class Engine:
         return version.bound_to == self.bindings(version.manifest)
 
     async def _load(
-        self, package: Package, version: PackageVersion, bound_to: dict[str, PackageVersion] | None = None
+        self,
+        package: Package,
+        version: PackageVersion,
+        bound_to: dict[str, PackageVersion] | None = None,
+        *,
+        threads: anyio.CapacityLimiter | None = None,
     ) -> None:
-        """Import the version's app and hooks module in a worker thread, bounded by its
-        `load_timeout` (the event loop serves everything else meanwhile; see _loader)."""
+        """Import the version's app and hooks module in a worker thread (one of `threads`, when
+        given), bounded by its `load_timeout` (the event loop serves everything else meanwhile;
+        see _loader)."""
         manifest = version.manifest
         package._loaded.append(version)  # from here on, discard() cleans it up
         version.open_namespace(self.bindings(manifest) if bound_to is None else bound_to)
@@ -344,7 +350,7 @@ class Engine:
         try:
             with anyio.fail_after(timeout):
                 app, plugins = await anyio.to_thread.run_sync(
-                    _import_version, version, stage, abandon_on_cancel=True
+                    _import_version, version, stage, abandon_on_cancel=True, limiter=threads
                 )
         except TimeoutError:
             raise LoadError(
@@ -421,9 +427,12 @@ class Engine:
         wanted: Desired,
         package: Package | None,
         before_load: Callable[[Manifest], Awaitable[None]] | None = None,
+        threads: anyio.CapacityLimiter | None = None,
     ) -> tuple[PackageVersion | None, Package | None]:
         """Load and start a confirmed version from its archive (no checks: it passed them).
-        `before_load` is awaited once its manifest is read (`RestoreOrder.before_load`).
+        `before_load` is awaited once its manifest is read (`RestoreOrder.before_load`);
+        its thread hops (reading the archive, importing) take one of `threads`
+        (`RestoreOrder.threads`).
 
         If it no longer starts, fall back to the versions before it (the salvage copies)."""
         candidates = [(wanted.version, wanted.sha256), *reversed(wanted.lineage[:-1])]
@@ -437,13 +446,13 @@ class Engine:
                     found = known if known is not None else self.new_package(name, unpacked.manifest.mount)
                     return unpacked, found
 
-                unpacked, found = await anyio.to_thread.run_sync(fetch)  # one thread hop
+                unpacked, found = await anyio.to_thread.run_sync(fetch, limiter=threads)  # one thread hop
                 package = found
                 if before_load is not None:
                     await before_load(unpacked.manifest)
                 version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
                 try:
-                    await self._load(found, version)
+                    await self._load(found, version, threads=threads)
                     await self._start(version)
                     version.transition(VersionState.READY)
                 except BaseException:

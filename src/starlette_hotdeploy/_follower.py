@@ -33,9 +33,8 @@ from ._version import PackageVersion, VersionState
 
 logger = logging.getLogger("starlette_hotdeploy")
 
-# Packages restored at once (their imports run in worker threads; the start-up of each in the
-# runtime's task group): enough to overlap the thread hops and file reads, few enough to keep
-# the event loop serving.
+# Packages restored at once: their start-ups (lifespans, in the runtime's task group) overlap;
+# their thread hops (reading, importing) take turns (`RestoreOrder.threads`).
 RESTORE_CONCURRENCY = 8
 # Even when nothing seems to have changed, a full converge this often (seconds): a safety net
 # (a change of the desired state moves its generation, which every look reads).
@@ -495,7 +494,9 @@ class Follower:
                 ):
                     target = warm
             if target is None:
-                target, package = await engine.restore(name, wanted, package, order.before_load)
+                target, package = await engine.restore(
+                    name, wanted, package, order.before_load, order.threads
+                )
             if target is None:
                 await self._drop_moves(moves)
                 return False

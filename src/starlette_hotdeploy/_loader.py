@@ -62,6 +62,8 @@ import inspect
 import itertools
 import linecache
 import logging
+import marshal
+import os
 import re
 import sys
 import threading
@@ -301,6 +303,31 @@ class _VersionLoader(importlib.machinery.SourceFileLoader):
     def exec_module(self, module: types.ModuleType) -> None:
         module.__builtins__ = self.namespace.builtins  # type: ignore[attr-defined]
         super().exec_module(module)
+
+    # An instance method of SourceLoader at run time (typeshed has InspectLoader's static one).
+    def source_to_code(self, data: Any, path: Any, *, _optimize: int = -1) -> types.CodeType:  # type: ignore[override]
+        code: types.CodeType = super().source_to_code(data, path, _optimize=_optimize)
+        if sys.dont_write_bytecode:
+            # PYTHONDONTWRITEBYTECODE (common in container images) is about the code the image
+            # ships; a version's directory is the deployer's own copy, imported again by every
+            # restart and every worker: its bytecode is cached all the same.
+            _cache_bytecode(self, code, str(path))
+        return code
+
+
+def _cache_bytecode(loader: importlib.machinery.SourceFileLoader, code: types.CodeType, source: str) -> None:
+    """Write what importlib would have written: a timestamp-based .pyc (PEP 552) of `source`.
+    A failed write is ignored, as importlib ignores it (`set_data` skips unwritable places)."""
+    try:
+        stat = os.stat(source)
+    except OSError:
+        return
+    data = bytearray(importlib.util.MAGIC_NUMBER)
+    data += (0).to_bytes(4, "little")  # flags: validated by the source's mtime and size
+    data += (int(stat.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little")
+    data += (stat.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+    data += marshal.dumps(code)
+    loader.set_data(importlib.util.cache_from_source(source), bytes(data))
 
 
 class _NamespaceFinder(importlib.abc.MetaPathFinder):
@@ -588,50 +615,65 @@ class _Snapshot:
 
     @classmethod
     def take(cls) -> _Snapshot:
-        global _settled
-        # .copy() is one step for the GIL: other threads import meanwhile.
-        current = sys.modules.copy()
-        # A module that was fully imported at the last snapshot is still: only the entries new
-        # since then are looked at (checking all of them made a restore of n packages O(n^2)).
-        settled = _settled
-        modules: dict[str, types.ModuleType] = {}
-        seen: dict[str, int] = {}
-        for name, module in current.items():
-            if settled.get(name) == id(module) or not _initializing(module):
-                modules[name] = module
-                seen[name] = id(module)
-        _settled = seen  # one assignment: snapshots run in several threads at once
+        # Modules still being imported (in any thread) are left out: if that import fails, the
+        # module goes away, and that is no tampering. Read before and after the copy, which is
+        # one step for the GIL (other threads import meanwhile). A snapshot is taken per load:
+        # it must stay a C-speed copy, not a Python loop over every module (a restore of 1000
+        # packages loads 1000 times over several thousand entries).
+        in_flight = _imports_in_flight()
+        modules = sys.modules.copy()
+        for name in in_flight | _imports_in_flight():
+            modules.pop(name, None)
         return cls(modules, builtins.__dict__.copy())
 
-    def undo(self, namespace: Namespace) -> str:
-        """Put back what was removed or replaced since; say what ('' if nothing)."""
+    def undo(self, namespace: Namespace, now: dict[str, object]) -> str:
+        """Put back what was removed or replaced since (`now`: a copy of sys.modules); say
+        what ('' if nothing)."""
         changes: dict[str, list[str]] = {"replaced": [], "removed": [], "added": []}
-        now = sys.modules.copy()
-        for name, module in self.modules.items():
-            current: object = now.get(name, _MISSING)
-            if current is module or not _watched(name, namespace):
-                continue
-            changes["removed" if current is _MISSING else "replaced"].append(f"sys.modules[{name!r}]")
-            sys.modules[name] = module
+        if not _still_holds(now, self.modules):
+            for name, module in self.modules.items():
+                current: object = now.get(name, _MISSING)
+                if current is module or not _watched(name, namespace):
+                    continue
+                changes["removed" if current is _MISSING else "replaced"].append(f"sys.modules[{name!r}]")
+                sys.modules[name] = module
         real = builtins.__dict__
         current_builtins = real.copy()
-        for name, value in self.builtins.items():
-            current = current_builtins.get(name, _MISSING)
-            if current is value or name in _IGNORED_BUILTINS:
-                continue
-            changes["removed" if current is _MISSING else "replaced"].append(f"builtins.{name}")
-            real[name] = value
-        for name in current_builtins.keys() - self.builtins.keys() - _IGNORED_BUILTINS:
-            changes["added"].append(f"builtins.{name}")
-            real.pop(name, None)
+        if not _still_holds(current_builtins, self.builtins) or len(current_builtins) != len(self.builtins):
+            for name, value in self.builtins.items():
+                current = current_builtins.get(name, _MISSING)
+                if current is value or name in _IGNORED_BUILTINS:
+                    continue
+                changes["removed" if current is _MISSING else "replaced"].append(f"builtins.{name}")
+                real[name] = value
+            for name in current_builtins.keys() - self.builtins.keys() - _IGNORED_BUILTINS:
+                changes["added"].append(f"builtins.{name}")
+                real.pop(name, None)
         return ", ".join(f"{verb} {_and(sorted(names))}" for verb, names in changes.items() if names)
 
 
-# name -> id() of the module that the last snapshot found fully imported under that name. An id
-# only (no reference: unloaded modules must be freed); the cache is rebuilt from sys.modules by
-# every snapshot, so a name must leave and come back between two loads, with a new module at the
-# same address, to be mistaken, and then a load is refused that may be retried.
-_settled: dict[str, int] = {}
+def _still_holds(now: Mapping[str, object], before: Mapping[str, object]) -> bool:
+    """Whether every entry of `before` is in `now`, unchanged: a C-speed check (identity first)
+    that lets the usual load, which only adds modules, skip the entry-by-entry comparison. An
+    object whose `__eq__` lies, or raises, could pass for the one it replaced: this is a
+    tripwire for mistakes, not a guard against code that hides from it."""
+    try:
+        return now.items() >= before.items()
+    except BaseException:  # a worker thread; package objects' __eq__ may raise anything
+        return False
+
+
+# The import system's module locks (name -> weak reference to the lock): an entry for each
+# import in flight, in any thread. Private to importlib, in every CPython 3 since 3.3.
+_module_locks: dict[str, object] | None = getattr(
+    getattr(importlib, "_bootstrap", None), "_module_locks", None
+)
+
+
+def _imports_in_flight() -> set[str]:
+    if _module_locks is None:  # another interpreter: look at every module's spec instead
+        return {name for name, module in sys.modules.copy().items() if _initializing(module)}
+    return set(_module_locks.copy())
 
 
 def _initializing(module: object) -> bool:
@@ -675,9 +717,15 @@ def audited(namespace: Namespace, load: Callable[[], T]) -> T:
         result = load()
     except BaseException as exc:  # a worker thread: nothing here is ours to let through
         error = exc
-    _audits.end(audit, lambda: before.undo(namespace))
+    after: list[dict[str, Any]] = []
+
+    def undo() -> str:  # atomically with the other loads' audits (see _Audits.end)
+        after.append(sys.modules.copy())
+        return before.undo(namespace, after[0])
+
+    _audits.end(audit, undo)
     # Entries the load put under its namespace by hand (not through the finder) go at unload too.
-    for name in sys.modules.copy().keys() - before.modules.keys():
+    for name in after[0].keys() - before.modules.keys():
         if namespace.owns(name):
             namespace.noted(name)
     context = {"package": namespace.package, "version": namespace.version, "step": "load"}
