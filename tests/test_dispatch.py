@@ -35,7 +35,6 @@ from starlette_hotdeploy import (
     VersionState,
 )
 from starlette_hotdeploy._mounts import Mount, MountTable
-from starlette_hotdeploy._scope import attach_routing
 
 pytestmark = pytest.mark.anyio
 
@@ -220,7 +219,7 @@ class StubVersion:
         self.state = VersionState.ACTIVE  # what a mount accepts
         self.name, self.version = "stub", "0"
         self.app: ASGIApp = self._answer
-        attach_routing(cast(PackageVersion, self), prefix)
+        self.route = self.router = None  # made on the first request
 
     @staticmethod
     async def _answer(scope: Scope, receive: Receive, send: Send) -> None:

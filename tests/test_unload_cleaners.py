@@ -209,6 +209,85 @@ async def test_the_collector_waits_for_operations_to_end() -> None:
         tg.cancel_scope.cancel()
 
 
+async def test_a_poke_makes_the_collector_look_again_at_once() -> None:
+    """An operation that ends pokes the collector: it collects then, not at its next look (an
+    hour away here)."""
+    idle = False
+    looked = anyio.Event()
+
+    def idle_now() -> bool:
+        looked.set()
+        return idle
+
+    collector = Collector(idle_now, settle=0.001, patience=3600, look_every=3600)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(collector.run)
+        collector.unloaded()
+        with anyio.fail_after(5):
+            await looked.wait()  # during an operation: it waits for a poke
+        assert collector.collections == 0
+        idle = True
+        collector.poke()
+        with anyio.fail_after(5):
+            await collector.wait()
+        assert collector.collections == 1
+        tg.cancel_scope.cancel()
+
+
+class HeldCheck:
+    """A post-activation check (the new version is active: none is being prepared) that waits
+    until `release` is set."""
+
+    def __init__(self) -> None:
+        self.entered = anyio.Event()
+        self.release = anyio.Event()
+
+    @hookimpl
+    async def hotdeploy_check_after_activate(self, version: object, previous: object) -> None:
+        self.entered.set()
+        await self.release.wait()
+
+
+async def test_a_collection_waits_for_the_deployment_under_way_and_follows_it_at_once(
+    deployer: Deployer, sources: Path
+) -> None:
+    """A version is unloaded (its package removed) while a deployment of another package is
+    under way: the collection waits for the deployment's answer, then runs at once."""
+    collector = deployer._engine.collector
+    collector.patience = 3600  # never overdue here
+    collector.look_every = 3600  # only a poke makes it look again
+    await deployer.deploy(write_package(sources, version="1.0"))
+    await deployer.deploy(write_package(sources, name="other", version="1.0"))
+    looked_while_busy = anyio.Event()
+    idle = collector._idle
+
+    def watched() -> bool:
+        now = idle()
+        if not now:
+            looked_while_busy.set()
+        return now
+
+    collector._idle = watched
+    held = HeldCheck()
+    deployer.plugins.register(held)
+    before = collector.collections
+
+    async def remove_other_meanwhile() -> None:
+        await held.entered.wait()
+        await deployer.undeploy("other")  # other 1.0 unloaded: a collection is wanted
+        await looked_while_busy.wait()
+        held.release.set()
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(remove_other_meanwhile)
+            record = await deployer.deploy(write_package(sources, version="2.0"))
+            assert record.to_version == "2.0"
+            assert collector.collections == before  # not inside the deployment
+        await collector.wait()
+    assert collector.collections == before + 1
+
+
 async def test_the_collector_collects_anyway_when_operations_never_end() -> None:
     collector = Collector(lambda: False, settle=0.001, patience=0.0)
     async with anyio.create_task_group() as tg:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ._errors import ArchiveError, ManifestError
+from ._loader import top_level_names
 from ._manifest import MANIFEST_NAME, Manifest, load_manifest
+from ._version import PackageVersion
 
 STAGING_PREFIX = ".staging-"
 
@@ -42,6 +44,11 @@ class Unpacked:
     root: Path  # the import root: the package's top-level modules live here
     manifest: Manifest
     sha256: str
+    top_level: frozenset[str]  # read with the rest, off the event loop (`top_level_names`)
+
+    def new_version(self) -> PackageVersion:
+        """A version of these files, staged (nothing imported yet)."""
+        return PackageVersion(self.manifest, self.root, self.sha256, top_level=self.top_level)
 
 
 def unpack(
@@ -75,7 +82,8 @@ def unpack(
                 if not final.exists():
                     raise
                 # A concurrent unpack of the same bytes won the rename: use its directory.
-        return Unpacked(root=final / import_root.relative_to(staging), manifest=manifest, sha256=sha256)
+        root = final / import_root.relative_to(staging)
+        return Unpacked(root=root, manifest=manifest, sha256=sha256, top_level=top_level_names(root))
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

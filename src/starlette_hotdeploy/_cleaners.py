@@ -169,26 +169,43 @@ class Collector:
     """One full collection after unloads, at a moment `idle()` chooses.
 
     `unloaded()` asks for it; the collector's task (`run`) waits a `settle` delay (unloads come
-    in bursts: a removal, a shutdown), then until `idle()` (the engine: no version is being
-    loaded, started or checked), and collects once for all of them. If it is never idle, it
-    collects anyway after `patience` seconds: garbage left to the automatic collector makes its
-    full collections both later and longer (they scan every retired version still waiting)."""
+    in bursts: a removal, a shutdown), then until `idle()` (the engine: no operation under way,
+    no version being loaded, started or checked), and collects once for all of them. `poke()`
+    says idleness may have come (an operation ended): it looks again at once rather than at the
+    end of the next delay, so that back-to-back deployments leave it the gap between them. If it
+    is never idle, it collects anyway after `patience` seconds: garbage left to the automatic
+    collector makes its full collections both later and longer (they scan every retired version
+    still waiting)."""
 
-    def __init__(self, idle: Callable[[], bool], *, settle: float = 0.01, patience: float = 2.0) -> None:
+    def __init__(
+        self,
+        idle: Callable[[], bool],
+        *,
+        settle: float = 0.01,
+        patience: float = 2.0,
+        look_every: float = 0.01,
+    ) -> None:
         self._idle = idle
         self.settle = settle
         self.patience = patience
+        self.look_every = look_every  # while not idle (a poke looks at once)
         self._wanted: anyio.Event | None = None  # made by `run`, in its event loop
         self._since: float | None = None  # the first unload not collected yet
         self.collections = 0
         self.last_ms: float | None = None  # how long the last one took (it blocks the loop)
         self._done: anyio.Event | None = None
+        self._poked: anyio.Event | None = None
 
     def unloaded(self) -> None:
         if self._since is None:
             self._since = time.monotonic()
         if self._wanted is not None:
             self._wanted.set()
+
+    def poke(self) -> None:
+        """An operation ended: if a collection is pending, look now (see `run`)."""
+        if self._since is not None and self._poked is not None:
+            self._poked.set()
 
     @property
     def pending(self) -> bool:
@@ -198,18 +215,27 @@ class Collector:
         """The collector's task, for the life of the runtime."""
         # Events of this event loop (a deployer may run again, in another one).
         wanted = self._wanted = anyio.Event()
+        self._poked = anyio.Event()
         if self._since is not None:
             wanted.set()
         while True:
             await wanted.wait()
+            pause = self.settle  # unloads come in bursts
             while True:
                 wanted = self._wanted = anyio.Event()
-                await anyio.sleep(self.settle)
+                with anyio.move_on_after(pause):
+                    await self._poked.wait()
+                poked = self._poked.is_set()
                 since = self._since
                 overdue = since is not None and time.monotonic() - since >= self.patience
                 # No await between this check and the collection: it never starts mid-operation.
-                if overdue or (self._idle() and not wanted.is_set()):
+                # After an operation's end (a poke) it collects what is unloaded by then at once:
+                # the next deployment may follow straight away.
+                if overdue or (self._idle() and (poked or not wanted.is_set())):
                     break
+                self._poked = anyio.Event()
+                pause = self.settle if wanted.is_set() else self.look_every
+            self._poked = anyio.Event()
             self.collect()
 
     async def wait(self) -> None:

@@ -101,6 +101,10 @@ class Coordinator:
     async def deploy(
         self, source: Source, record: Deployment, options: DeployOptions | None = None
     ) -> Deployment:
+        with self.engine.operation():
+            return await self._deploy(source, record, options)
+
+    async def _deploy(self, source: Source, record: Deployment, options: DeployOptions | None) -> Deployment:
         engine = self.engine
         options = options or DeployOptions()
         unpacked = await self._unpack(source, record, options)
@@ -138,6 +142,16 @@ class Coordinator:
     ) -> Deployment:
         """Deploy several packages as one operation: all prepared and checked (each bound to the
         set's new versions of what it requires), then all switched at once, or none."""
+        with self.engine.operation():
+            return await self._deploy_set(sources, record, options, signatures)
+
+    async def _deploy_set(
+        self,
+        sources: Sequence[Source],
+        record: Deployment,
+        options: DeployOptions | None,
+        signatures: Sequence[bytes | None],
+    ) -> Deployment:
         options = options or DeployOptions()
         if options.canary or options.canary_steps:
             await self._fail(
@@ -386,7 +400,7 @@ class Coordinator:
     async def _activate(self, package: Package, target: str, record: Deployment) -> Deployment:
         current = package.active
         record.from_version = current.version if current is not None else None
-        with self._claim(package.name, record):
+        with self.engine.operation(), self._claim(package.name, record):
             warm = package.loaded_version(target)
             if warm is not None and warm is current:
                 record.conclude(Outcome.SUCCEEDED)
@@ -521,16 +535,13 @@ class Coordinator:
                 record.conclude(Outcome.SUCCEEDED)
                 await self.records.save(record)
                 return record
-            version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
+            version = unpacked.new_version()
         record.sha256 = version.sha256
         manifest = version.manifest
         lineage = package.lineage_after(
             version.version, version.sha256, rollback=record.operation is Action.ROLLBACK
         )[-self.keep_versions :]  # older versions' archives are pruned: no rollback to them
-        together = [
-            (member, PackageVersion(u.manifest, u.root, u.sha256), member.lineage_pairs())
-            for member, u in members
-        ]
+        together = [(member, u.new_version(), member.lineage_pairs()) for member, u in members]
         operation = self.cluster.new_operation(
             record.id,
             package.name,
@@ -678,7 +689,8 @@ class Coordinator:
                                 step="bake",
                             )
                     if self.bake_time > 0:
-                        await anyio.sleep(self.bake_time)
+                        with engine.resting():
+                            await anyio.sleep(self.bake_time)
                     step.detail = (
                         f"post-activation checks passed; previous version kept warm {self.bake_time:g}s"
                     )
@@ -755,7 +767,7 @@ class Coordinator:
                     version=current.version,
                 ),
             )
-        version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
+        version = unpacked.new_version()
         record.sha256 = version.sha256
         # Its dependents follow it: instances bound to the canary take the same users. They are
         # the operation's members, so no operation on them begins anywhere while it runs.

@@ -50,12 +50,11 @@ from ._errors import (
 )
 from ._figures import RequestFigures
 from ._hooks import make_plugin_manager, notify, run_checks, unload_cleaners
-from ._loader import audited, collected, weak_refs, what_raised
+from ._loader import audited, collected, top_level_names, weak_refs, what_raised
 from ._manifest import MANIFEST_NAME, Manifest, load_manifest
 from ._mounts import Mount, MountTable
 from ._package import Package
 from ._probe import ProbeCrashed, probe
-from ._scope import attach_routing
 from ._split import Split
 from ._store import Desired, Store
 from ._types import ASGIApp
@@ -144,7 +143,10 @@ class Engine:
         self._held: set[PackageVersion] = set()  # draining versions taken back for a switch back
         self._unloaded: deque[tuple[str, list[weakref.ref[Any]]]] = deque(maxlen=1000)
         self._forget_at = _FORGET_FIRST
-        self.collector = Collector(lambda: not self._preparing())  # frees unloaded versions
+        # Deployments, rollbacks and activations under way in this process, from their call to
+        # their answer (a bake's wait aside): the collector keeps out of them (see `operation`).
+        self._operations = 0
+        self.collector = Collector(lambda: not self._operations and not self._preparing())
         self._collecting_in: anyio.abc.TaskGroup | None = None  # the runtime its task runs in
 
     # -- runtime ----------------------------------------------------------------------------
@@ -364,7 +366,6 @@ class Engine:
             ) from None
         # Set on the event loop, only now: an abandoned thread's result is never kept.
         version.app, version.plugins = app, plugins
-        attach_routing(version, manifest.mount)
 
     async def _start(self, version: PackageVersion) -> None:
         manifest = version.manifest
@@ -418,7 +419,7 @@ class Engine:
                 pass
             else:
                 if (manifest.name, manifest.version) == (name, version):
-                    return Unpacked(root=cached, manifest=manifest, sha256=sha256)
+                    return Unpacked(cached, manifest, sha256, top_level_names(cached))
         return unpack(stored.path, self.home / "packages", self.limits)
 
     async def restore(
@@ -450,7 +451,7 @@ class Engine:
                 package = found
                 if before_load is not None:
                     await before_load(unpacked.manifest)
-                version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
+                version = unpacked.new_version()
                 try:
                     await self._load(found, version, threads=threads)
                     await self._start(version)
@@ -505,7 +506,7 @@ class Engine:
             old = package.active
             if old is None:
                 continue
-            version = PackageVersion(old.manifest, old.root, old.sha256)
+            version = old.twin()
             try:
                 with maybe_step(record, f"dependent {package.name} {old.version}") as step:
                     bound = await self.prepare_bound(package, version, moving)
@@ -972,6 +973,31 @@ class Engine:
                 self._forget_at = max(_FORGET_FIRST, 2 * len(alive))
             self._unloaded.append((f"{version.name} {version.version}", refs))
             self._schedule_collection()
+
+    @contextmanager
+    def operation(self) -> Iterator[None]:
+        """An operation that swaps versions runs inside: a full collection (which blocks the
+        event loop for as long as it scans the heap) waits until none runs, and starts as soon
+        as the last one ends. Back-to-back deployments then pay for it between two of them,
+        not inside one (an upload's unpack, a commit, a converge)."""
+        self._operations += 1
+        try:
+            yield
+        finally:
+            self._operations -= 1
+            if not self._operations:
+                self.collector.poke()
+
+    @contextmanager
+    def resting(self) -> Iterator[None]:
+        """Inside `operation`, a wait that only sleeps (a bake time): the collector may run."""
+        self._operations -= 1
+        if not self._operations:
+            self.collector.poke()
+        try:
+            yield
+        finally:
+            self._operations += 1
 
     def _preparing(self) -> bool:
         """Whether a version is being loaded, started or checked, up to its switch: the part of

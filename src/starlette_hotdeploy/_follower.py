@@ -373,7 +373,7 @@ class Follower:
                     package = await anyio.to_thread.run_sync(
                         self.engine.new_package, operation.package, unpacked.manifest.mount
                     )
-                version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
+                version = unpacked.new_version()
                 try:
                     await self.engine.prepare(None, package, version)
                 except BaseException:
@@ -433,7 +433,7 @@ class Follower:
                     package = await anyio.to_thread.run_sync(
                         engine.new_package, member.package, unpacked.manifest.mount
                     )
-                version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
+                version = unpacked.new_version()
                 await engine.prepare_bound(package, version, moving)
                 moves.append(Move(package, package.active, version))
                 moving[member.package] = version
@@ -606,7 +606,7 @@ class Follower:
         longer active (it switched without moving it: a worker that was busy, or started late):
         a new instance of it, bound to the active versions, takes its place."""
         engine = self.engine
-        version = PackageVersion(active.manifest, active.root, active.sha256)
+        version = active.twin()
         try:
             try:
                 await engine.prepare(None, package, version)
@@ -651,7 +651,7 @@ class Follower:
             await engine.discard_moves(carried)
             try:
                 unpacked = await engine.unpack_stored(package.name, canary["version"], canary["sha256"])
-                version = PackageVersion(unpacked.manifest, unpacked.root, unpacked.sha256)
+                version = unpacked.new_version()
                 try:
                     await engine.prepare(None, package, version)
                 except BaseException:

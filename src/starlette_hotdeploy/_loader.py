@@ -94,14 +94,20 @@ T = TypeVar("T")
 class Namespace:
     """The private module namespace of one loaded version."""
 
-    def __init__(self, manifest: Manifest, root: Path, bound: Sequence[Namespace] = ()) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        root: Path,
+        bound: Sequence[Namespace] = (),
+        top_level: frozenset[str] | None = None,
+    ) -> None:
         safe_version = re.sub(r"\W", "_", manifest.version)
         self.name = f"{_PREFIX}{manifest.name}_{safe_version}_n{next(_counter)}"
         self.root = root
         self.manifest = manifest
         self.package = manifest.name
         self.version = manifest.version
-        self.top_level = _top_level_names(root)
+        self.top_level = top_level_names(root) if top_level is None else top_level
         # The namespaces of the required versions this one is bound to, by their top-level
         # module names: `import inventory.api` resolves to the bound version of inventory.
         self.bound: dict[str, Namespace] = {
@@ -363,7 +369,8 @@ def _install_finder() -> None:
         sys.meta_path.insert(0, _finder)
 
 
-def _top_level_names(root: Path) -> frozenset[str]:
+def top_level_names(root: Path) -> frozenset[str]:
+    """The names a version's code imports itself by: its packages and modules at `root`."""
     names = set()
     for child in root.iterdir():
         if child.is_dir() and child.name.isidentifier() and (child / "__init__.py").is_file():

@@ -20,7 +20,7 @@ from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.websockets import WebSocketClose
 
 from ._dispatch import HotDeployMiddleware
-from ._scope import route_path
+from ._scope import route_of, route_path
 from ._types import Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class HotDeployRoute(BaseRoute):
         version = package.active if package is not None else None
         if package is not None and version is not None:
             if child:
-                url: URLPath = version.route.url_path_for(child, **path_params)
+                url: URLPath = route_of(version, package.prefix).url_path_for(child, **path_params)
                 return url
             if set(path_params) == {"path"}:
                 return URLPath(path=package.prefix + "/" + str(path_params["path"]).lstrip("/"))

@@ -74,10 +74,13 @@ class PackageVersion:
     drain when the last one leaves.
     """
 
-    def __init__(self, manifest: Manifest, root: Path, sha256: str) -> None:
+    def __init__(
+        self, manifest: Manifest, root: Path, sha256: str, *, top_level: frozenset[str] | None = None
+    ) -> None:
         self.manifest = manifest
         self.root = root
         self.sha256 = sha256
+        self.top_level = top_level  # its top-level module names, if already read (else at load)
         self._state = VersionState.STAGED
         self.app: ASGIApp | None = None
         self.state_data: dict[str, Any] = {}  # the lifespan state, copied into each request
@@ -104,6 +107,10 @@ class PackageVersion:
         self.bound_to: dict[str, PackageVersion] = {}
         self.dependents: set[PackageVersion] = set()
         self._unbound: anyio.Event | None = None
+
+    def twin(self) -> PackageVersion:
+        """A new instance of the same files (a dependent bound anew to what it requires)."""
+        return PackageVersion(self.manifest, self.root, self.sha256, top_level=self.top_level)
 
     @property
     def state(self) -> VersionState:
@@ -148,7 +155,7 @@ class PackageVersion:
         bound to loaded versions of its requirements: their modules are the ones it imports."""
         self.bound_to = dict(bound_to or {})
         namespaces = [v.namespace for v in self.bound_to.values() if v.namespace is not None]
-        namespace = Namespace(self.manifest, self.root, namespaces)
+        namespace = Namespace(self.manifest, self.root, namespaces, self.top_level)
         namespace.open()
         self.namespace = namespace
         for required in self.bound_to.values():
