@@ -1,6 +1,7 @@
 """Workers switching together: how long the admin call takes until every worker switched.
 
     .venv/bin/python -m benchmarks.workers_switch [--workers 2] [--deploys 30] [--rate 200]
+        [--app tiny|fastapi] [--gap 0.2]
 
 `uvicorn --workers N` serving `create_host_app` (what `hotdeploy serve --workers N` runs) on a
 fresh home; a tiny package (one route, `/tiny/hello`, that answers its version) is deployed in
@@ -14,7 +15,10 @@ duration, measured by the client, is the time to "every worker switched". Two ro
   and every socket error.
 
 After every deploy the workers map is read (not timed) to check that each worker reports the
-new version. The comparators (gunicorn -w N and uvicorn --workers N, SIGHUP) are in
+new version, then the next deploy follows `gap` seconds later (0: back to back). `--app fastapi`
+deploys the FastAPI package of benchmarks/many_swaps.py (30 routes, 17 pydantic models) instead
+of the tiny one: with `--workers 1 --gap 0` that is many_swaps' swap latency through a real
+server and its admin API. The comparators (gunicorn -w N and uvicorn --workers N, SIGHUP) are in
 benchmarks/upgrade.py, under wrk's load.
 """
 
@@ -46,6 +50,7 @@ from .common import (
     wait_until,
     write_results,
 )
+from .many_swaps import write_fastapi_package
 from .servers import uvicorn_command
 from .tiny_packages import write_package
 
@@ -59,6 +64,7 @@ class SwitchConfig:
     rate: float = 200.0  # requests per second in all, under load
     connections: int = 4
     gap_s: float = 0.2  # between deploys
+    app: str = "tiny"  # or "fastapi"
 
 
 class Server:
@@ -171,14 +177,15 @@ class Load:
                     self.versions[response.text] += 1
 
 
-def archives(workdir: Path, count: int) -> list[tuple[str, bytes]]:
-    """`count` + 1 versions of the tiny package, packed (1.0 is the starting one)."""
+def archives(workdir: Path, count: int, app: str = "tiny") -> list[tuple[str, bytes]]:
+    """`count` + 1 versions of the package, packed (1.0 is the starting one)."""
     sources = workdir / "sources"
     sources.mkdir()
+    write = write_fastapi_package if app == "fastapi" else write_package
     packed = []
     for n in range(count + 1):
         version = f"1.{n}"
-        packed.append((version, pack_directory(write_package(sources, NAME, version)).data))
+        packed.append((version, pack_directory(write(sources, NAME, version)).data))
     return packed
 
 
@@ -217,7 +224,7 @@ def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 async def run(config: SwitchConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-switch-") as tmp:
         workdir = Path(tmp)
-        packed = archives(workdir, 2 * config.deploys + 1)
+        packed = archives(workdir, 2 * config.deploys + 1, config.app)
         server = Server(workdir, config.workers)
         try:
             await anyio.to_thread.run_sync(server.start)
@@ -277,9 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--deploys", type=int, default=30)
     parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--app", choices=("tiny", "fastapi"), default="tiny", help="the package deployed")
+    parser.add_argument("--gap", type=float, default=0.2, help="seconds between deploys (0: back to back)")
     parser.add_argument("--name", default="workers_switch", help="the results file's name")
     args = parser.parse_args(argv)
-    config = SwitchConfig(workers=args.workers, deploys=args.deploys, rate=args.rate)
+    config = SwitchConfig(
+        workers=args.workers, deploys=args.deploys, rate=args.rate, gap_s=args.gap, app=args.app
+    )
     result = anyio.run(run, config)
     print(table(result))
     path = write_results(args.name, {**result, "machine": machine()})

@@ -492,11 +492,12 @@ class Deployer:
         It returns once the canary takes its first share everywhere, its outcome pending until
         it is promoted (succeeded) or aborted; `promote_canary` and `abort_canary` move it on."""
         coordinator = self._running().coordinator
-        if record is None:
-            record = self._records.new(Action.DEPLOY, None)
-            await self._records.save(record)
-        options = _options(signature, force, shadow_host_routes, canary)
-        return await coordinator.deploy(source, record, options)
+        with self._engine.operation():  # from the call: its first thread hop is the record's
+            if record is None:
+                record = self._records.new(Action.DEPLOY, None)
+                await self._records.save(record)
+            options = _options(signature, force, shadow_host_routes, canary)
+            return await coordinator.deploy(source, record, options)
 
     async def deploy_set(
         self,
@@ -512,11 +513,12 @@ class Deployer:
         at once on every worker, or none does. Returns the record (`bundle` lists the set);
         raises DeploymentError as `deploy` does. `signatures`: one per source, in order."""
         coordinator = self._running().coordinator
-        if record is None:
-            record = self._records.new(Action.DEPLOY, None)
-            await self._records.save(record)
-        options = _options(None, force, shadow_host_routes, None)
-        return await coordinator.deploy_set(sources, record, options, signatures)
+        with self._engine.operation():
+            if record is None:
+                record = self._records.new(Action.DEPLOY, None)
+                await self._records.save(record)
+            options = _options(None, force, shadow_host_routes, None)
+            return await coordinator.deploy_set(sources, record, options, signatures)
 
     async def _deploy_dropped(self, path: Path, signature: bytes | None) -> Deployment:
         return await self.deploy(path, signature=signature)
@@ -555,10 +557,8 @@ class Deployer:
     async def _in_background(self, work: Callable[[Deployment], Awaitable[Deployment]]) -> Deployment:
         """A new record, saved, and `work(record)` started in the runtime: a crash from then on
         leaves a record that says `interrupted`, never none."""
-        record = self._records.new(Action.DEPLOY, None)
-        await self._records.save(record)
 
-        async def run() -> None:
+        async def run(record: Deployment) -> None:
             try:
                 await work(record)
             except HotDeployError:
@@ -566,7 +566,10 @@ class Deployer:
             except Exception:
                 logger.exception("deployment %s crashed", record.id)
 
-        self._engine.runtime().start_soon(run, name=f"hotdeploy deployment {record.id}")
+        with self._engine.operation():  # then `work`'s own, begun before this one ends
+            record = self._records.new(Action.DEPLOY, None)
+            await self._records.save(record)
+            self._engine.runtime().start_soon(run, record, name=f"hotdeploy deployment {record.id}")
         return record
 
     async def promote_canary(self, name: str, *, all_steps: bool = False) -> dict[str, Any]:
