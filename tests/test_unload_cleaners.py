@@ -284,8 +284,8 @@ async def test_a_collection_waits_for_the_deployment_under_way_and_follows_it_at
             record = await deployer.deploy(write_package(sources, version="2.0"))
             assert record.to_version == "2.0"
             assert collector.collections == before  # not inside the deployment
-        await collector.wait()
-    assert collector.collections == before + 1
+        await collector.wait()  # then (greeter 1.0 may have its own, later)
+    assert collector.collections > before
 
 
 async def test_the_collector_collects_anyway_when_operations_never_end() -> None:

@@ -314,7 +314,8 @@ class CanaryRun:
             step.detail = f"{self.canary.version} becomes the active version"
             await self.coordinator._done(self.operation)
         try:
-            await self.coordinator._install(self.record, self.package, None, warm=self.canary)
+            with self.coordinator.engine.operation():  # a switch, as a deploy's
+                await self.coordinator._install(self.record, self.package, None, warm=self.canary)
         except DeploymentError:
             # Refused or failed (before its commit, or the commit itself, whose switch back has
             # ended the split here already): the stable version still serves, and the canary goes

@@ -12,7 +12,8 @@ Their blocking work (reading an archive's manifest, importing the version) runs 
 thread at a time (`threads`): imports hold the GIL and contend for the import lock, and in
 parallel each hand-over of either waits out the interpreter's switch interval. With 1000 tiny
 packages, a restore took 2.05 s with 8 threads and 1.49 s with one (benchmarks/restart_many.py).
-A slow import still runs alone only until its `load_timeout` abandons it.
+An import that blocks (on the network, say) holds up the others' until it returns or its
+`load_timeout` abandons it.
 """
 
 from __future__ import annotations
