@@ -18,7 +18,7 @@ import logging
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -56,7 +56,7 @@ from ._operation import CANARY_SUFFIX, Member, Operation, OperationKind, Phase, 
 from ._package import Package
 from ._records import RecordLog
 from ._requirements import check_change, in_dependency_order
-from ._store import Store
+from ._store import Store, StoredArchive
 from ._version import PackageVersion, VersionState
 
 logger = logging.getLogger("starlette_hotdeploy")
@@ -73,6 +73,16 @@ class DeployOptions:
     # even if the manifest's strategy is `canary`), None (as the manifest says).
     canary: bool | None = None
     canary_steps: str | None = None  # steps such as "5%:30s, 100%" (implies canary)
+
+
+@dataclass
+class _Arrival:
+    """What `Coordinator._unpack`'s thread hop got as far as (what to clean up if it failed)."""
+
+    data: bytes = b""
+    signer: str | None = None
+    unpacked: Unpacked | None = None
+    stored: list[StoredArchive] = field(default_factory=list)
 
 
 class Coordinator:
@@ -220,22 +230,30 @@ class Coordinator:
         """The `unpack` step: read, verify, unpack and check an archive, and save it in the store;
         a failure fails `record`."""
         engine = self.engine
+        arrival = _Arrival()
         unpacked: Unpacked | None = None
+
+        def arrive() -> None:
+            # One thread hop for all of it: under load, each hop waits for a busy event loop.
+            arrival.data = read_source(source, engine.limits)
+            if engine.trusted_keys is not None:
+                # Before anything of the archive is read: an untrusted one is never unpacked.
+                verified = engine.trusted_keys.verify(arrival.data, signature or options.signature)
+                arrival.signer = verified.describe()
+            arrival.unpacked = unpack(arrival.data, engine.home / "packages", engine.limits)
+            arrival.stored = self.store.archives(arrival.unpacked.manifest.name)
+
         try:
             with record.step("unpack") as step:
-                data = await anyio.to_thread.run_sync(read_source, source, engine.limits)
-                if engine.trusted_keys is not None:
-                    # Before anything of the archive is read: an untrusted one is never unpacked.
-                    signer = await anyio.to_thread.run_sync(
-                        engine.trusted_keys.verify, data, signature or options.signature
-                    )
-                    record.signer = signer.describe()
-                unpacked = await anyio.to_thread.run_sync(
-                    unpack, data, engine.home / "packages", engine.limits
-                )
+                try:
+                    await anyio.to_thread.run_sync(arrive)
+                finally:
+                    unpacked, record.signer = arrival.unpacked, arrival.signer
+                assert unpacked is not None
+                data = arrival.data
                 manifest = unpacked.manifest
                 record.package, record.to_version = manifest.name, manifest.version
-                await self._check_replacement(record, manifest, unpacked.sha256, options)
+                self._check_replacement(record, manifest, unpacked.sha256, options, arrival.stored)
                 self._check_host_routes(manifest, options)
                 await anyio.to_thread.run_sync(
                     self.store.save_archive, manifest.name, manifest.version, unpacked.sha256, data
@@ -255,16 +273,18 @@ class Coordinator:
         assert unpacked is not None
         return unpacked
 
-    async def _check_replacement(
-        self, record: Deployment, manifest: Manifest, sha256: str, options: DeployOptions
+    def _check_replacement(
+        self,
+        record: Deployment,
+        manifest: Manifest,
+        sha256: str,
+        options: DeployOptions,
+        stored: Sequence[StoredArchive],
     ) -> None:
-        """A different archive under a version number that already has one is refused unless
-        forced: two different "1.0" would make every record and status ambiguous."""
-        known = {
-            a.sha256
-            for a in await anyio.to_thread.run_sync(self.store.archives, manifest.name)
-            if a.version == manifest.version
-        }
+        """A different archive under a version number that already has one (in the store:
+        `stored`, or loaded here) is refused unless forced: two different "1.0" would make every
+        record and status ambiguous."""
+        known = {a.sha256 for a in stored if a.version == manifest.version}
         package = self.engine.get(manifest.name)
         if package is not None:
             known |= {v.sha256 for v in package.loaded if v.version == manifest.version}
