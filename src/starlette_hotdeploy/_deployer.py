@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -558,18 +558,26 @@ class Deployer:
         """A new record, saved, and `work(record)` started in the runtime: a crash from then on
         leaves a record that says `interrupted`, never none."""
 
-        async def run(record: Deployment) -> None:
-            try:
-                await work(record)
-            except HotDeployError:
-                pass  # the record holds the outcome and the error
-            except Exception:
-                logger.exception("deployment %s crashed", record.id)
+        async def run(record: Deployment, operation: ExitStack) -> None:
+            with operation:  # begun with the call, it ends with the deployment
+                try:
+                    await work(record)
+                except HotDeployError:
+                    pass  # the record holds the outcome and the error
+                except Exception:
+                    logger.exception("deployment %s crashed", record.id)
 
-        with self._engine.operation():  # then `work`'s own, begun before this one ends
+        operation = ExitStack()
+        operation.enter_context(self._engine.operation())
+        try:
             record = self._records.new(Action.DEPLOY, None)
             await self._records.save(record)
-            self._engine.runtime().start_soon(run, record, name=f"hotdeploy deployment {record.id}")
+            self._engine.runtime().start_soon(
+                run, record, operation, name=f"hotdeploy deployment {record.id}"
+            )
+        except BaseException:
+            operation.close()
+            raise
         return record
 
     async def promote_canary(self, name: str, *, all_steps: bool = False) -> dict[str, Any]:
