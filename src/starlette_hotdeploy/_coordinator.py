@@ -111,10 +111,6 @@ class Coordinator:
     async def deploy(
         self, source: Source, record: Deployment, options: DeployOptions | None = None
     ) -> Deployment:
-        with self.engine.operation():
-            return await self._deploy(source, record, options)
-
-    async def _deploy(self, source: Source, record: Deployment, options: DeployOptions | None) -> Deployment:
         engine = self.engine
         options = options or DeployOptions()
         unpacked = await self._unpack(source, record, options)
@@ -152,16 +148,6 @@ class Coordinator:
     ) -> Deployment:
         """Deploy several packages as one operation: all prepared and checked (each bound to the
         set's new versions of what it requires), then all switched at once, or none."""
-        with self.engine.operation():
-            return await self._deploy_set(sources, record, options, signatures)
-
-    async def _deploy_set(
-        self,
-        sources: Sequence[Source],
-        record: Deployment,
-        options: DeployOptions | None,
-        signatures: Sequence[bytes | None],
-    ) -> Deployment:
         options = options or DeployOptions()
         if options.canary or options.canary_steps:
             await self._fail(

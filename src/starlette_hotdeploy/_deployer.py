@@ -493,9 +493,7 @@ class Deployer:
         it is promoted (succeeded) or aborted; `promote_canary` and `abort_canary` move it on."""
         coordinator = self._running().coordinator
         with self._engine.operation():  # from the call: its first thread hop is the record's
-            if record is None:
-                record = self._records.new(Action.DEPLOY, None)
-                await self._records.save(record)
+            record = await self._saved(record)
             options = _options(signature, force, shadow_host_routes, canary)
             return await coordinator.deploy(source, record, options)
 
@@ -514,9 +512,7 @@ class Deployer:
         raises DeploymentError as `deploy` does. `signatures`: one per source, in order."""
         coordinator = self._running().coordinator
         with self._engine.operation():
-            if record is None:
-                record = self._records.new(Action.DEPLOY, None)
-                await self._records.save(record)
+            record = await self._saved(record)
             options = _options(None, force, shadow_host_routes, None)
             return await coordinator.deploy_set(sources, record, options, signatures)
 
@@ -554,6 +550,14 @@ class Deployer:
             lambda record: coordinator.deploy_set(sources, record, options, signatures)
         )
 
+    async def _saved(self, record: Deployment | None) -> Deployment:
+        """`record`, or a new deployment's, saved: a crash from then on leaves a record that
+        says `interrupted`, never none."""
+        if record is None:
+            record = self._records.new(Action.DEPLOY, None)
+            await self._records.save(record)
+        return record
+
     async def _in_background(self, work: Callable[[Deployment], Awaitable[Deployment]]) -> Deployment:
         """A new record, saved, and `work(record)` started in the runtime: a crash from then on
         leaves a record that says `interrupted`, never none."""
@@ -570,8 +574,7 @@ class Deployer:
         operation = ExitStack()
         operation.enter_context(self._engine.operation())
         try:
-            record = self._records.new(Action.DEPLOY, None)
-            await self._records.save(record)
+            record = await self._saved(None)
             self._engine.runtime().start_soon(
                 run, record, operation, name=f"hotdeploy deployment {record.id}"
             )

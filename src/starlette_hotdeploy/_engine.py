@@ -531,12 +531,12 @@ class Engine:
         return moves
 
     async def prepare_bound(
-        self, package: Package, version: PackageVersion, moving: dict[str, PackageVersion]
+        self, package: Package, version: PackageVersion, moving: dict[str, PackageVersion] | None = None
     ) -> dict[str, PackageVersion]:
         """`prepare` a version bound to the `moving` versions of what it requires (to the active
         ones for the rest); discarded if it fails. What it is bound to."""
         bound = self.bindings(version.manifest)
-        if version.manifest.reload_with_requirements:
+        if moving and version.manifest.reload_with_requirements:
             bound.update({name: v for name, v in moving.items() if name in version.manifest.requires})
         try:
             await self.prepare(None, package, version, bound)

@@ -374,12 +374,7 @@ class Follower:
                         self.engine.new_package, operation.package, unpacked.manifest.mount
                     )
                 version = unpacked.new_version()
-                try:
-                    await self.engine.prepare(None, package, version)
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await self.engine.discard(package, version)
-                    raise
+                await self.engine.prepare_bound(package, version)
             except Exception as exc:
                 await self.vote(operation, Vote.FAILED, str(exc))
                 return
@@ -608,12 +603,7 @@ class Follower:
         engine = self.engine
         version = active.twin()
         try:
-            try:
-                await engine.prepare(None, package, version)
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await engine.discard(package, version)
-                raise
+            await engine.prepare_bound(package, version)
         except Exception:
             logger.exception(
                 "%s %s: cannot bind it to its requirements' new versions", package.name, active.version
@@ -652,12 +642,7 @@ class Follower:
             try:
                 unpacked = await engine.unpack_stored(package.name, canary["version"], canary["sha256"])
                 version = unpacked.new_version()
-                try:
-                    await engine.prepare(None, package, version)
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await engine.discard(package, version)
-                    raise
+                await engine.prepare_bound(package, version)
                 carried = await engine.prepare_dependents(None, engine.dependents(package.name), version)
             except Exception:
                 logger.exception("%s: cannot load its canary %s here", package.name, canary["version"])
