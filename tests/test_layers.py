@@ -23,6 +23,7 @@ BASE = {
     "_files",
     "_canary_plan",
     "_dependency_order",
+    "_switch_interval",
 }
 REQUEST_PATH = {
     "_dispatch",
@@ -54,6 +55,7 @@ COORDINATION = {
     "_cluster",
     "_cluster_view",
     "_wakeup",
+    "_notices",
     "_records",
     "_oplog",
     "_figures_share",

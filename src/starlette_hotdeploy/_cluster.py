@@ -39,6 +39,7 @@ from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
 
 from ._errors import StoreError
+from ._notices import Notices, commit_message, vote_message
 from ._operation import Member, Operation, OperationKind, Phase, Vote
 from ._store import Notifying, Store, Worker
 from ._wakeup import Wakeup
@@ -112,6 +113,8 @@ class Cluster:
         home = wake_home if wake_home is not None else getattr(store, "home", None)
         self.wakeup = Wakeup(Path(home) if home is not None else None)
         self.wakeup.open()
+        self.notices = Notices()  # what the wake-ups said (a vote, a commit)
+        self.wakeup.on_message = self.notices.receive
         self._remote = False  # a live worker on another host, at the last look
         self._notified = False  # the store wakes this worker for every host's writes
         # What the last write said this worker serves (the periodic heartbeat repeats it), and
@@ -152,12 +155,16 @@ class Cluster:
             timeout = min(timeout, self.poll_interval)
         return await self.wakeup.wait(seen, timeout)
 
-    async def changed(self, write: Callable[[], T]) -> T:
-        """Run a store write the other workers wait for, then wake them: one thread hop."""
+    async def changed(self, write: Callable[[], T], notice: Callable[[T], bytes] | None = None) -> T:
+        """Run a store write the other workers wait for, then wake them: one thread hop. With
+        `notice`, the wake-up says what was written (see _notices)."""
 
         def run() -> T:
             result = write()
-            self.wakeup.notify()
+            if notice is None:
+                self.wakeup.notify()
+            else:
+                self.wakeup.notify(notice(result))
             return result
 
         return await anyio.to_thread.run_sync(run)
@@ -245,10 +252,13 @@ class Cluster:
                 beat()
             self.store.vote(op_id, self.worker_id, vote, detail)
 
-        await self.changed(write)
+        await self.changed(write, lambda _: vote_message(op_id, self.worker_id, vote))
 
     async def commit(self, operation: Operation, canary: dict[str, Any] | None = None) -> int:
-        return await self.changed(lambda: self.store.commit(operation, canary))
+        return await self.changed(
+            lambda: self.store.commit(operation, canary),
+            lambda generation: commit_message(operation.id, generation),
+        )
 
     async def set_canary(self, name: str, canary: dict[str, Any] | None) -> int:
         return await self.changed(lambda: self.store.set_canary(name, canary))
@@ -327,17 +337,24 @@ class Cluster:
         def look() -> tuple[set[str], dict[str, tuple[Vote, str | None]]]:
             return self._live_ids(), self.store.votes(operation.id)
 
+        looked: tuple[set[str], dict[str, tuple[Vote, str | None]]] | None = None
         while True:
             seen = self.wakeup.count  # before the look: a vote cast during it wakes the wait
-            try:
-                live, votes = await anyio.to_thread.run_sync(look)
-            except StoreError:
-                # A database restarting: the votes are still there when it is back (and the
-                # voters send theirs again), so look again until the deadline.
-                if time.monotonic() > deadline:
-                    raise
-                await anyio.sleep(VOTE_RECHECK)
-                continue
+            noticed = self._noticed_all(operation.id, wanted, *looked) if looked is not None else None
+            if noticed is not None:
+                # The wake-ups announced the votes still missing at the last look: every
+                # worker live then has voted `wanted` (the store has those votes already).
+                live, votes = noticed
+            else:
+                try:
+                    looked = live, votes = await anyio.to_thread.run_sync(look)
+                except StoreError:
+                    # A database restarting: the votes are still there when it is back (and the
+                    # voters send theirs again), so look again until the deadline.
+                    if time.monotonic() > deadline:
+                        raise
+                    await anyio.sleep(VOTE_RECHECK)
+                    continue
             if on_vote is not None:
                 for worker, (vote, detail) in sorted(votes.items()):
                     counted = wanted if vote.reaches(wanted) else vote
@@ -363,6 +380,24 @@ class Cluster:
                 return VoteResult(failed, waiting, live)
             # Votes wake this up; the timer notices a worker that died without voting.
             await self.wait_change(seen, min(VOTE_RECHECK, deadline - now + 0.001))
+
+    def _noticed_all(
+        self, op_id: str, wanted: Vote, live: set[str], votes: dict[str, tuple[Vote, str | None]]
+    ) -> tuple[set[str], dict[str, tuple[Vote, str | None]]] | None:
+        """The last look's live workers and votes, with the votes that wake-ups announced since,
+        if every one of those workers reached `wanted`. None: anything else (a failure, whose
+        detail is in the store; a vote not announced) needs a look."""
+        noticed = self.notices.votes(op_id)
+        merged = dict(votes)
+        for worker in live:
+            vote = noticed.get(worker)
+            if vote is Vote.FAILED:
+                return None
+            if vote is not None and vote.reaches(wanted):
+                merged[worker] = (vote, None)
+            elif not (worker in votes and votes[worker][0].reaches(wanted)):
+                return None
+        return live, merged
 
 
 # /proc's start times are clock ticks after the boot time (whole seconds, rounded down): a

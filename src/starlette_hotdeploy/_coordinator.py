@@ -18,7 +18,7 @@ import logging
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -49,7 +49,7 @@ from ._errors import (
 )
 from ._follower import Follower
 from ._hooks import implemented, notify, run_checks
-from ._host_routes import host_routes, shadowed
+from ._host_routes import HostRoute, host_routes, shadowed
 from ._manifest import Manifest
 from ._mounts import Mount, MountTable
 from ._operation import CANARY_SUFFIX, Member, Operation, OperationKind, Phase, Vote
@@ -82,7 +82,7 @@ class _Arrival:
     data: bytes = b""
     signer: str | None = None
     unpacked: Unpacked | None = None
-    stored: list[StoredArchive] = field(default_factory=list)
+    forced: bool = False  # a different archive under its version number, replaced on purpose
 
 
 class Coordinator:
@@ -218,6 +218,10 @@ class Coordinator:
         engine = self.engine
         arrival = _Arrival()
         unpacked: Unpacked | None = None
+        # What the checks need of this process's state, read here on the event loop: the thread
+        # hop reads only these copies.
+        loaded = {(p.name, v.version, v.sha256) for p in engine.packages() for v in p.loaded}
+        routes = self._host_routes(options)
 
         def arrive() -> None:
             # One thread hop for all of it: under load, each hop waits for a busy event loop.
@@ -227,7 +231,11 @@ class Coordinator:
                 verified = engine.trusted_keys.verify(arrival.data, signature or options.signature)
                 arrival.signer = verified.describe()
             arrival.unpacked = unpack(arrival.data, engine.home / "packages", engine.limits)
-            arrival.stored = self.store.archives(arrival.unpacked.manifest.name)
+            manifest, sha256 = arrival.unpacked.manifest, arrival.unpacked.sha256
+            stored = self.store.archives(manifest.name)
+            arrival.forced = _check_replacement(manifest, sha256, options, stored, loaded)
+            _check_host_routes(manifest, options, routes)
+            self.store.save_archive(manifest.name, manifest.version, sha256, arrival.data)
 
         try:
             with record.step("unpack") as step:
@@ -235,15 +243,12 @@ class Coordinator:
                     await anyio.to_thread.run_sync(arrive)
                 finally:
                     unpacked, record.signer = arrival.unpacked, arrival.signer
+                    if unpacked is not None:
+                        record.package = unpacked.manifest.name
+                        record.to_version = unpacked.manifest.version
+                    record.forced = record.forced or arrival.forced
                 assert unpacked is not None
-                data = arrival.data
                 manifest = unpacked.manifest
-                record.package, record.to_version = manifest.name, manifest.version
-                self._check_replacement(record, manifest, unpacked.sha256, options, arrival.stored)
-                self._check_host_routes(manifest, options)
-                await anyio.to_thread.run_sync(
-                    self.store.save_archive, manifest.name, manifest.version, unpacked.sha256, data
-                )
                 step.detail = f"{manifest.name} {manifest.version} sha256:{unpacked.sha256[:12]}"
                 if record.signer is not None:
                     step.detail += f", signed by {record.signer}"
@@ -259,54 +264,12 @@ class Coordinator:
         assert unpacked is not None
         return unpacked
 
-    def _check_replacement(
-        self,
-        record: Deployment,
-        manifest: Manifest,
-        sha256: str,
-        options: DeployOptions,
-        stored: Sequence[StoredArchive],
-    ) -> None:
-        """A different archive under a version number that already has one (in the store:
-        `stored`, or loaded here) is refused unless forced: two different "1.0" would make every
-        record and status ambiguous."""
-        known = {a.sha256 for a in stored if a.version == manifest.version}
-        package = self.engine.get(manifest.name)
-        if package is not None:
-            known |= {v.sha256 for v in package.loaded if v.version == manifest.version}
-        known.discard(sha256)
-        if not known:
-            return
-        if options.force:
-            record.forced = True
-            return
-        others = ", ".join(sorted(s[:12] for s in known))
-        raise VersionConflict(
-            f"{manifest.name} {manifest.version} was deployed before from a different archive "
-            f"(sha256 {others}; this one is {sha256[:12]}): give it a new version number, or replace "
-            "it on purpose with force (hotdeploy deploy --force, or ?force=true)",
-            package=manifest.name,
-            version=manifest.version,
-            step="unpack",
-        )
-
-    def _check_host_routes(self, manifest: Manifest, options: DeployOptions) -> None:
-        """A mount over a route of the host app would take its requests without a word."""
+    def _host_routes(self, options: DeployOptions) -> list[HostRoute] | None:
+        """The host app's routes a package must not shadow (None: nothing to check)."""
         host = self.engine.host_app
-        if host is None or manifest.shadow_host_routes or options.shadow_host_routes:
-            return
-        hit = shadowed(manifest.mount, host_routes(host))
-        if hit:
-            raise MountConflict(
-                f"mount {manifest.mount!r} would shadow the host app's {hit[0].describe()}"
-                + (f" (and {len(hit) - 1} more)" if len(hit) > 1 else "")
-                + "; choose another mount, or say it is intended: shadow_host_routes = true in "
-                "hotdeploy.toml, or deploy with shadow_host_routes (?shadow_host_routes=true, "
-                "hotdeploy deploy --shadow-host-routes)",
-                package=manifest.name,
-                version=manifest.version,
-                step="manifest",
-            )
+        if host is None or options.shadow_host_routes:
+            return None
+        return host_routes(host)
 
     async def _forget_upload(self, name: str, version: str, sha256: str, *, saved: bool = True) -> None:
         """A deployment that failed before its commit leaves neither archive nor unpacked copy
@@ -1009,6 +972,52 @@ def canary_plan(
     if options.canary_steps is not None:
         plan = replace(plan, steps=parse_steps(options.canary_steps, where="canary"))
     return plan
+
+
+def _check_replacement(
+    manifest: Manifest,
+    sha256: str,
+    options: DeployOptions,
+    stored: Sequence[StoredArchive],
+    loaded: set[tuple[str, str, str]],
+) -> bool:
+    """A different archive under a version number that already has one (in the store:
+    `stored`, or loaded here: `loaded`, (name, version, sha256)) is refused unless forced: two
+    different "1.0" would make every record and status ambiguous. True: forced."""
+    known = {a.sha256 for a in stored if a.version == manifest.version}
+    known |= {s for name, version, s in loaded if (name, version) == (manifest.name, manifest.version)}
+    known.discard(sha256)
+    if not known:
+        return False
+    if options.force:
+        return True
+    others = ", ".join(sorted(s[:12] for s in known))
+    raise VersionConflict(
+        f"{manifest.name} {manifest.version} was deployed before from a different archive "
+        f"(sha256 {others}; this one is {sha256[:12]}): give it a new version number, or replace "
+        "it on purpose with force (hotdeploy deploy --force, or ?force=true)",
+        package=manifest.name,
+        version=manifest.version,
+        step="unpack",
+    )
+
+
+def _check_host_routes(manifest: Manifest, options: DeployOptions, routes: list[HostRoute] | None) -> None:
+    """A mount over a route of the host app (`routes`) would take its requests without a word."""
+    if routes is None or manifest.shadow_host_routes or options.shadow_host_routes:
+        return
+    hit = shadowed(manifest.mount, routes)
+    if hit:
+        raise MountConflict(
+            f"mount {manifest.mount!r} would shadow the host app's {hit[0].describe()}"
+            + (f" (and {len(hit) - 1} more)" if len(hit) > 1 else "")
+            + "; choose another mount, or say it is intended: shadow_host_routes = true in "
+            "hotdeploy.toml, or deploy with shadow_host_routes (?shadow_host_routes=true, "
+            "hotdeploy deploy --shadow-host-routes)",
+            package=manifest.name,
+            version=manifest.version,
+            step="manifest",
+        )
 
 
 def _remove_tree(directory: Path) -> None:

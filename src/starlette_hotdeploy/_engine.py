@@ -29,6 +29,7 @@ import anyio.abc
 import anyio.to_thread
 import pluggy
 
+from . import _switch_interval as switch_interval
 from ._archive import ArchiveLimits, Unpacked, clean_staging, unpack
 from ._cleaners import Collector, Unloaded, release
 from ._dependency_order import requirements_first as dependency_order
@@ -979,24 +980,31 @@ class Engine:
         """An operation that swaps versions runs inside: a full collection (which blocks the
         event loop for as long as it scans the heap) waits until none runs, and starts as soon
         as the last one ends. Back-to-back deployments then pay for it between two of them,
-        not inside one (an upload's unpack, a commit, a converge)."""
+        not inside one (an upload's unpack, a commit, a converge). Meanwhile the GIL switch
+        interval is short, so that its thread hops are not starved by a busy event loop
+        (see _switch_interval)."""
         self._operations += 1
+        switch_interval.enter()
         try:
             yield
         finally:
+            switch_interval.leave()
             self._operations -= 1
             if not self._operations:
                 self.collector.poke()
 
     @contextmanager
     def resting(self) -> Iterator[None]:
-        """Inside `operation`, a wait that only sleeps (a bake time): the collector may run."""
+        """Inside `operation`, a wait that only sleeps (a bake time): the collector may run,
+        and the switch interval is back to what it was."""
         self._operations -= 1
+        switch_interval.leave()
         if not self._operations:
             self.collector.poke()
         try:
             yield
         finally:
+            switch_interval.enter()
             self._operations += 1
 
     def _preparing(self) -> bool:

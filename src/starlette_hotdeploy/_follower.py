@@ -11,6 +11,7 @@ through the engine's named methods, under the engine's claim on the package.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -56,6 +57,8 @@ class Follower:
         self._prepared: dict[str, tuple[Package, PackageVersion]] = {}
         # operation id -> the dependents prepared to move with that version (bound to it)
         self._moves: dict[str, list[Move]] = {}
+        # operation id -> the operation, for those prepared here (a commit's notice names it)
+        self._prepared_for: dict[str, Operation] = {}
         self._voted: set[tuple[str, Vote]] = set()  # (operation id, vote) this worker cast
         # ...of which the store never got these (it failed): (detail, serving) to cast again
         self._unsent: dict[tuple[str, Vote], tuple[str | None, dict[str, str] | None]] = {}
@@ -115,16 +118,62 @@ class Follower:
         a lost wake-up only delays). Without wake-ups, look every `poll_interval`."""
         cluster = self.cluster
         async with anyio.create_task_group() as tasks:
-            if cluster.wakeup.is_open:
-                # Listening before the first look: a change after it wakes this loop.
-                await tasks.start(cluster.listen, name="hotdeploy wake-ups")
-            while True:
-                seen = cluster.wakeup.count  # before the look: a wake-up during it is not lost
-                try:
-                    await self.converge(force=time.monotonic() - self._last_full > FULL_LOOK_INTERVAL)
-                except Exception:
-                    logger.exception("converging on the desired state failed")
-                await cluster.wait_change(seen, cluster.reconcile_interval)
+
+            def switch_now(op_id: str) -> None:
+                # A commit's notice switches at once, whatever this loop is doing (a look, say).
+                tasks.start_soon(self.switch_noticed, op_id)
+
+            cluster.notices.on_commit = switch_now
+            try:
+                if cluster.wakeup.is_open:
+                    # Listening before the first look: a change after it wakes this loop.
+                    await tasks.start(cluster.listen, name="hotdeploy wake-ups")
+                woken = False
+                while True:
+                    seen = cluster.wakeup.count  # before the look: a wake-up during it is not lost
+                    # Woken up, this worker has a part in an operation (see Engine.operation);
+                    # the periodic look is not one.
+                    with self.engine.operation() if woken else contextlib.nullcontext():
+                        try:
+                            force = time.monotonic() - self._last_full > FULL_LOOK_INTERVAL
+                            await self.converge(force=force)
+                        except Exception:
+                            logger.exception("converging on the desired state failed")
+                    woken = await cluster.wait_change(seen, cluster.reconcile_interval)
+            finally:
+                cluster.notices.on_commit = None
+
+    async def switch_noticed(self, op_id: str) -> None:
+        """Switch at once to the version a wake-up announced committed (see _notices), if this
+        worker prepared it for that operation and it changes that package alone: without the
+        look in the store that would come first, a thread hop that waits behind a busy event
+        loop. The next converge finds it done; anything else waits for that converge (as does
+        a package this worker is busy with, the converge itself say)."""
+        for stale in [other for other in self._prepared_for if other not in self._prepared]:
+            del self._prepared_for[stale]  # switched, discarded or let go since
+        operation = self._prepared_for.get(op_id)
+        generation = self.cluster.notices.commit(op_id)
+        if (
+            operation is None
+            or generation is None
+            or operation.kind is not OperationKind.ACTIVATE
+            or operation.members
+            or op_id in self._moves  # dependents move with it: the converge switches them all
+            or operation.version is None
+            or operation.sha256 is None
+        ):
+            return
+        wanted = Desired(
+            operation.package, operation.version, operation.sha256, list(operation.lineage), generation
+        )
+        committed = dataclasses.replace(operation, phase=Phase.COMMIT)
+        with self.engine.operation():
+            try:
+                await self._converge_package(
+                    operation.package, wanted, committed, RestoreOrder([operation.package], 1)
+                )
+            except Exception:
+                logger.exception("%s: switching to the committed version failed", operation.package)
 
     def _look(self, force: bool) -> _Look | None:
         """Blocking, one thread hop: what converge reads. None: nothing changed since the last
@@ -181,9 +230,12 @@ class Follower:
                 await self._prepare_for(operation)
         unfinished = {operation.id for operation in operations if operation.coordinator in live}
         for op_id in [op_id for op_id in self._prepared if op_id not in unfinished]:
-            # Aborted (or finished without this worker): what was prepared for it goes.
+            # Aborted (or finished without this worker): what was prepared for it goes (unless
+            # a commit's notice switched to it meanwhile, see switch_noticed).
             await self.engine.discard_moves(self._moves.pop(op_id, []))
-            await self._let_go(*self._prepared.pop(op_id))
+            prepared = self._prepared.pop(op_id, None)
+            if prepared is not None:
+                await self._let_go(*prepared)
         self._voted = {vote for vote in self._voted if vote[0] in unfinished}
         to_converge: list[str] = []
         for name, wanted in desired.items():
@@ -350,6 +402,7 @@ class Follower:
             return  # this worker is busy with the package: the next round votes
         assert operation.version is not None
         assert operation.sha256 is not None
+        self._prepared_for[operation.id] = operation  # kept while `_prepared` holds it
         with self.engine.claim(operation.package):
             package = self.engine.get(operation.package)
             warm = package.loaded_version(operation.version) if package is not None else None

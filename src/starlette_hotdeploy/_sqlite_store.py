@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import _switch_interval as switch_interval
 from ._errors import HotDeployError
 from ._operation import OperationKind
 from ._sql_store import COMMITTED_PHASES, SQLStore, sql_in
@@ -200,8 +201,10 @@ class SQLiteStore(SQLStore):
     @contextmanager
     def _transaction(self, *, durable: bool = False, serialized: bool = True) -> Iterator[sqlite3.Connection]:
         # Every SQLite write transaction is serialized (BEGIN IMMEDIATE takes the write lock).
+        # It holds that lock for every worker of the home: with a short switch interval, each of
+        # its statements gets the GIL back at once from a busy event loop (see _switch_interval).
         db = self._db  # first: after a fork this replaces the lock too
-        with self._lock:
+        with self._lock, switch_interval.shortened():
             if durable:
                 db.execute("PRAGMA synchronous=FULL")
             try:
@@ -218,7 +221,7 @@ class SQLiteStore(SQLStore):
 
     def _query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         db = self._db
-        with self._lock:
+        with self._lock, switch_interval.shortened():
             return db.execute(sql, args).fetchall()
 
     def data_version(self) -> int:

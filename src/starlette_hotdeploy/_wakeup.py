@@ -3,16 +3,19 @@
 Each worker binds a Unix datagram socket in a directory shared by the workers of the home and
 of this host (`<home>/wake/<host>/<pid>-<random>.sock`, or, when that path would not fit a socket
 address, a private directory under /tmp named after the home and the host). A worker that wrote
-something the others wait for (an operation, a vote, a commit, a phase) sends one byte to every
-other socket in that directory: non-blocking, from the worker thread that did the write. A socket
-nobody listens on any more (a killed worker's) answers ECONNREFUSED and is removed; the host is in
-the path because another host's sockets (a home on a shared file system) answer that too.
+something the others wait for (an operation, a vote, a commit, a phase) sends a datagram to every
+other socket in that directory: non-blocking, from the worker thread that did the write. Most
+are one byte; a vote's and a commit's say what was written (see _notices), so the worker woken
+can act on it without looking in the store first. A socket nobody listens on any more (a killed
+worker's) answers ECONNREFUSED and is removed; the host is in the path because another host's
+sockets (a home on a shared file system) answer that too.
 
 The receiving side is one task (`run`, under anyio, so asyncio and trio alike) that drains the
-socket and bumps a counter; `wait(seen, timeout)` returns once the counter moved past `seen`, or
-after `timeout`. Nothing depends on a datagram arriving: the callers also look on a slow timer,
-so a lost one only delays. Where there is no AF_UNIX (Windows) or the loop cannot watch a socket,
-`open` or `run` fails, `listening` stays False and the callers poll.
+socket, hands each notice to `on_message` (on the event loop), and bumps a counter;
+`wait(seen, timeout)` returns once the counter moved past `seen`, or after `timeout`. Nothing
+depends on a datagram arriving: the callers also look on a slow timer, so a lost one only
+delays. Where there is no AF_UNIX (Windows) or the loop cannot watch a socket, `open` or `run`
+fails, `listening` stays False and the callers poll.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import socket
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -40,6 +44,9 @@ MAX_SOCKET_PATH = 100
 # The longest name `Wakeup` makes (a 10-digit pid): every worker of a home must pick the same
 # directory, whatever the length of its own pid.
 LONGEST_NAME = len(f"{2**32}-{'0' * 8}{SUFFIX}")
+# A plain wake-up; a notice (see _notices) is a longer text, at most this long.
+WAKE = b"!"
+MAX_MESSAGE = 4096
 
 
 def _digest(text: str, size: int = 16) -> str:
@@ -78,6 +85,8 @@ class Wakeup:
         self._count = 0
         self._event: anyio.Event | None = None  # made on the event loop, by wait or _bump
         self.listening = False  # `run` is draining the socket
+        # Told each datagram's text, on the event loop, before the counter moves.
+        self.on_message: Callable[[bytes], None] | None = None
 
     @property
     def is_open(self) -> bool:
@@ -130,9 +139,10 @@ class Wakeup:
             if sock is not None:
                 sock.close()
 
-    def notify(self) -> int:
+    def notify(self, message: bytes = WAKE) -> int:
         """Wake every other worker of the home (blocking but never waits: call it from the
-        worker thread that wrote). Returns how many sockets were sent to."""
+        worker thread that wrote), telling them `message`. Returns how many sockets were sent
+        to."""
         directory = self.directory
         if directory is None or self._sender is None:
             return 0
@@ -147,7 +157,7 @@ class Wakeup:
                 return 0
             for entry in entries:
                 try:
-                    sender.sendto(b"!", entry.path)
+                    sender.sendto(message, entry.path)
                     sent += 1
                 except (BlockingIOError, InterruptedError):
                     sent += 1  # its queue is full: it has wake-ups pending anyway
@@ -166,7 +176,7 @@ class Wakeup:
             if self._sender is None or self.path is None:
                 return
             with contextlib.suppress(OSError):  # a full queue has wake-ups pending anyway
-                self._sender.sendto(b"!", os.fspath(self.path))
+                self._sender.sendto(WAKE, os.fspath(self.path))
 
     async def run(self, *, task_status: TaskStatus[None] = TASK_STATUS_IGNORED) -> None:
         """Receive wake-ups until cancelled (one task per worker; `tasks.start` returns once it
@@ -184,10 +194,15 @@ class Wakeup:
                 got = False
                 while True:
                     try:
-                        receiver.recv(64)
-                        got = True
+                        data = receiver.recv(MAX_MESSAGE)
                     except OSError:  # BlockingIOError: drained
                         break
+                    got = True
+                    if data != WAKE and self.on_message is not None:
+                        try:
+                            self.on_message(data)
+                        except Exception:  # a notice only saves a look: the wake-up still counts
+                            logger.exception("a wake-up's notice could not be read")
                 if got:
                     self._bump()
         except (OSError, NotImplementedError, anyio.ClosedResourceError, anyio.BusyResourceError) as exc:

@@ -1,0 +1,207 @@
+"""Notices: wake-ups that say what was written (_notices), and the looks they save.
+
+Unit level: what a worker remembers of the notices it received. Then the two waits they
+shorten, each shown by a look in the store that the waiter is not allowed to need: the
+coordinator counting the votes (two `Cluster`s on one home), and a worker switching to a
+committed version (two deployers on one home, the second one's looks blocked from the commit
+on). Every wait is bounded; events order the steps.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from packages import write_package
+from starlette_hotdeploy._cluster import RECONCILE_ENV, Cluster
+from starlette_hotdeploy._follower import Follower
+from starlette_hotdeploy._notices import KEEP_OPERATIONS, Notices, commit_message, vote_message
+from starlette_hotdeploy._operation import OperationKind, Vote
+from starlette_hotdeploy._sqlite_store import SQLiteStore
+from test_wakeup import answer, short_home, two_workers
+
+pytestmark = pytest.mark.anyio
+
+__all__ = ["short_home"]  # a fixture of test_wakeup's, used here
+
+
+# -- Notices --------------------------------------------------------------------------------------
+
+
+def test_a_vote_and_a_commit_are_remembered_and_the_latest_vote_wins() -> None:
+    notices = Notices()
+    notices.receive(vote_message("op-1", "host:1:a", Vote.PREPARED))
+    notices.receive(vote_message("op-1", "host:2:b", Vote.PREPARED))
+    notices.receive(vote_message("op-1", "host:1:a", Vote.SWITCHED))
+    notices.receive(commit_message("op-1", 42))
+    assert notices.votes("op-1") == {"host:1:a": Vote.SWITCHED, "host:2:b": Vote.PREPARED}
+    assert notices.commit("op-1") == 42
+    assert notices.votes("op-2") == {}
+    assert notices.commit("op-2") is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"!", b"", b"\xff\xfe", b"[]", b'["vote"]', b'["vote", "op", "w", "no-such-vote"]', b'{"a": 1}'],
+)
+def test_anything_else_is_ignored(data: bytes) -> None:
+    notices = Notices()
+    notices.receive(data)
+    assert notices.votes("op") == {}
+    assert notices.commit("op") is None
+
+
+def test_only_the_latest_operations_are_kept() -> None:
+    notices = Notices()
+    for n in range(KEEP_OPERATIONS + 10):
+        notices.receive(vote_message(f"op-{n}", "w", Vote.PREPARED))
+        notices.receive(commit_message(f"op-{n}", n))
+    assert notices.votes("op-0") == {}
+    assert notices.commit("op-0") is None
+    last = f"op-{KEEP_OPERATIONS + 9}"
+    assert notices.votes(last) == {"w": Vote.PREPARED}
+    assert notices.commit(last) is not None
+    assert sum(notices.commit(f"op-{n}") is not None for n in range(KEEP_OPERATIONS + 10)) == KEEP_OPERATIONS
+
+
+# -- the coordinator's wait for votes -------------------------------------------------------------
+
+
+class CountedVotes:
+    """A store whose `votes` calls are counted; the first one, once read, is signalled."""
+
+    def __init__(self, home: Path) -> None:
+        self._store = SQLiteStore(home)
+        self.home = home
+        self.looks = 0
+        self.first_look = threading.Event()
+
+    def votes(self, op_id: str) -> Any:
+        votes = self._store.votes(op_id)
+        self.looks += 1
+        self.first_look.set()  # after the read: a vote from now on is not in this look
+        return votes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+@asynccontextmanager
+async def two_clusters(home: Path) -> AsyncIterator[tuple[Cluster, Cluster, CountedVotes]]:
+    store = CountedVotes(home)
+    one, two = Cluster(store), Cluster(SQLiteStore(home))
+    async with anyio.create_task_group() as tasks:
+        for cluster in (one, two):
+            await tasks.start(cluster.listen)
+            await cluster.heartbeat({})
+        try:
+            yield one, two, store
+        finally:
+            tasks.cancel_scope.cancel()
+            for cluster in (one, two):
+                cluster.wakeup.close()
+
+
+async def answered_while_waiting(
+    home: Path, vote: Vote, detail: str | None = None
+) -> tuple[Any, int, str, str]:
+    """The first worker begins an operation, votes PREPARED and waits for every PREPARED; once
+    it has looked at the votes, the second votes `vote`. Returns what the wait returned, how
+    many looks at the votes it took, and the two worker ids."""
+    async with two_clusters(home) as (one, two, store):
+        operation = one.new_operation("op-1", "greeter", OperationKind.ACTIVATE, "2.0", "0" * 64)
+        assert await one.begin_operation(operation) is None
+        await one.vote(operation.id, Vote.PREPARED)
+        result: list[Any] = []
+
+        async def wait() -> None:
+            result.append(await one.await_votes(operation, Vote.PREPARED))
+
+        with anyio.fail_after(10):  # without wake-ups, only the 0.5 s recheck would find the vote
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(wait)
+                await anyio.to_thread.run_sync(store.first_look.wait, 10)
+                await two.vote(operation.id, vote, detail)
+        return result[0], store.looks, one.worker_id, two.worker_id
+
+
+async def test_a_vote_announced_by_its_wake_up_is_counted_without_a_second_look(
+    short_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(RECONCILE_ENV, "30")
+    result, looks, one, two = await answered_while_waiting(short_home, Vote.PREPARED)
+    assert result.ok
+    assert result.live == {one, two}
+    assert looks == 1
+
+
+async def test_a_failure_announced_by_its_wake_up_is_read_with_its_detail(
+    short_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(RECONCILE_ENV, "30")
+    result, looks, _, two = await answered_while_waiting(short_home, Vote.FAILED, "ImportError: no module x")
+    assert not result.ok
+    assert result.failed == {two: "ImportError: no module x"}
+    assert looks == 2  # the notice says "failed", the store says why
+
+
+# -- a worker switching on the commit's notice ----------------------------------------------------
+
+
+class LookGate:
+    """Once armed, from the moment a store commits an operation, every follower's look at the
+    store waits (bounded) until `release` is set: a worker that switches meanwhile did so
+    without a look."""
+
+    def __init__(self) -> None:
+        self.armed, self.committed, self.release = threading.Event(), threading.Event(), threading.Event()
+        self.waited_out = False  # a look waited until the bound: something needed it
+
+
+@pytest.fixture
+def look_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[LookGate]:
+    gate = LookGate()
+    commit, look = SQLiteStore.commit, Follower._look
+
+    def watched_commit(self: SQLiteStore, *args: Any, **kwargs: Any) -> int:
+        if gate.armed.is_set():
+            gate.committed.set()
+        return commit(self, *args, **kwargs)
+
+    def gated_look(self: Follower, force: bool) -> Any:
+        if gate.committed.is_set() and not gate.release.wait(10):
+            gate.waited_out = True
+        return look(self, force)
+
+    monkeypatch.setattr(SQLiteStore, "commit", watched_commit)
+    monkeypatch.setattr(Follower, "_look", gated_look)
+    try:
+        yield gate
+    finally:
+        gate.release.set()
+
+
+async def test_a_worker_switches_on_the_commits_notice_without_looking(
+    tmp_path: Path, sources: Path, monkeypatch: pytest.MonkeyPatch, look_gate: LookGate
+) -> None:
+    monkeypatch.setenv(RECONCILE_ENV, "30")
+    async with two_workers(tmp_path) as (one, two):
+        with anyio.fail_after(10):
+            await one.deploy(write_package(sources, version="1.0"))
+            assert await answer(two, "/greeter/") == "1.0"
+        look_gate.armed.set()
+        try:
+            record = await one.deploy(write_package(sources, version="2.0"))
+            assert await answer(two, "/greeter/") == "2.0"
+            assert not look_gate.waited_out  # (the deployment is shielded: no fail_after)
+        finally:
+            look_gate.release.set()
+    converge = next(step for step in record.steps if step.name == "converge")
+    assert converge.ok is not False, converge.detail
