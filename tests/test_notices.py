@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,12 @@ import anyio.to_thread
 import pytest
 
 from packages import write_package
+from starlette_hotdeploy import Deployer, hookimpl
+from starlette_hotdeploy import _cluster as cluster_module
 from starlette_hotdeploy._cluster import RECONCILE_ENV, Cluster
 from starlette_hotdeploy._follower import Follower
 from starlette_hotdeploy._notices import KEEP_OPERATIONS, Notices, commit_message, vote_message
-from starlette_hotdeploy._operation import OperationKind, Vote
+from starlette_hotdeploy._operation import OperationKind, Phase, Vote
 from starlette_hotdeploy._sqlite_store import SQLiteStore
 from test_wakeup import answer, short_home, two_workers
 
@@ -49,13 +52,31 @@ def test_a_vote_and_a_commit_are_remembered_and_the_latest_vote_wins() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"!", b"", b"\xff\xfe", b"[]", b'["vote"]', b'["vote", "op", "w", "no-such-vote"]', b'{"a": 1}'],
+    [
+        b"!",
+        b"",
+        b"\xff\xfe",
+        b"[]",
+        b'["vote"]',
+        b'["vote", "op", "w", "no-such-vote"]',
+        b'{"a": 1}',
+        b'["commit", "op", 1e400]',
+        b'["other", "op", 1]',
+    ],
 )
 def test_anything_else_is_ignored(data: bytes) -> None:
     notices = Notices()
     notices.receive(data)
     assert notices.votes("op") == {}
     assert notices.commit("op") is None
+
+
+def test_a_commit_is_told_at_once() -> None:
+    notices, told = Notices(), list[str]()
+    notices.on_commit = told.append
+    notices.receive(vote_message("op-1", "w", Vote.PREPARED))
+    notices.receive(commit_message("op-1", 7))
+    assert told == ["op-1"]
 
 
 def test_only_the_latest_operations_are_kept() -> None:
@@ -136,6 +157,7 @@ async def test_a_vote_announced_by_its_wake_up_is_counted_without_a_second_look(
     short_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(RECONCILE_ENV, "30")
+    monkeypatch.setattr(cluster_module, "VOTE_RECHECK", 30.0)  # only a wake-up ends the wait
     result, looks, one, two = await answered_while_waiting(short_home, Vote.PREPARED)
     assert result.ok
     assert result.live == {one, two}
@@ -146,6 +168,7 @@ async def test_a_failure_announced_by_its_wake_up_is_read_with_its_detail(
     short_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(RECONCILE_ENV, "30")
+    monkeypatch.setattr(cluster_module, "VOTE_RECHECK", 30.0)
     result, looks, _, two = await answered_while_waiting(short_home, Vote.FAILED, "ImportError: no module x")
     assert not result.ok
     assert result.failed == {two: "ImportError: no module x"}
@@ -205,3 +228,83 @@ async def test_a_worker_switches_on_the_commits_notice_without_looking(
             look_gate.release.set()
     converge = next(step for step in record.steps if step.name == "converge")
     assert converge.ok is not False, converge.detail
+
+
+class StaleLook:
+    """Once armed, every look of one follower returns its last look from before (as a look
+    that started before the commit and ended after the switch would)."""
+
+    def __init__(self, follower: Follower) -> None:
+        self.follower, self.armed = follower, False
+        self.last: Any = None
+        self._look = follower._look
+
+    def look(self, force: bool) -> Any:
+        if not self.armed:
+            self.last = self._look(True)
+        return self.last
+
+
+async def test_a_look_older_than_the_commit_does_not_undo_the_switch_on_its_notice(
+    tmp_path: Path, sources: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(RECONCILE_ENV, "30")
+    async with two_workers(tmp_path) as (one, two):
+        with anyio.fail_after(10):
+            await one.deploy(write_package(sources, version="1.0"))
+            assert await answer(two, "/greeter/") == "1.0"
+        follower, store = two._running().follower, one._running().store
+        stale, commit = StaleLook(follower), store.commit
+
+        def commit_then_stale(*args: Any, **kwargs: Any) -> int:
+            stale.armed = True  # the other worker's last look is from before this commit
+            return commit(*args, **kwargs)
+
+        monkeypatch.setattr(follower, "_look", stale.look)
+        monkeypatch.setattr(store, "commit", commit_then_stale)
+        with anyio.fail_after(10):
+            await one.deploy(write_package(sources, version="2.0"))
+            assert await answer(two, "/greeter/") == "2.0"  # switched on the commit's notice
+            assert stale.armed
+            await follower.converge()  # with a look from before the commit
+            assert await answer(two, "/greeter/") == "2.0"
+
+
+class SlowCheck:
+    """An after-activation check that waits until released."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.entered = anyio.Event()
+        self.release = anyio.Event()
+
+    @hookimpl
+    async def hotdeploy_check_after_activate(self) -> None:
+        self.runs += 1
+        self.entered.set()
+        await self.release.wait()
+
+
+async def test_the_post_activation_checks_of_an_operation_run_once_at_a_time(
+    tmp_path: Path, sources: Path
+) -> None:
+    check = SlowCheck()
+    deployer = Deployer(home=tmp_path / "home", plugins=[check], entry_points=False)
+    async with deployer.running():
+        check.release.set()
+        await deployer.deploy(write_package(sources, version="1.0"))
+        check.runs, check.entered, check.release = 0, anyio.Event(), anyio.Event()
+        runtime = deployer._running()
+        cluster, follower = runtime.cluster, runtime.follower
+        version = runtime.coordinator.engine.package("greeter").active
+        assert version is not None
+        operation = cluster.new_operation("op-x", "greeter", OperationKind.ACTIVATE, "1.0", version.sha256)
+        assert await cluster.begin_operation(operation) is None
+        committed = replace(operation, phase=Phase.COMMIT)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(follower._check_after_activate, committed, version, None)
+                await check.entered.wait()
+                await follower._check_after_activate(committed, version, None)  # returns at once
+                check.release.set()
+    assert check.runs == 1

@@ -21,6 +21,7 @@ SHORT = switch_interval.DEFAULT_SWITCH_INTERVAL
 
 @pytest.fixture(autouse=True)
 def default_interval() -> Iterator[None]:
+    assert switch_interval._state.depth == 0  # no operation left running by another test
     before = sys.getswitchinterval()
     sys.setswitchinterval(DEFAULT)
     try:
@@ -52,7 +53,10 @@ def test_an_interval_the_application_changed_meanwhile_is_not_undone() -> None:
     assert sys.getswitchinterval() == pytest.approx(0.002)
 
 
-@pytest.mark.parametrize(("value", "inside"), [("0", DEFAULT), ("0.001", 0.001), ("nonsense", SHORT)])
+@pytest.mark.parametrize(
+    ("value", "inside"),
+    [("0", DEFAULT), ("0.001", 0.001), ("nonsense", SHORT), ("0.00012345", 0.000123)],  # whole µs
+)
 def test_the_environment_sets_it_or_turns_it_off(
     monkeypatch: pytest.MonkeyPatch, value: str, inside: float
 ) -> None:

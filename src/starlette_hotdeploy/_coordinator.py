@@ -218,10 +218,10 @@ class Coordinator:
         engine = self.engine
         arrival = _Arrival()
         unpacked: Unpacked | None = None
-        # What the checks need of this process's state, read here on the event loop: the thread
-        # hop reads only these copies.
-        loaded = {(p.name, v.version, v.sha256) for p in engine.packages() for v in p.loaded}
-        routes = self._host_routes(options)
+        # What the checks need of this process's state, read on the event loop (the thread hop
+        # reads only these copies).
+        loaded: set[tuple[str, str, str]] = set()
+        routes: list[HostRoute] | None = None
 
         def arrive() -> None:
             # One thread hop for all of it: under load, each hop waits for a busy event loop.
@@ -239,6 +239,8 @@ class Coordinator:
 
         try:
             with record.step("unpack") as step:
+                loaded = {(p.name, v.version, v.sha256) for p in engine.packages() for v in p.loaded}
+                routes = self._host_routes(options)
                 try:
                     await anyio.to_thread.run_sync(arrive)
                 finally:

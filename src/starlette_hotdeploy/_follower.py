@@ -59,6 +59,10 @@ class Follower:
         self._moves: dict[str, list[Move]] = {}
         # operation id -> the operation, for those prepared here (a commit's notice names it)
         self._prepared_for: dict[str, Operation] = {}
+        # package -> the generation of the commit this worker switched it to on its notice: a
+        # look older than that must not undo it (see converge)
+        self._noticed: dict[str, int] = {}
+        self._checking: set[str] = set()  # operations whose post-activation checks run here
         self._voted: set[tuple[str, Vote]] = set()  # (operation id, vote) this worker cast
         # ...of which the store never got these (it failed): (detail, serving) to cast again
         self._unsent: dict[tuple[str, Vote], tuple[str | None, dict[str, str] | None]] = {}
@@ -77,6 +81,7 @@ class Follower:
         """The server is stopping: what was prepared for unfinished operations goes."""
         prepared, self._prepared = self._prepared, {}
         moves, self._moves = self._moves, {}
+        self._prepared_for.clear()
         for op_id, (package, version) in prepared.items():
             await self.engine.discard_moves(moves.get(op_id, []))
             await self._let_go(package, version)
@@ -149,8 +154,7 @@ class Follower:
         look in the store that would come first, a thread hop that waits behind a busy event
         loop. The next converge finds it done; anything else waits for that converge (as does
         a package this worker is busy with, the converge itself say)."""
-        for stale in [other for other in self._prepared_for if other not in self._prepared]:
-            del self._prepared_for[stale]  # switched, discarded or let go since
+        self._forget_unprepared()
         operation = self._prepared_for.get(op_id)
         generation = self.cluster.notices.commit(op_id)
         if (
@@ -167,6 +171,9 @@ class Follower:
             operation.package, operation.version, operation.sha256, list(operation.lineage), generation
         )
         committed = dataclasses.replace(operation, phase=Phase.COMMIT)
+        # From now on a look older than this commit is stale for the package: the converge must
+        # not switch it back (nor remove a new one) on such a look, even during this switch.
+        self._noticed[operation.package] = max(generation, self._noticed.get(operation.package, -1))
         with self.engine.operation():
             try:
                 await self._converge_package(
@@ -174,6 +181,10 @@ class Follower:
                 )
             except Exception:
                 logger.exception("%s: switching to the committed version failed", operation.package)
+
+    def _forget_unprepared(self) -> None:
+        for stale in [op_id for op_id in self._prepared_for if op_id not in self._prepared]:
+            del self._prepared_for[stale]  # switched, discarded or let go since
 
     def _look(self, force: bool) -> _Look | None:
         """Blocking, one thread hop: what converge reads. None: nothing changed since the last
@@ -195,6 +206,8 @@ class Follower:
         if look is None:
             return
         fingerprint, live, operations, desired = look
+        # What this look already shows needs no guard against it any more (see _converge_package).
+        self._noticed = {name: g for name, g in self._noticed.items() if g > fingerprint[0]}
         await self._send_unsent_votes(operations)
         if force:
             self._last_full = time.monotonic()
@@ -268,6 +281,9 @@ class Follower:
             name = package.name
             if any(version.dependents for version in package.loaded):
                 settled = settled and name in desired
+                continue
+            if name in self._noticed:
+                settled = False  # switched on a commit newer than this look: look again
                 continue
             if name not in desired and not self.engine.is_busy(name) and package.active is not None:
                 with self.engine.claim(name):
@@ -402,7 +418,6 @@ class Follower:
             return  # this worker is busy with the package: the next round votes
         assert operation.version is not None
         assert operation.sha256 is not None
-        self._prepared_for[operation.id] = operation  # kept while `_prepared` holds it
         with self.engine.claim(operation.package):
             package = self.engine.get(operation.package)
             warm = package.loaded_version(operation.version) if package is not None else None
@@ -438,6 +453,7 @@ class Follower:
         """What switches with `version`, prepared here too: the other packages of its set, then
         the dependents that move with them, bound to the new versions; then the vote."""
         engine = self.engine
+        self._prepared_for[operation.id] = operation  # prepared: a commit's notice may switch
         moves: list[Move] = []
         try:
             names = {operation.package}
@@ -497,6 +513,8 @@ class Follower:
         """Make this worker serve the desired version of one package (restore or follow); False
         if it could not (the next full look tries again)."""
         engine = self.engine
+        if self._noticed.get(name, -1) > wanted.generation:
+            return False  # a look older than the commit this worker switched to on its notice
         package = engine.get(name)
         active = package.active if package is not None else None
         if active is not None and (active.version, active.sha256) == (wanted.version, wanted.sha256):
@@ -753,8 +771,10 @@ class Follower:
             operation.kind is not OperationKind.ACTIVATE
             or operation.phase is not Phase.COMMIT
             or self._has_voted(operation, Vote.CHECKED, Vote.FAILED)
+            or operation.id in self._checking  # a switch on the commit's notice runs them now
         ):
             return
+        self._checking.add(operation.id)
         try:
             for checked, before in [(version, previous), *also]:  # and the rest of its set
                 await run_checks(
@@ -770,3 +790,5 @@ class Follower:
             await self.vote(operation, Vote.FAILED, self.engine.redact(str(exc)))
         else:
             await self.vote(operation, Vote.CHECKED)
+        finally:
+            self._checking.discard(operation.id)

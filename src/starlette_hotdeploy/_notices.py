@@ -55,18 +55,22 @@ class Notices:
             kind, op_id = str(message[0]), str(message[1])
             if kind == "vote":
                 worker, vote = str(message[2]), Vote(message[3])
-                if op_id not in self._votes:
-                    self._make_room(self._votes)
-                self._votes.setdefault(op_id, {})[worker] = vote
             elif kind == "commit":
                 generation = int(message[2])
-                self._make_room(self._commits)
-                self._commits[op_id] = generation
-                if self.on_commit is not None:
-                    self.on_commit(op_id)
-        except (ValueError, TypeError, IndexError, KeyError):
-            if data != b"!":
-                logger.debug("ignored a wake-up that says %r", data[:80])
+            else:
+                raise ValueError(kind)
+        except (ValueError, TypeError, IndexError, KeyError, ArithmeticError):
+            logger.debug("ignored a wake-up that says %r", data[:80])
+            return
+        if kind == "vote":
+            if op_id not in self._votes:
+                self._make_room(self._votes)
+            self._votes.setdefault(op_id, {})[worker] = vote
+        else:
+            self._make_room(self._commits)
+            self._commits[op_id] = generation
+            if self.on_commit is not None:
+                self.on_commit(op_id)
 
     def votes(self, op_id: str) -> dict[str, Vote]:
         """The votes noticed for an operation, by worker (the latest of each)."""

@@ -59,8 +59,9 @@ def enter() -> None:
         short = operation_switch_interval()
         current = sys.getswitchinterval()
         if short > 0 and current > short:
-            _state.saved, _state.short = current, short
             sys.setswitchinterval(short)
+            # As the interpreter keeps it (whole microseconds): what `leave` compares with.
+            _state.saved, _state.short = current, sys.getswitchinterval()
 
 
 def leave() -> None:
@@ -70,7 +71,7 @@ def leave() -> None:
         if _state.depth > 0 or _state.saved is None:
             return
         saved, _state.saved = _state.saved, None
-        if abs(sys.getswitchinterval() - _state.short) < 1e-9:
+        if sys.getswitchinterval() == _state.short:
             sys.setswitchinterval(saved)
 
 
