@@ -178,6 +178,20 @@ async def test_a_failure_announced_by_its_wake_up_is_read_with_its_detail(
 # -- a worker switching on the commit's notice ----------------------------------------------------
 
 
+@asynccontextmanager
+async def both_serving_1_0(
+    tmp_path: Path, sources: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Deployer, Deployer]]:
+    """Two workers on one home, both serving greeter 1.0; they look at the store only when
+    woken (a 30 s reconcile interval)."""
+    monkeypatch.setenv(RECONCILE_ENV, "30")
+    async with two_workers(tmp_path) as (one, two):
+        with anyio.fail_after(10):
+            await one.deploy(write_package(sources, version="1.0"))
+            assert await answer(two, "/greeter/") == "1.0"
+        yield one, two
+
+
 class LookGate:
     """Once armed, from the moment a store commits an operation, every follower's look at the
     store waits (bounded) until `release` is set: a worker that switches meanwhile did so
@@ -214,11 +228,7 @@ def look_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[LookGate]:
 async def test_a_worker_switches_on_the_commits_notice_without_looking(
     tmp_path: Path, sources: Path, monkeypatch: pytest.MonkeyPatch, look_gate: LookGate
 ) -> None:
-    monkeypatch.setenv(RECONCILE_ENV, "30")
-    async with two_workers(tmp_path) as (one, two):
-        with anyio.fail_after(10):
-            await one.deploy(write_package(sources, version="1.0"))
-            assert await answer(two, "/greeter/") == "1.0"
+    async with both_serving_1_0(tmp_path, sources, monkeypatch) as (one, two):
         look_gate.armed.set()
         try:
             record = await one.deploy(write_package(sources, version="2.0"))
@@ -248,11 +258,7 @@ class StaleLook:
 async def test_a_look_older_than_the_commit_does_not_undo_the_switch_on_its_notice(
     tmp_path: Path, sources: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(RECONCILE_ENV, "30")
-    async with two_workers(tmp_path) as (one, two):
-        with anyio.fail_after(10):
-            await one.deploy(write_package(sources, version="1.0"))
-            assert await answer(two, "/greeter/") == "1.0"
+    async with both_serving_1_0(tmp_path, sources, monkeypatch) as (one, two):
         follower, store = two._running().follower, one._running().store
         stale, commit = StaleLook(follower), store.commit
 
