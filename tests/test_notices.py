@@ -314,3 +314,36 @@ async def test_the_post_activation_checks_of_an_operation_run_once_at_a_time(
                 await follower._check_after_activate(committed, version, None)  # returns at once
                 check.release.set()
     assert check.runs == 1
+
+
+async def test_a_commit_noticed_before_the_vote_is_back_switches_once_it_is(
+    tmp_path: Path, sources: Path, monkeypatch: pytest.MonkeyPatch, look_gate: LookGate
+) -> None:
+    """Under load the commit's datagram can arrive before the thread hop of this worker's own
+    PREPARED vote is back on its loop, while the preparation still holds the package's claim:
+    the switch waits for that, not for a look."""
+    async with both_serving_1_0(tmp_path, sources, monkeypatch) as (one, two):
+        follower = two._running().follower
+        switching = anyio.Event()
+        switch, vote = follower.switch_noticed, follower.vote
+
+        async def switch_noticed(op_id: str) -> None:
+            switching.set()  # this task goes on until it waits: past its look at the claim
+            await switch(op_id)
+
+        async def vote_back_after_the_commit(operation: Any, cast: Vote, *args: Any, **kwargs: Any) -> None:
+            await vote(operation, cast, *args, **kwargs)
+            if cast is Vote.PREPARED:
+                with anyio.move_on_after(10):
+                    await switching.wait()
+
+        monkeypatch.setattr(follower, "switch_noticed", switch_noticed)
+        monkeypatch.setattr(follower, "vote", vote_back_after_the_commit)
+        look_gate.armed.set()
+        try:
+            await one.deploy(write_package(sources, version="2.0"))
+            assert switching.is_set()
+            assert await answer(two, "/greeter/") == "2.0"
+            assert not look_gate.waited_out
+        finally:
+            look_gate.release.set()

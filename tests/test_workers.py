@@ -29,6 +29,7 @@ import httpx
 import pytest
 
 from starlette_hotdeploy import _archive
+from starlette_hotdeploy._store import Store
 from starlette_hotdeploy._store_url import open_store
 from workers_support import (
     Server,
@@ -74,6 +75,13 @@ def prepared_voters(home: Path) -> set[str]:
         return voters
     finally:
         store.close()
+
+
+def check_started(store: Store, deployment_id: str) -> bool | None:
+    """True once the store's copy of the record shows the check step begun (else None)."""
+    record = store.deployment(deployment_id)
+    steps = record["steps"] if record is not None else []
+    return True if any(step["name"] == "check" for step in steps) else None
 
 
 def paused_pids(server: Server) -> set[int]:
@@ -311,6 +319,13 @@ def test_an_accepted_deployment_survives_a_crash_as_interrupted(tmp_path: Path) 
         assert response.status_code == 202, response.text
         location = response.headers["location"]
         wait_for("the worker to pause in its check", lambda: paused_pids(server) or None, 15)
+        # Steps reach the store in batches, within moments (a crash loses the last moments'):
+        # the check's start is there before the kill.
+        store, deployment_id = server.open_store(), location.rsplit("/", 1)[-1]
+        try:
+            wait_for("the check step in the store", lambda: check_started(store, deployment_id), 15)
+        finally:
+            store.close()
         server.kill()
         (server.markers / "pause-all").unlink()
         server.start()

@@ -63,6 +63,7 @@ class Follower:
         # look older than that must not undo it (see converge)
         self._noticed: dict[str, int] = {}
         self._checking: set[str] = set()  # operations whose post-activation checks run here
+        self._preparing: dict[str, anyio.Event] = {}  # operation id -> set when prepared here
         self._voted: set[tuple[str, Vote]] = set()  # (operation id, vote) this worker cast
         # ...of which the store never got these (it failed): (detail, serving) to cast again
         self._unsent: dict[tuple[str, Vote], tuple[str | None, dict[str, str] | None]] = {}
@@ -154,6 +155,9 @@ class Follower:
         look in the store that would come first, a thread hop that waits behind a busy event
         loop. The next converge finds it done; anything else waits for that converge (as does
         a package this worker is busy with, the converge itself say)."""
+        preparing = self._preparing.get(op_id)
+        if preparing is not None:
+            await preparing.wait()  # its vote's hop is not back yet: the claim is still held
         self._forget_unprepared()
         operation = self._prepared_for.get(op_id)
         generation = self.cluster.notices.commit(op_id)
@@ -416,6 +420,18 @@ class Follower:
             return
         if self.engine.is_busy(operation.package):
             return  # this worker is busy with the package: the next round votes
+        assert operation.version is not None
+        assert operation.sha256 is not None
+        # Its vote is cast under the claim: a commit's notice that arrives before the vote's
+        # thread hop is back waits for this (see switch_noticed), not for the next look.
+        done = self._preparing[operation.id] = anyio.Event()
+        try:
+            await self._prepare_claimed(operation)
+        finally:
+            del self._preparing[operation.id]
+            done.set()
+
+    async def _prepare_claimed(self, operation: Operation) -> None:
         assert operation.version is not None
         assert operation.sha256 is not None
         with self.engine.claim(operation.package):
