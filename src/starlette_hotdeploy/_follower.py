@@ -428,7 +428,7 @@ class Follower:
         try:
             await self._prepare_claimed(operation)
         finally:
-            del self._preparing[operation.id]
+            self._preparing.pop(operation.id, None)
             done.set()
 
     async def _prepare_claimed(self, operation: Operation) -> None:
