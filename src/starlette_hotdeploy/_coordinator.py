@@ -218,12 +218,8 @@ class Coordinator:
         engine = self.engine
         arrival = _Arrival()
         unpacked: Unpacked | None = None
-        # What the checks need of this process's state, read on the event loop (the thread hop
-        # reads only these copies).
-        loaded: set[tuple[str, str, str]] = set()
-        routes: list[HostRoute] | None = None
 
-        def arrive() -> None:
+        def arrive(loaded: set[tuple[str, str, str]], routes: list[HostRoute] | None) -> None:
             # One thread hop for all of it: under load, each hop waits for a busy event loop.
             arrival.data = read_source(source, engine.limits)
             if engine.trusted_keys is not None:
@@ -239,10 +235,11 @@ class Coordinator:
 
         try:
             with record.step("unpack") as step:
+                # What the checks need of this process's state, read on the event loop: the
+                # thread hop reads only these copies.
                 loaded = {(p.name, v.version, v.sha256) for p in engine.packages() for v in p.loaded}
-                routes = self._host_routes(options)
                 try:
-                    await anyio.to_thread.run_sync(arrive)
+                    await anyio.to_thread.run_sync(arrive, loaded, self._host_routes(options))
                 finally:
                     unpacked, record.signer = arrival.unpacked, arrival.signer
                     if unpacked is not None:

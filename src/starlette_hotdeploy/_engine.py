@@ -144,8 +144,8 @@ class Engine:
         self._held: set[PackageVersion] = set()  # draining versions taken back for a switch back
         self._unloaded: deque[tuple[str, list[weakref.ref[Any]]]] = deque(maxlen=1000)
         self._forget_at = _FORGET_FIRST
-        # Deployments, rollbacks and activations under way in this process, from their call to
-        # their answer (a bake's wait aside): the collector keeps out of them (see `operation`).
+        # Operations under way in this process (deployments from their call to their answer, a
+        # bake's wait aside; a follower's part in another worker's): see `operation`.
         self._operations = 0
         self.collector = Collector(lambda: not self._operations and not self._preparing())
         self._collecting_in: anyio.abc.TaskGroup | None = None  # the runtime its task runs in
@@ -983,29 +983,31 @@ class Engine:
         not inside one (an upload's unpack, a commit, a converge). Meanwhile the GIL switch
         interval is short, so that its thread hops are not starved by a busy event loop
         (see _switch_interval)."""
-        self._operations += 1
-        switch_interval.enter()
+        self._operation_began()
         try:
             yield
         finally:
-            switch_interval.leave()
-            self._operations -= 1
-            if not self._operations:
-                self.collector.poke()
+            self._operation_ended()
 
     @contextmanager
     def resting(self) -> Iterator[None]:
         """Inside `operation`, a wait that only sleeps (a bake time): the collector may run,
         and the switch interval is back to what it was."""
-        self._operations -= 1
-        switch_interval.leave()
-        if not self._operations:
-            self.collector.poke()
+        self._operation_ended()
         try:
             yield
         finally:
-            switch_interval.enter()
-            self._operations += 1
+            self._operation_began()
+
+    def _operation_began(self) -> None:
+        self._operations += 1
+        switch_interval.enter()
+
+    def _operation_ended(self) -> None:
+        switch_interval.leave()
+        self._operations -= 1
+        if not self._operations:
+            self.collector.poke()
 
     def _preparing(self) -> bool:
         """Whether a version is being loaded, started or checked, up to its switch: the part of
