@@ -32,7 +32,7 @@ from starlette_hotdeploy import (
 )
 from starlette_hotdeploy._deployment import Deployment
 from starlette_hotdeploy._errors import StoreError
-from starlette_hotdeploy._operation import Operation, OperationKind, Vote
+from starlette_hotdeploy._operation import Operation, OperationKind
 from starlette_hotdeploy._sqlite_store import SQLiteStore
 
 pytestmark = pytest.mark.anyio
@@ -723,17 +723,11 @@ async def test_on_every_worker_a_following_dependent_is_left_alone_and_a_late_wo
 
 
 class FailingPromotion(SQLiteStore):
-    """The SQLite store, failing a promotion (an ACTIVATE) at its first vote, or at its commit."""
+    """The SQLite store, failing a promotion (an ACTIVATE) at its commit."""
 
     def __init__(self, home: Path) -> None:
         super().__init__(home)
-        self.fail_vote = self.fail_commit = False
-
-    def vote(self, op_id: str, worker_id: str, vote: Vote, detail: str | None = None) -> None:
-        operation = self.operation(op_id)
-        if self.fail_vote and operation is not None and operation.kind is OperationKind.ACTIVATE:
-            raise StoreError("the store failed: connection refused (the test's outage)")
-        super().vote(op_id, worker_id, vote, detail)
+        self.fail_commit = False
 
     def commit(self, operation: Operation, canary: dict[str, Any] | None = None) -> int:
         if self.fail_commit and operation.kind is OperationKind.ACTIVATE:
@@ -756,7 +750,7 @@ async def promote_and_wait(deployer: Deployer, record: Deployment) -> None:
 async def failing_promotion(
     tmp_path: Path,
 ) -> AsyncIterator[tuple[Deployer, FailingPromotion, httpx.AsyncClient]]:
-    """A deployer on a FailingPromotion store that waits for its own lost vote 1 s, not 60."""
+    """A deployer on a FailingPromotion store that waits for a silent worker's vote 1 s, not 60."""
     home = tmp_path / "home"
     home.mkdir()
     store = FailingPromotion(home)
@@ -782,9 +776,11 @@ async def test_a_promotion_that_fails_lets_the_followers_finish_their_requests(
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(hold)
             await testkit.event("canary:entered").wait()
-            store.fail_vote = True
+            # A worker of another host that never prepares it: the promotion fails before its
+            # commit, when the votes are awaited.
+            await anyio.to_thread.run_sync(store.heartbeat, "elsewhere:1:silent", {})
             await promote_and_wait(deployer, record)
-            store.fail_vote = False
+            await anyio.to_thread.run_sync(store.remove_worker, "elsewhere:1:silent")
             assert record.outcome.value == "failed"
             testkit.event("canary").set()
         assert held[0].status_code == 200, held[0].text

@@ -10,7 +10,7 @@ on). Every wait is bounded; events order the steps.
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -25,8 +25,8 @@ from starlette_hotdeploy import Deployer, hookimpl
 from starlette_hotdeploy import _cluster as cluster_module
 from starlette_hotdeploy._cluster import RECONCILE_ENV, Cluster
 from starlette_hotdeploy._follower import Follower
-from starlette_hotdeploy._notices import KEEP_OPERATIONS, Notices, commit_message, vote_message
-from starlette_hotdeploy._operation import OperationKind, Phase, Vote
+from starlette_hotdeploy._notices import KEEP_OPERATIONS, Notices, begin_message, commit_message, vote_message
+from starlette_hotdeploy._operation import Member, Operation, OperationKind, Phase, Vote
 from starlette_hotdeploy._sqlite_store import SQLiteStore
 from test_wakeup import answer, short_home, two_workers
 
@@ -50,6 +50,30 @@ def test_a_vote_and_a_commit_are_remembered_and_the_latest_vote_wins() -> None:
     assert notices.commit("op-2") is None
 
 
+def told(begun: list[Operation]) -> Callable[[Operation], bool]:
+    """An `on_begin` that keeps what it is told, and prepares it."""
+
+    def on_begin(operation: Operation) -> bool:
+        begun.append(operation)
+        return True
+
+    return on_begin
+
+
+OPERATION = Operation(
+    id="op",
+    package="greeter",
+    kind=OperationKind.ACTIVATE,
+    version="2.0",
+    sha256="a" * 64,
+    lineage=[("1.0", "b" * 64), ("2.0", "a" * 64)],
+    phase=Phase.PREPARE,
+    coordinator="host:1:abc",
+    created_at=1234.5,
+    members=(Member("orders", "1.1", "c" * 64, [("1.1", "c" * 64)]),),
+)
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -62,13 +86,30 @@ def test_a_vote_and_a_commit_are_remembered_and_the_latest_vote_wins() -> None:
         b'{"a": 1}',
         b'["commit", "op", 1e400]',
         b'["other", "op", 1]',
+        b'["begin", "op", []]',
+        b'["begin", "op", {"id": "op"}]',
+        begin_message(OPERATION).replace(b'["begin", "op"', b'["begin", "other-op"'),  # ids differ
+        begin_message(replace(OPERATION, lineage=[("1.0", 5)])),  # type: ignore[list-item]
     ],
 )
 def test_anything_else_is_ignored(data: bytes) -> None:
-    notices = Notices()
-    notices.receive(data)
+    notices, begun = Notices(), list[Operation]()
+    notices.on_begin = told(begun)
+    assert notices.receive(data) is True  # a wake-up like any other: the follower looks
     assert notices.votes("op") == {}
     assert notices.commit("op") is None
+    assert begun == []
+
+
+def test_a_begun_operation_is_told_whole_and_a_vote_is_no_change_for_a_follower() -> None:
+    notices, begun = Notices(), list[Operation]()
+    notices.on_begin = told(begun)
+    assert notices.receive(begin_message(OPERATION)) is False  # the follower prepares it as told
+    assert begun == [OPERATION]
+    assert notices.receive(vote_message("op", "w", Vote.PREPARED)) is False
+    assert notices.receive(commit_message("op", 3)) is True
+    notices.on_begin = lambda operation: False  # the follower is busy with it: it looks
+    assert notices.receive(begin_message(OPERATION)) is True
 
 
 def test_a_commit_is_told_at_once() -> None:
@@ -134,34 +175,44 @@ async def answered_while_waiting(
     home: Path, vote: Vote, detail: str | None = None
 ) -> tuple[Any, int, str, str]:
     """The first worker begins an operation, votes PREPARED and waits for every PREPARED; once
-    it has looked at the votes, the second votes `vote`. Returns what the wait returned, how
-    many looks at the votes it took, and the two worker ids."""
+    it waits, the second votes `vote`. Returns what the wait returned, how many looks at the
+    votes it took, and the two worker ids."""
     async with two_clusters(home) as (one, two, store):
         operation = one.new_operation("op-1", "greeter", OperationKind.ACTIVATE, "2.0", "0" * 64)
         assert await one.begin_operation(operation) is None
-        await one.vote(operation.id, Vote.PREPARED)
+        one.vote_with_commit(operation.id, Vote.PREPARED)
         result: list[Any] = []
+        waiting = anyio.Event()
+        wait_change = one.wait_change
+
+        async def signalled(seen: int, timeout: float, *, changes: bool = False) -> bool:
+            waiting.set()
+            return await wait_change(seen, timeout, changes=changes)
+
+        one.wait_change = signalled  # type: ignore[method-assign]
 
         async def wait() -> None:
             result.append(await one.await_votes(operation, Vote.PREPARED))
 
-        with anyio.fail_after(10):  # without wake-ups, only the 0.5 s recheck would find the vote
+        with anyio.fail_after(10):  # without wake-ups, only the 30 s recheck would find the vote
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(wait)
-                await anyio.to_thread.run_sync(store.first_look.wait, 10)
+                await waiting.wait()
                 await two.vote(operation.id, vote, detail)
         return result[0], store.looks, one.worker_id, two.worker_id
 
 
-async def test_a_vote_announced_by_its_wake_up_is_counted_without_a_second_look(
+async def test_votes_announced_by_wake_ups_end_the_wait_without_a_look(
     short_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The coordinator began the operation: that look told who is live, and no vote could come
+    # before it; its own vote waits for the commit, the other's comes with its wake-up.
     monkeypatch.setenv(RECONCILE_ENV, "30")
     monkeypatch.setattr(cluster_module, "VOTE_RECHECK", 30.0)  # only a wake-up ends the wait
     result, looks, one, two = await answered_while_waiting(short_home, Vote.PREPARED)
     assert result.ok
     assert result.live == {one, two}
-    assert looks == 1
+    assert looks == 0
 
 
 async def test_a_failure_announced_by_its_wake_up_is_read_with_its_detail(
@@ -172,7 +223,36 @@ async def test_a_failure_announced_by_its_wake_up_is_read_with_its_detail(
     result, looks, _, two = await answered_while_waiting(short_home, Vote.FAILED, "ImportError: no module x")
     assert not result.ok
     assert result.failed == {two: "ImportError: no module x"}
-    assert looks == 2  # the notice says "failed", the store says why
+    assert looks == 1  # the notice says "failed", the store says why
+
+
+async def test_a_worker_that_dies_without_voting_is_found_by_the_look_after_the_recheck(
+    short_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No wake-up will announce its vote: the wait must not trust wake-ups for ever.
+    monkeypatch.setenv(RECONCILE_ENV, "30")
+    monkeypatch.setattr(cluster_module, "VOTE_RECHECK", 0.05)
+    async with two_clusters(short_home) as (one, two, store):
+        operation = one.new_operation("op-1", "greeter", OperationKind.ACTIVATE, "2.0", "0" * 64)
+        assert await one.begin_operation(operation) is None
+        one.vote_with_commit(operation.id, Vote.PREPARED)
+        await anyio.to_thread.run_sync(store.remove_worker, two.worker_id)  # as if it died
+        with anyio.fail_after(10):
+            result = await one.await_votes(operation, Vote.PREPARED)
+    assert result.ok
+    assert result.live == {one.worker_id}
+    assert store.looks == 1
+
+
+async def test_the_coordinators_own_prepared_vote_is_written_with_the_commit(short_home: Path) -> None:
+    async with two_clusters(short_home) as (one, _, store):
+        operation = one.new_operation("op-1", "greeter", OperationKind.ACTIVATE, "2.0", "0" * 64)
+        assert await one.begin_operation(operation) is None
+        one.vote_with_commit(operation.id, Vote.PREPARED)
+        assert await anyio.to_thread.run_sync(store.votes, operation.id) == {}
+        await one.commit(operation)
+        stored = await anyio.to_thread.run_sync(store.votes, operation.id)
+    assert stored == {one.worker_id: (Vote.PREPARED, None)}
 
 
 # -- a worker switching on the commit's notice ----------------------------------------------------
@@ -193,31 +273,38 @@ async def both_serving_1_0(
 
 
 class LookGate:
-    """Once armed, from the moment a store commits an operation, every follower's look at the
-    store waits (bounded) until `release` is set: a worker that switches meanwhile did so
-    without a look."""
+    """Once armed, from the moment a store commits an operation (or, with
+    `on = "begin_operation"`, begins one), every follower's look at the store waits (bounded) until `release` is set: a
+    worker that switches (or prepares) meanwhile did so without a look."""
 
     def __init__(self) -> None:
-        self.armed, self.committed, self.release = threading.Event(), threading.Event(), threading.Event()
+        self.armed, self.closed, self.release = threading.Event(), threading.Event(), threading.Event()
+        self.on = "commit"
         self.waited_out = False  # a look waited until the bound: something needed it
 
 
 @pytest.fixture
 def look_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[LookGate]:
     gate = LookGate()
-    commit, look = SQLiteStore.commit, Follower._look
+    look = Follower._look
 
-    def watched_commit(self: SQLiteStore, *args: Any, **kwargs: Any) -> int:
-        if gate.armed.is_set():
-            gate.committed.set()
-        return commit(self, *args, **kwargs)
+    def watched(name: str) -> Callable[..., Any]:
+        write = getattr(SQLiteStore, name)
+
+        def call(self: SQLiteStore, *args: Any, **kwargs: Any) -> Any:
+            if gate.armed.is_set() and gate.on == name:
+                gate.closed.set()
+            return write(self, *args, **kwargs)
+
+        return call
 
     def gated_look(self: Follower, force: bool) -> Any:
-        if gate.committed.is_set() and not gate.release.wait(10):
+        if gate.closed.is_set() and not gate.release.wait(10):
             gate.waited_out = True
         return look(self, force)
 
-    monkeypatch.setattr(SQLiteStore, "commit", watched_commit)
+    monkeypatch.setattr(SQLiteStore, "commit", watched("commit"))
+    monkeypatch.setattr(SQLiteStore, "begin_operation", watched("begin_operation"))
     monkeypatch.setattr(Follower, "_look", gated_look)
     try:
         yield gate
@@ -225,10 +312,14 @@ def look_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[LookGate]:
         gate.release.set()
 
 
-async def test_a_worker_switches_on_the_commits_notice_without_looking(
-    tmp_path: Path, sources: Path, monkeypatch: pytest.MonkeyPatch, look_gate: LookGate
+@pytest.mark.parametrize("closed_on", ["commit", "begin_operation"])
+async def test_a_worker_prepares_and_switches_on_notices_without_looking(
+    tmp_path: Path, sources: Path, monkeypatch: pytest.MonkeyPatch, look_gate: LookGate, closed_on: str
 ) -> None:
+    # Its looks wait from the commit on (it switches on the commit's notice), or from the begin
+    # on (it prepares on the begin's notice too).
     async with both_serving_1_0(tmp_path, sources, monkeypatch) as (one, two):
+        look_gate.on = closed_on
         look_gate.armed.set()
         try:
             record = await one.deploy(write_package(sources, version="2.0"))
@@ -236,8 +327,9 @@ async def test_a_worker_switches_on_the_commits_notice_without_looking(
             assert not look_gate.waited_out  # (the deployment is shielded: no fail_after)
         finally:
             look_gate.release.set()
-    converge = next(step for step in record.steps if step.name == "converge")
-    assert converge.ok is not False, converge.detail
+    for name in ("prepare workers", "converge"):
+        step = next(step for step in record.steps if step.name == name)
+        assert step.ok, step.detail
 
 
 class StaleLook:
@@ -347,3 +439,95 @@ async def test_a_commit_noticed_before_the_vote_is_back_switches_once_it_is(
             assert not look_gate.waited_out
         finally:
             look_gate.release.set()
+
+
+# -- a worker preparing on the begin's notice ----------------------------------------------------
+
+
+async def test_a_look_from_before_the_begin_does_not_drop_what_its_notice_prepared(
+    tmp_path: Path, sources: Path, monkeypatch: pytest.MonkeyPatch, look_gate: LookGate
+) -> None:
+    """A converge whose look read the store before the operation began, and ends after the
+    begin's notice prepared it here, must not take it for an operation that ended without
+    this worker (and drop the version prepared for it)."""
+    async with both_serving_1_0(tmp_path, sources, monkeypatch) as (one, two):
+        follower = two._running().follower
+        looked, go = threading.Event(), threading.Event()
+        prepared, stale_done = anyio.Event(), anyio.Event()
+        look, vote = follower._look, follower.vote
+
+        def look_then_wait(force: bool) -> Any:
+            seen = look(force)
+            looked.set()
+            go.wait(10)
+            return seen
+
+        async def vote_once_the_stale_look_is_done(
+            operation: Any, cast: Vote, *args: Any, **kwargs: Any
+        ) -> None:
+            if cast is Vote.PREPARED:
+                prepared.set()
+                with anyio.move_on_after(10):
+                    await stale_done.wait()
+            await vote(operation, cast, *args, **kwargs)
+
+        async def stale_converge() -> None:
+            await follower.converge()
+            del follower._look  # back to the class's (gated) look
+            stale_done.set()
+
+        monkeypatch.setattr(follower, "vote", vote_once_the_stale_look_is_done)
+        follower._look = look_then_wait  # type: ignore[method-assign]
+        look_gate.armed.set()  # from the commit on, a switch must not need a look
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(stale_converge)
+                await anyio.to_thread.run_sync(looked.wait, 10)  # it read the store: no operation
+                tasks.start_soon(one.deploy, write_package(sources, version="2.0"))
+                with anyio.fail_after(10):
+                    await prepared.wait()  # prepared here on the begin's notice
+                go.set()
+            assert await answer(two, "/greeter/") == "2.0"
+            assert not look_gate.waited_out
+        finally:
+            go.set()
+            look_gate.release.set()
+
+
+async def test_a_follower_does_not_look_in_the_store_for_a_vote(
+    tmp_path: Path, sources: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A vote is news for its coordinator only: the other workers' follow loops sleep on.
+    async with both_serving_1_0(tmp_path, sources, monkeypatch) as (one, two):
+        follower, cluster = two._running().follower, two._running().cluster
+        converges, converged = 0, anyio.Event()
+        converge, receive = follower.converge, cluster.wakeup.on_message
+        received = anyio.Event()
+        assert receive is not None
+
+        async def counted(*, force: bool = True) -> None:
+            nonlocal converges
+            converges += 1
+            await converge(force=force)
+            converged.set()
+
+        def told(data: bytes) -> bool:
+            received.set()
+            return receive(data)
+
+        monkeypatch.setattr(follower, "converge", counted)
+        cluster.wakeup.on_message = told
+        wake = one._running().cluster.wakeup.notify
+        with anyio.fail_after(10):
+            # First the wake-ups still on their way (the last deployment's) are taken in.
+            await anyio.to_thread.run_sync(wake)
+            await converged.wait()
+            await anyio.wait_all_tasks_blocked()
+            converges, converged, received = 0, anyio.Event(), anyio.Event()
+            await one._running().cluster.vote("op-x", Vote.PREPARED)
+            await received.wait()
+            await anyio.wait_all_tasks_blocked()  # a loop woken up has called converge by now
+            assert converges == 0
+            await anyio.to_thread.run_sync(wake)  # a change: the loop looks
+            await converged.wait()
+        assert converges == 1

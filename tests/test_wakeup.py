@@ -30,7 +30,7 @@ from packages import release_thread_gates, write_package
 from starlette_hotdeploy import Deployer, pack_directory
 from starlette_hotdeploy._cluster import RECONCILE_ENV, Cluster
 from starlette_hotdeploy._sqlite_store import SQLiteStore
-from starlette_hotdeploy._wakeup import MAX_SOCKET_PATH, SUFFIX, Wakeup, wake_directory
+from starlette_hotdeploy._wakeup import MAX_MESSAGE, MAX_SOCKET_PATH, SUFFIX, Wakeup, wake_directory
 from workers_support import build_package, running_server, wait_for, worker_pid
 
 pytestmark = pytest.mark.anyio
@@ -76,6 +76,47 @@ async def test_a_notify_wakes_the_other_worker_not_itself(short_home: Path) -> N
         with anyio.fail_after(5):
             assert await two.wait(seen_two, 10)
         assert not await one.wait(seen_one, 0.05)  # its own write does not wake it
+
+
+async def test_a_wake_up_that_is_only_news_is_no_change(short_home: Path) -> None:
+    # `on_message` calls a datagram news only for a waiter (a vote): `count` moves, `changes`
+    # does not, and a wait for changes goes on.
+    one, two = Wakeup(short_home), Wakeup(short_home)
+    told: list[bytes] = []
+
+    def on_message(data: bytes) -> bool:
+        told.append(data)
+        return data != b"news"
+
+    two.on_message = on_message
+    async with listening(one, two):
+        seen, changes = two.count, two.changes
+        await anyio.to_thread.run_sync(one.notify, b"news")
+        with anyio.fail_after(5):
+            assert await two.wait(seen, 10)
+        assert two.changes == changes
+        assert not await two.wait(changes, 0.05, changes=True)
+        await anyio.to_thread.run_sync(one.notify, b"a change")
+        with anyio.fail_after(5):
+            assert await two.wait(changes, 10, changes=True)
+    assert told == [b"news", b"a change"]
+
+
+async def test_a_message_too_long_to_arrive_whole_goes_as_a_plain_wake_up(short_home: Path) -> None:
+    one, two = Wakeup(short_home), Wakeup(short_home)
+    told: list[bytes] = []
+
+    def on_message(data: bytes) -> bool:
+        told.append(data)
+        return True
+
+    two.on_message = on_message
+    async with listening(one, two):
+        changes = two.changes
+        await anyio.to_thread.run_sync(one.notify, b"x" * (MAX_MESSAGE + 1))
+        with anyio.fail_after(5):
+            assert await two.wait(changes, 10, changes=True)
+    assert told == []  # a plain wake-up: nothing to read
 
 
 async def test_a_wake_up_before_the_wait_is_not_lost(tmp_path: Path) -> None:

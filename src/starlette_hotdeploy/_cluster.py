@@ -22,6 +22,7 @@ that its process is gone; another host's worker is alive while its heartbeat is 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -39,10 +40,10 @@ from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
 
 from ._errors import StoreError
-from ._notices import Notices, commit_message, vote_message
+from ._notices import Notices, begin_message, commit_message, vote_message
 from ._operation import Member, Operation, OperationKind, Phase, Vote
 from ._store import Notifying, Store, Worker
-from ._wakeup import Wakeup
+from ._wakeup import WAKE, Wakeup
 
 T = TypeVar("T")
 
@@ -115,6 +116,10 @@ class Cluster:
         self.wakeup.open()
         self.notices = Notices()  # what the wake-ups said (a vote, a commit)
         self.wakeup.on_message = self.notices.receive
+        # operation id -> the live workers when this worker began it: await_votes counts the
+        # noticed votes against them without a look of its own first
+        self._began: dict[str, set[str]] = {}
+        self._with_commit: dict[str, Vote] = {}  # operation id -> this worker's vote, written with it
         self._remote = False  # a live worker on another host, at the last look
         self._notified = False  # the store wakes this worker for every host's writes
         # What the last write said this worker serves (the periodic heartbeat repeats it), and
@@ -148,12 +153,13 @@ class Cluster:
             if stop is not None:
                 stop()
 
-    async def wait_change(self, seen: int, timeout: float) -> bool:
-        """Until a wake-up arrived after `seen` (`self.wakeup.count` taken before the last look),
-        or `timeout`; without wake-ups, at most `poll_interval`."""
+    async def wait_change(self, seen: int, timeout: float, *, changes: bool = False) -> bool:
+        """Until a wake-up arrived after `seen` (`self.wakeup.count` taken before the last look,
+        or with `changes`, `self.wakeup.changes`: wake-ups that only announced votes do not
+        count), or `timeout`; without wake-ups, at most `poll_interval`."""
         if not self.wakes:
             timeout = min(timeout, self.poll_interval)
-        return await self.wakeup.wait(seen, timeout)
+        return await self.wakeup.wait(seen, timeout, changes=changes)
 
     async def changed(self, write: Callable[[], T], notice: Callable[[T], bytes] | None = None) -> T:
         """Run a store write the other workers wait for, then wake them: one thread hop. With
@@ -234,10 +240,27 @@ class Cluster:
 
     # -- the writes others wait for ---------------------------------------------------------
 
-    async def begin_operation(self, operation: Operation) -> Operation | None:
+    async def begin_operation(
+        self, operation: Operation, then: Callable[[], None] | None = None
+    ) -> Operation | None:
         """Register an operation (the live workers read in the same hop); the one under way
-        on the package, if a live worker runs one."""
-        return await self.changed(lambda: self.store.begin_operation(operation, self._live_ids()))
+        on the package, if a live worker runs one. `then`: a write of the caller's, in the same
+        hop once the operation is begun (and the others woken up)."""
+        live: set[str] = set()
+
+        def run() -> Operation | None:
+            live.update(self._live_ids())
+            other = self.store.begin_operation(operation, live)
+            self.wakeup.notify(begin_message(operation) if other is None else WAKE)
+            if other is None and then is not None:
+                then()
+            return other
+
+        other = await anyio.to_thread.run_sync(run)
+        if other is None:
+            Notices.make_room(self._began)
+            self._began[operation.id] = live
+        return other
 
     async def vote(
         self, op_id: str, vote: Vote, detail: str | None = None, *, serving: dict[str, str] | None = None
@@ -253,12 +276,29 @@ class Cluster:
             self.store.vote(op_id, self.worker_id, vote, detail)
 
         await self.changed(write, lambda _: vote_message(op_id, self.worker_id, vote))
+        self.notices.note(op_id, self.worker_id, vote)
+
+    def vote_with_commit(self, op_id: str, vote: Vote) -> None:
+        """This worker's vote, counted by `await_votes` now and written with the commit (in its
+        thread hop): no other worker waits for the coordinator's own PREPARED vote, so it need
+        not cost a hop of its own on the way to the commit."""
+        Notices.make_room(self._with_commit)
+        self._with_commit[op_id] = vote
+        self.notices.note(op_id, self.worker_id, vote)
 
     async def commit(self, operation: Operation, canary: dict[str, Any] | None = None) -> int:
-        return await self.changed(
-            lambda: self.store.commit(operation, canary),
-            lambda generation: commit_message(operation.id, generation),
-        )
+        """The desired state changes; this worker's vote given to `vote_with_commit` is written
+        first, in the same hop (a store that fails it is ridden out, as `Coordinator._vote`
+        does: nobody waits for it)."""
+        vote = self._with_commit.pop(operation.id, None)
+
+        def write() -> int:
+            if vote is not None:
+                with contextlib.suppress(StoreError):
+                    self.store.vote(operation.id, self.worker_id, vote, None)
+            return self.store.commit(operation, canary)
+
+        return await self.changed(write, lambda generation: commit_message(operation.id, generation))
 
     async def set_canary(self, name: str, canary: dict[str, Any] | None) -> int:
         return await self.changed(lambda: self.store.set_canary(name, canary))
@@ -278,6 +318,8 @@ class Cluster:
         unreachable, for up to `STORE_RETRY_FOR` seconds. False if it never went through: the
         operation then stays open (no one may begin another on its package) until this worker's
         follower ends it once the store answers (see `Follower.converge`)."""
+        self._began.pop(op_id, None)
+        self._with_commit.pop(op_id, None)
         deadline = time.monotonic() + STORE_RETRY_FOR
         delay = 0.1
         while True:
@@ -337,15 +379,38 @@ class Cluster:
         def look() -> tuple[set[str], dict[str, tuple[Vote, str | None]]]:
             return self._live_ids(), self.store.votes(operation.id)
 
-        looked: tuple[set[str], dict[str, tuple[Vote, str | None]]] | None = None
+        # The first look is the one that began the operation (no vote could precede it), if
+        # this worker began it: votes already noticed since may end the wait without a hop.
+        began = self._began.get(operation.id)
+        looked: tuple[set[str], dict[str, tuple[Vote, str | None]]] | None = (
+            (began, {}) if began is not None else None
+        )
+        # Every vote still missing then comes with a wake-up that says it (the workers live at
+        # the begin are all of this host, and wake this one up): a look would find nothing more,
+        # unless a failure was noticed (its detail is in the store) or a worker died without
+        # voting (the first look, after VOTE_RECHECK, notices that).
+        expect_notices = (
+            began is not None and self.wakes and all(w.partition(":")[0] == self._host for w in began)
+        )
+        look_by = min(time.monotonic() + VOTE_RECHECK, deadline)
         while True:
             seen = self.wakeup.count  # before the look: a vote cast during it wakes the wait
             noticed = self._noticed_all(operation.id, wanted, *looked) if looked is not None else None
+            if (
+                noticed is None
+                and expect_notices
+                and time.monotonic() < look_by
+                and Vote.FAILED not in self.notices.votes(operation.id).values()
+            ):
+                await self.wait_change(seen, look_by - time.monotonic())
+                continue
             if noticed is not None:
                 # The wake-ups announced the votes still missing at the last look: every
-                # worker live then has voted `wanted` (the store has those votes already).
+                # worker live then has voted `wanted` (the store has those votes already, but
+                # for this worker's own given to `vote_with_commit`).
                 live, votes = noticed
             else:
+                expect_notices = False
                 try:
                     looked = live, votes = await anyio.to_thread.run_sync(look)
                 except StoreError:
@@ -355,6 +420,10 @@ class Cluster:
                         raise
                     await anyio.sleep(VOTE_RECHECK)
                     continue
+                # This worker's own vote may not be in the store yet (see vote_with_commit).
+                own = self.notices.votes(operation.id).get(self.worker_id)
+                if own is not None and self.worker_id not in votes:
+                    votes = {**votes, self.worker_id: (own, None)}
             if on_vote is not None:
                 for worker, (vote, detail) in sorted(votes.items()):
                     counted = wanted if vote.reaches(wanted) else vote

@@ -109,11 +109,19 @@ class Coordinator:
     # -- the operations ---------------------------------------------------------------------
 
     async def deploy(
-        self, source: Source, record: Deployment, options: DeployOptions | None = None
+        self,
+        source: Source,
+        record: Deployment,
+        options: DeployOptions | None = None,
+        *,
+        saved: bool = True,
     ) -> Deployment:
+        """Deploy `source`. Unless `saved`, the record's first write is the first thing the
+        unpack step's thread hop does (a crash from then on leaves it `interrupted`)."""
         engine = self.engine
         options = options or DeployOptions()
-        unpacked = await self._unpack(source, record, options)
+        accept = None if saved else self.records.writer(record)
+        unpacked = await self._unpack(source, record, options, accept=accept)
         manifest = unpacked.manifest
         record.package, record.to_version, record.sha256 = manifest.name, manifest.version, unpacked.sha256
         try:
@@ -211,16 +219,24 @@ class Coordinator:
         return active is not None and active.sha256 == unpacked.sha256
 
     async def _unpack(
-        self, source: Source, record: Deployment, options: DeployOptions, signature: bytes | None = None
+        self,
+        source: Source,
+        record: Deployment,
+        options: DeployOptions,
+        signature: bytes | None = None,
+        *,
+        accept: Callable[[], None] | None = None,
     ) -> Unpacked:
         """The `unpack` step: read, verify, unpack and check an archive, and save it in the store;
-        a failure fails `record`."""
+        a failure fails `record`. `accept`: the record's first write, done first."""
         engine = self.engine
         arrival = _Arrival()
         unpacked: Unpacked | None = None
 
         def arrive(loaded: set[tuple[str, str, str]], routes: list[HostRoute] | None) -> None:
             # One thread hop for all of it: under load, each hop waits for a busy event loop.
+            if accept is not None:
+                accept()  # a StoreError fails the deployment as it is (its record says why)
             arrival.data = read_source(source, engine.limits)
             if engine.trusted_keys is not None:
                 # Before anything of the archive is read: an untrusted one is never unpacked.
@@ -410,8 +426,9 @@ class Coordinator:
             await self._fail(record, error)
 
     async def _begin(self, operation: Operation, record: Deployment) -> None:
-        """Register a cluster-wide operation; refused while another worker runs one on the package."""
-        other = await self.cluster.begin_operation(operation)
+        """Register a cluster-wide operation, and save the record in the same thread hop;
+        refused while another worker runs one on the package."""
+        other = await self.cluster.begin_operation(operation, then=self.records.writer(record))
         if other is not None:
             on = sorted(other.packages & operation.packages)
             error = DeploymentInProgress(
@@ -424,7 +441,6 @@ class Coordinator:
             record.conclude(Outcome.FAILED, error)
             await self.records.save(record)
             raise error
-        await self.records.save(record)
 
     async def _commit(self, operation: Operation, record: Deployment) -> None:
         """Confirm the change in the store (the desired state), wait for every live worker to
@@ -451,8 +467,9 @@ class Coordinator:
     async def _prepare_workers(
         self, operation: Operation, record: Deployment, version: PackageVersion
     ) -> None:
-        """This worker's PREPARED vote, then every live worker's (CheckFailed names who failed)."""
-        await self._vote(operation, Vote.PREPARED)
+        """This worker's PREPARED vote (written with the commit), then every live worker's
+        (CheckFailed names who failed)."""
+        self.cluster.vote_with_commit(operation.id, Vote.PREPARED)
         with record.step("prepare workers") as step:
             result = await self.cluster.await_votes(operation, Vote.PREPARED, _reporter(record))
             if not result.ok:

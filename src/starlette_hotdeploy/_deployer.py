@@ -492,9 +492,11 @@ class Deployer:
         It returns once the canary takes its first share everywhere, its outcome pending until
         it is promoted (succeeded) or aborted; `promote_canary` and `abort_canary` move it on."""
         coordinator = self._running().coordinator
-        with self._engine.operation():  # from the call: its first thread hop is the record's
-            record = await self._saved(record)
+        with self._engine.operation():  # from the call: its first thread hop saves the record
             options = _options(signature, force, shadow_host_routes, canary)
+            if record is None:  # saved first thing in the unpack step's thread hop
+                record = self._records.new(Action.DEPLOY, None)
+                return await coordinator.deploy(source, record, options, saved=False)
             return await coordinator.deploy(source, record, options)
 
     async def deploy_set(

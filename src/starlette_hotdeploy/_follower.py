@@ -64,6 +64,10 @@ class Follower:
         self._noticed: dict[str, int] = {}
         self._checking: set[str] = set()  # operations whose post-activation checks run here
         self._preparing: dict[str, anyio.Event] = {}  # operation id -> set when prepared here
+        # operation id -> the number of its begin's notice (counted by `_notice_seq`): a look
+        # that started before it may not show it, yet it is under way (see converge)
+        self._begun: dict[str, int] = {}
+        self._notice_seq = 0
         self._voted: set[tuple[str, Vote]] = set()  # (operation id, vote) this worker cast
         # ...of which the store never got these (it failed): (detail, serving) to cast again
         self._unsent: dict[tuple[str, Vote], tuple[str | None, dict[str, str] | None]] = {}
@@ -129,14 +133,26 @@ class Follower:
                 # A commit's notice switches at once, whatever this loop is doing (a look, say).
                 tasks.start_soon(self.switch_noticed, op_id)
 
+            def prepare_now(operation: Operation) -> bool:
+                # A begin's notice prepares at once too, if nothing here is busy with it.
+                if not self._may_prepare(operation):
+                    return False
+                self._notice_seq += 1
+                self._begun[operation.id] = self._notice_seq
+                tasks.start_soon(self.prepare_noticed, operation)
+                return True
+
             cluster.notices.on_commit = switch_now
+            cluster.notices.on_begin = prepare_now
             try:
                 if cluster.wakeup.is_open:
                     # Listening before the first look: a change after it wakes this loop.
                     await tasks.start(cluster.listen, name="hotdeploy wake-ups")
                 woken = False
                 while True:
-                    seen = cluster.wakeup.count  # before the look: a wake-up during it is not lost
+                    # Before the look: a wake-up during it is not lost. Those that only
+                    # announced votes are for the coordinator: they change nothing to look for.
+                    seen = cluster.wakeup.changes
                     # Woken up, this worker has a part in an operation (see Engine.operation);
                     # the periodic look is not one.
                     with self.engine.operation() if woken else contextlib.nullcontext():
@@ -145,9 +161,10 @@ class Follower:
                             await self.converge(force=force)
                         except Exception:
                             logger.exception("converging on the desired state failed")
-                    woken = await cluster.wait_change(seen, cluster.reconcile_interval)
+                    woken = await cluster.wait_change(seen, cluster.reconcile_interval, changes=True)
             finally:
                 cluster.notices.on_commit = None
+                cluster.notices.on_begin = None
 
     async def switch_noticed(self, op_id: str) -> None:
         """Switch at once to the version a wake-up announced committed (see _notices), if this
@@ -186,6 +203,27 @@ class Follower:
             except Exception:
                 logger.exception("%s: switching to the committed version failed", operation.package)
 
+    def _may_prepare(self, operation: Operation) -> bool:
+        return (
+            operation.coordinator != self.worker_id
+            and operation.phase is Phase.PREPARE
+            and operation.id not in self._preparing
+            and not self._has_voted(operation, Vote.PREPARED, Vote.FAILED)
+            and not self.engine.is_busy(operation.package)
+        )
+
+    async def prepare_noticed(self, operation: Operation) -> None:
+        """Prepare an operation that a wake-up announced begun (see _notices), and vote: without
+        the look in the store that would come first, a thread hop that waits behind a busy
+        event loop. If it could not (the package became busy meanwhile), the next look does."""
+        with self.engine.operation():
+            try:
+                await self._prepare_for(operation)
+            except Exception:
+                logger.exception("%s: preparing operation %s failed", operation.package, operation.id)
+        if not self._has_voted(operation, Vote.PREPARED, Vote.FAILED):
+            self.cluster.wakeup.poke()
+
     def _forget_unprepared(self) -> None:
         for stale in [op_id for op_id in self._prepared_for if op_id not in self._prepared]:
             del self._prepared_for[stale]  # switched, discarded or let go since
@@ -206,7 +244,10 @@ class Follower:
         """Vote on other workers' operations, then serve exactly the desired state. Without
         `force`, only if the store changed since the last complete converge."""
         force = force or self._fingerprint is None or bool(self._prepared) or bool(self._unsent)
+        started = self._notice_seq
         look = await anyio.to_thread.run_sync(self._look, force)
+        # Noticed begun since the look started: under way, although the look may not show them.
+        self._begun = {op_id: seq for op_id, seq in self._begun.items() if seq > started}
         if look is None:
             return
         fingerprint, live, operations, desired = look
@@ -246,6 +287,7 @@ class Follower:
             elif not self._has_voted(operation, Vote.PREPARED, Vote.FAILED):
                 await self._prepare_for(operation)
         unfinished = {operation.id for operation in operations if operation.coordinator in live}
+        unfinished.update(self._begun)
         for op_id in [op_id for op_id in self._prepared if op_id not in unfinished]:
             # Aborted (or finished without this worker): what was prepared for it goes (unless
             # a commit's notice switched to it meanwhile, see switch_noticed).

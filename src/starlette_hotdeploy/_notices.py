@@ -2,10 +2,13 @@
 without reading the store first.
 
 Under load every thread hop of a worker waits for its busy event loop (and for the GIL behind
-it): a look in the store after a wake-up costs 10-50 ms there. Two waits sit on the critical
+it): a look in the store after a wake-up costs 10-50 ms there. Three waits sit on the critical
 path of every deployment, and the wake-up can carry what they look for:
 
-- a vote (`vote_message`): the coordinator waiting for votes counts it at once;
+- an operation begun (`begin_message`, the whole operation): the other workers prepare it at
+  once;
+- a vote (`vote_message`): the coordinator waiting for votes counts it at once (and the other
+  workers, for whom a vote changes nothing, do not look in the store for it);
 - a commit (`commit_message`): a worker that prepared the operation switches at once.
 
 A notice is sent only after its write is in the store (the same thread, once the transaction
@@ -22,7 +25,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ._operation import Vote
+from ._operation import Operation, Vote
 
 logger = logging.getLogger("starlette_hotdeploy")
 
@@ -39,6 +42,10 @@ def commit_message(op_id: str, generation: int) -> bytes:
     return json.dumps(["commit", op_id, generation]).encode()
 
 
+def begin_message(operation: Operation) -> bytes:
+    return json.dumps(["begin", operation.id, operation.to_json()]).encode()
+
+
 class Notices:
     """The votes and commits that this worker's wake-ups announced (on the event loop)."""
 
@@ -47,9 +54,15 @@ class Notices:
         self._commits: dict[str, int] = {}  # operation id -> generation of its commit
         # Told of each commit noticed (its operation id), at once (the follower switches).
         self.on_commit: Callable[[str], None] | None = None
+        # Told of each operation noticed begun, at once; True: it prepares it (the follower),
+        # so the wake-up is no change to look for.
+        self.on_begin: Callable[[Operation], bool] | None = None
 
-    def receive(self, data: bytes) -> None:
-        """One datagram's text; anything that is not a notice (a plain wake-up) is ignored."""
+    def receive(self, data: bytes) -> bool:
+        """One datagram's text; anything that is not a notice (a plain wake-up) is ignored.
+        False: nothing for a follower to look for in the store (see `Wakeup.changes`): a vote,
+        news only for the coordinator waiting for it, or an operation begun that the follower
+        prepares as told."""
         try:
             message = json.loads(data)
             kind, op_id = str(message[0]), str(message[1])
@@ -57,20 +70,31 @@ class Notices:
                 worker, vote = str(message[2]), Vote(message[3])
             elif kind == "commit":
                 generation = int(message[2])
+            elif kind == "begin":
+                operation = Operation.from_json(message[2])
+                if operation.id != op_id:
+                    raise ValueError(op_id)
             else:
                 raise ValueError(kind)
         except (ValueError, TypeError, IndexError, KeyError, ArithmeticError):
             logger.debug("ignored a wake-up that says %r", data[:80])
-            return
+            return True
         if kind == "vote":
-            if op_id not in self._votes:
-                self._make_room(self._votes)
-            self._votes.setdefault(op_id, {})[worker] = vote
-        else:
-            self._make_room(self._commits)
-            self._commits[op_id] = generation
-            if self.on_commit is not None:
-                self.on_commit(op_id)
+            self.note(op_id, worker, vote)
+            return False
+        if kind == "begin":
+            return self.on_begin is None or not self.on_begin(operation)
+        self.make_room(self._commits)
+        self._commits[op_id] = generation
+        if self.on_commit is not None:
+            self.on_commit(op_id)
+        return True
+
+    def note(self, op_id: str, worker: str, vote: Vote) -> None:
+        """A vote known on the loop: one a wake-up announced, or this worker's own."""
+        if op_id not in self._votes:
+            self.make_room(self._votes)
+        self._votes.setdefault(op_id, {})[worker] = vote
 
     def votes(self, op_id: str) -> dict[str, Vote]:
         """The votes noticed for an operation, by worker (the latest of each)."""
@@ -81,6 +105,7 @@ class Notices:
         return self._commits.get(op_id)
 
     @staticmethod
-    def _make_room(table: dict[str, Any]) -> None:
+    def make_room(table: dict[str, Any]) -> None:
+        """Room for one more operation in a table by operation id: the oldest go."""
         while len(table) >= KEEP_OPERATIONS:
             del table[next(iter(table))]  # the oldest

@@ -105,7 +105,62 @@ class Operation:
     created_at: float
     members: tuple[Member, ...] = ()
 
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "package": self.package,
+            "kind": self.kind.value,
+            "version": self.version,
+            "sha256": self.sha256,
+            "lineage": self.lineage,
+            "phase": self.phase.value,
+            "coordinator": self.coordinator,
+            "created_at": self.created_at,
+            "members": [member.to_json() for member in self.members],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Operation:
+        """From `to_json`'s form, every field checked (TypeError, ValueError or KeyError)."""
+        members = tuple(
+            Member(
+                _str(m["package"]),
+                _str_or_none(m["version"]),
+                _str_or_none(m["sha256"]),
+                _pairs(m["lineage"]),
+            )
+            for m in data["members"]
+        )
+        return cls(
+            id=_str(data["id"]),
+            package=_str(data["package"]),
+            kind=OperationKind(data["kind"]),
+            version=_str_or_none(data["version"]),
+            sha256=_str_or_none(data["sha256"]),
+            lineage=_pairs(data["lineage"]),
+            phase=Phase(data["phase"]),
+            coordinator=_str(data["coordinator"]),
+            created_at=float(data["created_at"]),
+            members=members,
+        )
+
     @property
     def packages(self) -> frozenset[str]:
         """Every package it changes: no other operation may change one of them meanwhile."""
         return frozenset((self.package, *(m.package for m in self.members)))
+
+
+def _str(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"expected a string, not {type(value).__name__}")
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _pairs(value: object) -> list[tuple[str, str]]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, not {type(value).__name__}")
+    return [(_str(version), _str(sha256)) for version, sha256 in value]

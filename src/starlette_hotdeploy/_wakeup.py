@@ -83,10 +83,12 @@ class Wakeup:
         self._sender: socket.socket | None = None
         self._lock = threading.Lock()  # notify (worker threads) against close (the loop)
         self._count = 0
+        self._changes = 0
         self._event: anyio.Event | None = None  # made on the event loop, by wait or _bump
         self.listening = False  # `run` is draining the socket
-        # Told each datagram's text, on the event loop, before the counter moves.
-        self.on_message: Callable[[bytes], None] | None = None
+        # Told each datagram's text, on the event loop, before the counters move; False: the
+        # datagram is news only for a worker waiting for it (a vote), not a change to look for.
+        self.on_message: Callable[[bytes], bool] | None = None
 
     @property
     def is_open(self) -> bool:
@@ -96,6 +98,12 @@ class Wakeup:
     def count(self) -> int:
         """How many wake-ups arrived (bursts count once): pass it to `wait`."""
         return self._count
+
+    @property
+    def changes(self) -> int:
+        """How many of them had a datagram that `on_message` did not call news only (a plain
+        wake-up, a commit): pass it to `wait(changes=True)`."""
+        return self._changes
 
     def open(self) -> bool:
         """Bind this worker's socket (blocking, quick). False: no wake-ups here, poll instead."""
@@ -146,6 +154,8 @@ class Wakeup:
         directory = self.directory
         if directory is None or self._sender is None:
             return 0
+        if len(message) > MAX_MESSAGE:
+            message = WAKE  # it would arrive cut: a plain wake-up (the worker looks instead)
         try:
             entries = [e for e in os.scandir(directory) if e.name != self.name and e.name.endswith(SUFFIX)]
         except OSError:
@@ -191,38 +201,44 @@ class Wakeup:
         try:
             while True:
                 await anyio.wait_readable(receiver)
-                got = False
+                got = changed = False
                 while True:
                     try:
                         data = receiver.recv(MAX_MESSAGE)
                     except OSError:  # BlockingIOError: drained
                         break
                     got = True
-                    if data != WAKE and self.on_message is not None:
-                        try:
-                            self.on_message(data)
-                        except Exception:  # a notice only saves a look: the wake-up still counts
-                            logger.exception("a wake-up's notice could not be read")
+                    changed = changed or self._is_change(data)
                 if got:
-                    self._bump()
+                    self._bump(changed)
         except (OSError, NotImplementedError, anyio.ClosedResourceError, anyio.BusyResourceError) as exc:
             if self._receiver is receiver:
                 logger.warning("wake-ups cannot be received (%r): workers poll the store", exc)
         finally:
             self.listening = False
 
-    def _bump(self) -> None:
+    def _is_change(self, data: bytes) -> bool:
+        if data == WAKE or self.on_message is None:
+            return True
+        try:
+            return self.on_message(data)
+        except Exception:  # a notice only saves a look: the wake-up still counts
+            logger.exception("a wake-up's notice could not be read")
+            return True
+
+    def _bump(self, changed: bool = True) -> None:
         self._count += 1
+        self._changes += changed
         event, self._event = self._event, anyio.Event()
         if event is not None:
             event.set()
 
-    async def wait(self, seen: int, timeout: float) -> bool:
-        """Until a wake-up arrived after `seen` (True), or `timeout` seconds passed (False)."""
-        if self._count != seen:
-            return True
-        if self._event is None:
-            self._event = anyio.Event()
+    async def wait(self, seen: int, timeout: float, *, changes: bool = False) -> bool:
+        """Until a wake-up arrived after `seen` (True), or `timeout` seconds passed (False).
+        With `changes`, `seen` is a number of `changes`, and only those count."""
         with anyio.move_on_after(timeout):
-            await self._event.wait()
-        return self._count != seen
+            while (self._changes if changes else self._count) == seen:
+                if self._event is None:
+                    self._event = anyio.Event()
+                await self._event.wait()
+        return (self._changes if changes else self._count) != seen
