@@ -21,13 +21,14 @@ import anyio.to_thread
 import pytest
 
 from packages import write_package
-from starlette_hotdeploy import Deployer, hookimpl
+from starlette_hotdeploy import Deployer, DeploymentError, hookimpl
 from starlette_hotdeploy import _cluster as cluster_module
 from starlette_hotdeploy._cluster import RECONCILE_ENV, Cluster
 from starlette_hotdeploy._follower import Follower
 from starlette_hotdeploy._notices import KEEP_OPERATIONS, Notices, begin_message, commit_message, vote_message
 from starlette_hotdeploy._operation import Member, Operation, OperationKind, Phase, Vote
 from starlette_hotdeploy._sqlite_store import SQLiteStore
+from test_dependencies import inventory, orders
 from test_wakeup import answer, short_home, two_workers
 
 pytestmark = pytest.mark.anyio
@@ -171,6 +172,19 @@ async def two_clusters(home: Path) -> AsyncIterator[tuple[Cluster, Cluster, Coun
                 cluster.wakeup.close()
 
 
+def waits_signalled(cluster: Cluster) -> anyio.Event:
+    """Set once `cluster` waits for a wake-up (in `await_votes`: for a vote still missing)."""
+    waiting = anyio.Event()
+    wait_change = cluster.wait_change
+
+    async def signalled(seen: int, timeout: float, *, changes: bool = False) -> bool:
+        waiting.set()
+        return await wait_change(seen, timeout, changes=changes)
+
+    cluster.wait_change = signalled  # type: ignore[method-assign]
+    return waiting
+
+
 async def answered_while_waiting(
     home: Path, vote: Vote, detail: str | None = None
 ) -> tuple[Any, int, str, str]:
@@ -182,14 +196,7 @@ async def answered_while_waiting(
         assert await one.begin_operation(operation) is None
         one.vote_with_commit(operation.id, Vote.PREPARED)
         result: list[Any] = []
-        waiting = anyio.Event()
-        wait_change = one.wait_change
-
-        async def signalled(seen: int, timeout: float, *, changes: bool = False) -> bool:
-            waiting.set()
-            return await wait_change(seen, timeout, changes=changes)
-
-        one.wait_change = signalled  # type: ignore[method-assign]
+        waiting = waits_signalled(one)
 
         async def wait() -> None:
             result.append(await one.await_votes(operation, Vote.PREPARED))
@@ -242,6 +249,55 @@ async def test_a_worker_that_dies_without_voting_is_found_by_the_look_after_the_
     assert result.ok
     assert result.live == {one.worker_id}
     assert store.looks == 1
+
+
+async def test_a_worker_that_joins_after_the_begin_is_waited_for_too(short_home: Path) -> None:
+    # Its wake-up on joining is a change: the begin's look is out of date, the wait looks.
+    async with two_clusters(short_home) as (one, two, _):
+        operation = one.new_operation("op-1", "greeter", OperationKind.ACTIVATE, "2.0", "0" * 64)
+        assert await one.begin_operation(operation) is None
+        one.vote_with_commit(operation.id, Vote.PREPARED)
+        three = Cluster(SQLiteStore(short_home))
+        try:
+            with anyio.fail_after(10):
+                changes = one.wakeup.changes
+                await three.join()
+                assert await one.wakeup.wait(changes, 10, changes=True)
+                await two.vote(operation.id, Vote.PREPARED)
+                result: list[Any] = []
+                waiting = waits_signalled(one)
+
+                async def wait() -> None:
+                    result.append(await one.await_votes(operation, Vote.PREPARED))
+
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(wait)
+                    await waiting.wait()  # for the third worker's vote
+                    assert result == []
+                    await three.vote(operation.id, Vote.PREPARED)
+        finally:
+            three.wakeup.close()
+    assert result[0].ok
+    assert result[0].live == {one.worker_id, two.worker_id, three.worker_id}
+
+
+async def test_a_begin_reads_the_live_workers_to_end_a_dead_ones_operation_or_defer_to_a_live_one(
+    short_home: Path,
+) -> None:
+    # The begin's transaction asks who is live only when an operation under way overlaps.
+    async with two_clusters(short_home) as (one, two, store):
+        dead = replace(
+            two.new_operation("op-dead", "greeter", OperationKind.ACTIVATE, "2.0", "0" * 64),
+            coordinator="elsewhere:1:gone",
+        )
+        assert store.begin_operation(dead, {dead.coordinator}) is None
+        first = one.new_operation("op-1", "greeter", OperationKind.ACTIVATE, "2.0", "1" * 64)
+        assert await one.begin_operation(first) is None  # the dead worker's: abandoned
+        assert [o.phase for o in store.operations() if o.id == "op-dead"] == [Phase.ABORT]
+        second = two.new_operation("op-2", "greeter", OperationKind.ACTIVATE, "3.0", "2" * 64)
+        other = await two.begin_operation(second)  # the live one's: under way
+        assert other is not None
+        assert other.id == "op-1"
 
 
 async def test_the_coordinators_own_prepared_vote_is_written_with_the_commit(short_home: Path) -> None:
@@ -531,3 +587,129 @@ async def test_a_follower_does_not_look_in_the_store_for_a_vote(
             await anyio.to_thread.run_sync(wake)  # a change: the loop looks
             await converged.wait()
         assert converges == 1
+
+
+class Check:
+    """A before-activation check that vetoes the versions `vetoes` picks, and holds those
+    `holds` picks until released."""
+
+    def __init__(
+        self,
+        *,
+        vetoes: Callable[[Any], bool] = lambda v: False,
+        holds: Callable[[Any], bool] = lambda v: False,
+    ) -> None:
+        self.vetoes, self.holds = vetoes, holds
+        self.entered, self.release = anyio.Event(), anyio.Event()
+
+    @hookimpl
+    async def hotdeploy_check_before_activate(self, version: Any) -> str | None:
+        if self.vetoes(version):
+            return "vetoed by the test"
+        if self.holds(version):
+            self.entered.set()
+            await self.release.wait()
+        return None
+
+
+def version_of(name: str, version: str) -> Callable[[Any], bool]:
+    return lambda v: (v.name, v.version) == (name, version)
+
+
+def bound_to_version(name: str, version: str) -> Callable[[Any], bool]:
+    """A dependent's instance bound to `name` `version`."""
+    return lambda v: name in v.bound_to and v.bound_to[name].version == version
+
+
+@asynccontextmanager
+async def converges_signalled(
+    follower: Follower, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[[], anyio.Event]]:
+    """`next()` gives an event set at the end of the follower's next converge."""
+    events: list[anyio.Event] = []
+    converge = follower.converge
+
+    async def signalled(*, force: bool = True) -> None:
+        await converge(force=force)
+        for event in events:
+            event.set()
+
+    def next_converge() -> anyio.Event:
+        events.append(anyio.Event())
+        return events[-1]
+
+    monkeypatch.setattr(follower, "converge", signalled)
+    yield next_converge
+
+
+async def test_an_operation_that_ends_while_its_notice_is_prepared_is_let_go_of_once_it_is(
+    short_home: Path, sources: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coordinator vetoes 2.0 while the other worker still prepares it on the begin's
+    notice: the converge that sees the abort leaves that preparation alone, and its end makes
+    the loop look again and let go of 2.0 (not the next reconcile, 30 s away)."""
+    monkeypatch.setenv(RECONCILE_ENV, "30")
+    veto, slow = Check(vetoes=version_of("greeter", "2.0")), Check(holds=version_of("greeter", "2.0"))
+    one = Deployer(home=short_home, plugins=[veto], entry_points=False)
+    two = Deployer(home=short_home, plugins=[slow], entry_points=False)
+    async with one.running(), two.running():
+        follower = two._running().follower
+        with anyio.fail_after(10):
+            await one.deploy(write_package(sources, version="1.0"))
+            assert await answer(two, "/greeter/") == "1.0"
+            async with (
+                converges_signalled(follower, monkeypatch) as next_converge,
+                anyio.create_task_group() as tasks,
+            ):
+
+                async def refused() -> None:
+                    with pytest.raises(DeploymentError, match="vetoed by the test"):
+                        await one.deploy(write_package(sources, version="2.0"))
+
+                tasks.start_soon(refused)
+                await slow.entered.wait()  # two prepares 2.0 on the begin's notice
+            await follower.converge()  # the operation ended: a look sees nothing under way
+            assert [v.version for v in two.package("greeter").loaded] == ["1.0", "2.0"]
+            converged = next_converge()
+            slow.release.set()
+            await converged.wait()  # the look its end asked for
+        assert [v.version for v in two.package("greeter").loaded] == ["1.0"]
+        assert follower._prepared == {}
+        assert await answer(one, "/greeter/") == "1.0"
+
+
+async def test_a_converge_beside_a_preparation_does_not_let_go_of_the_version_its_dependents_bind_to(
+    short_home: Path, sources: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the preparation is binding a dependent to the new version when the
+    converge runs: that version stays loaded until the preparation is done, then it and the
+    dependent's new instance go."""
+    monkeypatch.setenv(RECONCILE_ENV, "30")
+    veto = Check(vetoes=version_of("inventory", "2.0"))
+    slow = Check(holds=lambda v: v.name == "orders" and bound_to_version("inventory", "2.0")(v))
+    one = Deployer(home=short_home, plugins=[veto], entry_points=False)
+    two = Deployer(home=short_home, plugins=[slow], entry_points=False)
+    async with one.running(), two.running():
+        follower = two._running().follower
+        with anyio.fail_after(10):
+            await one.deploy(inventory(sources, "1.0"))
+            await one.deploy(orders(sources))
+            async with (
+                converges_signalled(follower, monkeypatch) as next_converge,
+                anyio.create_task_group() as tasks,
+            ):
+
+                async def refused() -> None:
+                    with pytest.raises(DeploymentError, match="vetoed by the test"):
+                        await one.deploy(inventory(sources, "2.0"))
+
+                tasks.start_soon(refused)
+                await slow.entered.wait()  # two binds orders to inventory 2.0
+            await follower.converge()
+            assert [v.version for v in two.package("inventory").loaded] == ["1.0", "2.0"]
+            converged = next_converge()
+            slow.release.set()
+            await converged.wait()
+        assert [v.version for v in two.package("inventory").loaded] == ["1.0"]
+        assert len(two.package("orders").loaded) == 1
+        assert (follower._prepared, follower._moves) == ({}, {})

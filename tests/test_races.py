@@ -14,6 +14,7 @@ Between the rollback's look at the version and its hold there is no await, so no
 from __future__ import annotations
 
 import threading
+from collections.abc import Container
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -43,7 +44,7 @@ class GatedStore(SQLiteStore):
         self.reached = threading.Event()
         self.opened = threading.Event()
 
-    def begin_operation(self, operation: Operation, live: set[str]) -> Operation | None:
+    def begin_operation(self, operation: Operation, live: Container[str]) -> Operation | None:
         if self.closed:
             self.reached.set()
             if not self.opened.wait(timeout=30):  # a guard against a hang, not a wait

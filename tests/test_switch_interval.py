@@ -1,6 +1,7 @@
 """The short GIL switch interval while an operation runs (_switch_interval): shortened once for
 nested operations, put back by the last one, never against the application's own setting; a
-deployment and a store transaction run with it."""
+deployment and a store transaction run with it. And the background chores that wait for the
+operations of their process to end (`Engine.until_quiet`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from packages import write_package
@@ -94,3 +96,25 @@ async def test_a_deployment_runs_with_it_and_puts_it_back(tmp_path: Path, source
         await deployer.deploy(write_package(sources, version="2.0"))
     assert seen.intervals == [pytest.approx(SHORT)] * 2
     assert sys.getswitchinterval() == pytest.approx(DEFAULT)
+
+
+@pytest.mark.anyio
+async def test_chores_wait_until_the_last_operation_ends_or_their_patience_runs_out(tmp_path: Path) -> None:
+    engine = Deployer(home=tmp_path / "home", entry_points=False)._engine
+    with anyio.fail_after(5):
+        await engine.until_quiet(60)  # none runs: at once
+        done = anyio.Event()
+
+        async def chore() -> None:
+            await engine.until_quiet(60)
+            done.set()
+
+        async with anyio.create_task_group() as tasks:
+            with engine.operation():
+                with engine.operation():
+                    tasks.start_soon(chore)
+                    await anyio.wait_all_tasks_blocked()
+                await anyio.wait_all_tasks_blocked()
+                assert not done.is_set()  # one still runs
+                await engine.until_quiet(0)  # no patience: at once all the same
+            await done.wait()  # the last one ended

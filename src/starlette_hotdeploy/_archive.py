@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ._errors import ArchiveError, ManifestError
+from ._files import write_all
 from ._loader import top_level_names
-from ._manifest import MANIFEST_NAME, Manifest, load_manifest
+from ._manifest import MANIFEST_NAME, Manifest, load_manifest, parse_manifest
 from ._version import PackageVersion
 
 STAGING_PREFIX = ".staging-"
@@ -64,28 +65,30 @@ def unpack(
     into.mkdir(parents=True, exist_ok=True)
     # The pid in the name lets a starting worker clean up only what dead processes left behind.
     staging = into / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+    moved = False
     try:
         data = read_source(source, limits)
         label = "upload" if isinstance(source, bytes) else Path(source).name
-        sha256 = _extract_zip(data, staging, limits, label=label)
-        import_root, manifest_path = _find_manifest(staging)
-        manifest = load_manifest(manifest_path)
+        sha256, manifests = _extract_zip(data, staging, limits, label=label)
+        # Found and read in the archive's listing, not on disk (see _extract_zip).
+        import_root, manifest_name = _find_manifest(manifests)
+        text = manifests[manifest_name]
+        assert text is not None  # (_find_manifest returns a file's name)
+        manifest = parse_manifest(text)
         final = into / manifest.name / f"{manifest.version}-{sha256[:12]}"
-        if final.exists():
-            # The same bytes were unpacked before: keep the existing directory (it may be loaded).
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.replace(staging, final)
-            except OSError:
-                if not final.exists():
-                    raise
-                # A concurrent unpack of the same bytes won the rename: use its directory.
-        root = final / import_root.relative_to(staging)
+        final.parent.mkdir(exist_ok=True)
+        try:
+            os.rename(staging, final)  # refused if it exists (not empty): unpacked before
+            moved = True
+        except OSError:
+            if not final.is_dir():
+                raise
+            # The same bytes were unpacked before, or by a concurrent unpack that won the
+            # rename: keep that directory (it may be loaded).
+        root = final.joinpath(*import_root.parts)
         return Unpacked(root=root, manifest=manifest, sha256=sha256, top_level=top_level_names(root))
     finally:
-        if staging.exists():
+        if not moved and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -220,20 +223,22 @@ def _require_module(root: Path, manifest: Manifest, module: str, key: str) -> No
     )
 
 
-def _find_manifest(root: Path) -> tuple[Path, Path]:
-    """Return (import root, manifest path): at the root, in a single top-level folder, or, for a
-    wheel, inside its top-level import package."""
-    if (root / MANIFEST_NAME).is_file():
-        return root, root / MANIFEST_NAME
-    children = [c for c in root.iterdir() if not c.name.endswith((".dist-info", ".data"))]
-    is_wheel = any(c.name.endswith(".dist-info") for c in root.iterdir())
-    nested = [c for c in children if c.is_dir() and (c / MANIFEST_NAME).is_file()]
+def _find_manifest(manifests: dict[str, bytes | None]) -> tuple[PurePosixPath, str]:
+    """Return (import root, manifest's entry name) of an archive whose entries are the keys of
+    `manifests` (see _extract_zip): at the root, in a single top-level folder, or, for a wheel,
+    inside its top-level import package."""
+    if manifests.get(MANIFEST_NAME) is not None:
+        return PurePosixPath(), MANIFEST_NAME
+    top = {PurePosixPath(name).parts[0] for name in manifests}
+    children = sorted(name for name in top if not name.endswith((".dist-info", ".data")))
+    is_wheel = any(name.endswith(".dist-info") for name in top)
+    nested = [c for c in children if manifests.get(f"{c}/{MANIFEST_NAME}") is not None]
     if is_wheel and len(nested) == 1:
-        return root, nested[0] / MANIFEST_NAME
+        return PurePosixPath(), f"{nested[0]}/{MANIFEST_NAME}"
     if not is_wheel and len(children) == 1 and nested:
-        return nested[0], nested[0] / MANIFEST_NAME
+        return PurePosixPath(nested[0]), f"{nested[0]}/{MANIFEST_NAME}"
     if len(nested) > 1:
-        names = ", ".join(sorted(c.name for c in nested))
+        names = ", ".join(nested)
         raise ArchiveError(f"more than one {MANIFEST_NAME} found ({names}); a package has exactly one")
     where = "inside the wheel's top-level package" if is_wheel else "at the archive root"
     raise ArchiveError(f"no {MANIFEST_NAME} {where}: is this a starlette-hotdeploy package?")
@@ -250,7 +255,12 @@ def _safe_member(name: str) -> PurePosixPath:
     return path
 
 
-def _extract_zip(data: bytes, dest: Path, limits: ArchiveLimits, label: str = "upload") -> str:
+def _extract_zip(
+    data: bytes, dest: Path, limits: ArchiveLimits, label: str = "upload"
+) -> tuple[str, dict[str, bytes | None]]:
+    """Extract into `dest` (which it makes); the sha256 of the archive, and its entries: a
+    file's name (without a trailing slash) maps to its bytes if it is named like a manifest,
+    to None otherwise; a directory's maps to None."""
     if len(data) > limits.max_archive_bytes:
         raise ArchiveError(
             f"{label} is {len(data)} bytes, over the {limits.max_archive_bytes}-byte limit", too_large=True
@@ -283,15 +293,26 @@ def _extract_zip(data: bytes, dest: Path, limits: ArchiveLimits, label: str = "u
                 f"{limits.max_ratio:.0f}:1 limit (a zip bomb?)"
             )
         dest.mkdir(parents=True)
+        # Few system calls: in a worker thread under load, each one gives up the GIL and waits
+        # to get it back from the busy event loop (the directories made are remembered, files
+        # are written unbuffered).
+        made = {dest}
+        entries: dict[str, bytes | None] = {}
         written = 0
         for info in infos:
-            target = dest.joinpath(*_safe_member(info.filename).parts)
+            member = _safe_member(info.filename)
+            target = dest.joinpath(*member.parts)
+            directory = target if info.is_dir() else target.parent
+            if directory not in made:
+                directory.mkdir(parents=True, exist_ok=True)
+                made.add(directory)
             if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
+                entries.setdefault(member.as_posix(), None)
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
+            # A manifest (at the root or one folder down) is kept as read: no reading it back.
+            kept = bytearray() if member.name == MANIFEST_NAME and len(member.parts) <= 2 else None
             try:
-                with archive.open(info) as src, open(target, "xb") as out:
+                with archive.open(info) as src, open(target, "xb", buffering=0) as out:
                     # Count real bytes: sizes in the zip's headers may lie.
                     while chunk := src.read(1 << 16):
                         written += len(chunk)
@@ -299,9 +320,12 @@ def _extract_zip(data: bytes, dest: Path, limits: ArchiveLimits, label: str = "u
                             raise ArchiveError(
                                 f"{label} unpacks to more than {limits.max_total_bytes} bytes", too_large=True
                             )
-                        out.write(chunk)
+                        if kept is not None:
+                            kept += chunk
+                        write_all(out, chunk)
             except FileExistsError:
                 raise ArchiveError(f"{label} holds {info.filename!r} twice") from None
             except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
                 raise ArchiveError(f"{label}: cannot extract {info.filename!r}: {exc}") from None
-    return sha256
+            entries[member.as_posix()] = bytes(kept) if kept is not None else None
+    return sha256, entries

@@ -116,9 +116,10 @@ class Cluster:
         self.wakeup.open()
         self.notices = Notices()  # what the wake-ups said (a vote, a commit)
         self.wakeup.on_message = self.notices.receive
-        # operation id -> the live workers when this worker began it: await_votes counts the
-        # noticed votes against them without a look of its own first
-        self._began: dict[str, set[str]] = {}
+        # operation id -> the live workers when this worker began it, and `wakeup.changes`
+        # then: await_votes counts the noticed votes against them without a look of its own
+        # while no other change came (a worker that joins sends one)
+        self._began: dict[str, tuple[set[str], int]] = {}
         self._with_commit: dict[str, Vote] = {}  # operation id -> this worker's vote, written with it
         self._remote = False  # a live worker on another host, at the last look
         self._notified = False  # the store wakes this worker for every host's writes
@@ -231,6 +232,11 @@ class Cluster:
 
         return write
 
+    async def join(self) -> None:
+        """This worker's first heartbeat, then a wake-up: a coordinator that waits for votes
+        since before it looks again, and waits for this worker's vote too (see await_votes)."""
+        await self.changed(self._beat({}))
+
     async def leave(self) -> None:
         """Nobody waits for this worker any more (a coordinator waiting for its vote is woken)."""
         try:
@@ -249,17 +255,27 @@ class Cluster:
         live: set[str] = set()
 
         def run() -> Operation | None:
-            live.update(self._live_ids())
-            other = self.store.begin_operation(operation, live)
+            # Which workers live is read first only if an operation under way may be a dead
+            # one's (the transaction is then tried again), else after the wake-up, while the
+            # others prepare: checking that a worker's process exists costs system calls, each
+            # a wait for the GIL under load.
+            try:
+                other = self.store.begin_operation(operation, _NOT_READ)
+            except _LiveNeeded:
+                live.update(self._live_ids())
+                other = self.store.begin_operation(operation, live)
             self.wakeup.notify(begin_message(operation) if other is None else WAKE)
+            if not live:
+                live.update(self._live_ids())
             if other is None and then is not None:
                 then()
             return other
 
+        changes = self.wakeup.changes
         other = await anyio.to_thread.run_sync(run)
         if other is None:
             Notices.make_room(self._began)
-            self._began[operation.id] = live
+            self._began[operation.id] = (live, changes)
         return other
 
     async def vote(
@@ -381,13 +397,14 @@ class Cluster:
 
         # The first look is the one that began the operation (no vote could precede it), if
         # this worker began it: votes already noticed since may end the wait without a hop.
-        began = self._began.get(operation.id)
+        began, changes = self._began.get(operation.id, (None, -1))
         looked: tuple[set[str], dict[str, tuple[Vote, str | None]]] | None = (
             (began, {}) if began is not None else None
         )
         # Every vote still missing then comes with a wake-up that says it (the workers live at
         # the begin are all of this host, and wake this one up): a look would find nothing more,
-        # unless a failure was noticed (its detail is in the store) or a worker died without
+        # unless a failure was noticed (its detail is in the store), a worker joined (its
+        # wake-up is a change; anything else that changed makes it look too) or died without
         # voting (the first look, after VOTE_RECHECK, notices that).
         expect_notices = (
             began is not None and self.wakes and all(w.partition(":")[0] == self._host for w in began)
@@ -395,6 +412,9 @@ class Cluster:
         look_by = min(time.monotonic() + VOTE_RECHECK, deadline)
         while True:
             seen = self.wakeup.count  # before the look: a vote cast during it wakes the wait
+            if looked is not None and looked[0] is began and self.wakeup.changes != changes:
+                looked = None  # the begin's look may be out of date: look now
+                expect_notices = False
             noticed = self._noticed_all(operation.id, wanted, *looked) if looked is not None else None
             if (
                 noticed is None
@@ -467,6 +487,20 @@ class Cluster:
             elif not (worker in votes and votes[worker][0].reaches(wanted)):
                 return None
         return live, merged
+
+
+class _LiveNeeded(Exception):
+    """A store asked `_NOT_READ` whether a worker is live (its transaction is rolled back)."""
+
+
+class _NotRead:
+    """The live workers, not read yet: a store that needs them gets `_LiveNeeded`."""
+
+    def __contains__(self, worker: object) -> bool:
+        raise _LiveNeeded
+
+
+_NOT_READ = _NotRead()
 
 
 # /proc's start times are clock ticks after the boot time (whole seconds, rounded down): a

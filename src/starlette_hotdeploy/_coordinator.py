@@ -120,8 +120,7 @@ class Coordinator:
         unpack step's thread hop does (a crash from then on leaves it `interrupted`)."""
         engine = self.engine
         options = options or DeployOptions()
-        accept = None if saved else self.records.writer(record)
-        unpacked = await self._unpack(source, record, options, accept=accept)
+        unpacked = await self._unpack(source, record, options, save_record=not saved)
         manifest = unpacked.manifest
         record.package, record.to_version, record.sha256 = manifest.name, manifest.version, unpacked.sha256
         try:
@@ -225,15 +224,19 @@ class Coordinator:
         options: DeployOptions,
         signature: bytes | None = None,
         *,
-        accept: Callable[[], None] | None = None,
+        save_record: bool = False,
     ) -> Unpacked:
         """The `unpack` step: read, verify, unpack and check an archive, and save it in the store;
-        a failure fails `record`. `accept`: the record's first write, done first."""
+        a failure fails `record`. With `save_record`, the record's first write comes first."""
         engine = self.engine
         arrival = _Arrival()
         unpacked: Unpacked | None = None
 
-        def arrive(loaded: set[tuple[str, str, str]], routes: list[HostRoute] | None) -> None:
+        def arrive(
+            accept: Callable[[], None] | None,
+            loaded: set[tuple[str, str, str]],
+            routes: list[HostRoute] | None,
+        ) -> None:
             # One thread hop for all of it: under load, each hop waits for a busy event loop.
             if accept is not None:
                 accept()  # a StoreError fails the deployment as it is (its record says why)
@@ -254,8 +257,11 @@ class Coordinator:
                 # What the checks need of this process's state, read on the event loop: the
                 # thread hop reads only these copies.
                 loaded = {(p.name, v.version, v.sha256) for p in engine.packages() for v in p.loaded}
+                # Taken now, with the step begun: the background writer has nothing left to
+                # write (its hop would wait for this one's connection, or hold it up).
+                accept = self.records.writer(record) if save_record else None
                 try:
-                    await anyio.to_thread.run_sync(arrive, loaded, self._host_routes(options))
+                    await anyio.to_thread.run_sync(arrive, accept, loaded, self._host_routes(options))
                 finally:
                     unpacked, record.signer = arrival.unpacked, arrival.signer
                     if unpacked is not None:

@@ -147,6 +147,7 @@ class Deployer:
             trusted_keys = [k for k in os.environ.get("HOTDEPLOY_TRUSTED_KEYS", "").split(os.pathsep) if k]
         self._trusted_key_specs = list(trusted_keys)
         self._records = RecordLog(self.events, history_size, tidy=self._engine.redact)
+        self._records.quiet = self._engine.until_quiet
         self._runtime: _Runtime | None = None
         self._stopped = True  # until running()
         self._figures = WorkerFigures() if metrics else None
@@ -301,7 +302,7 @@ class Deployer:
                 if self._figures is not None:
                     self._runtime.shared = SharedFigures(self.home / "metrics", cluster.worker_id)
                 await anyio.to_thread.run_sync(self._engine.clean_staging)
-                await cluster.heartbeat({})
+                await cluster.join()
                 live = await cluster.live()
                 await anyio.to_thread.run_sync(store.finish_orphaned_records, live)
                 yield self
@@ -340,7 +341,12 @@ class Deployer:
                     tasks.start_soon(runtime.follower.follow, name="hotdeploy follower")
                     tasks.start_soon(self._records.run, name="hotdeploy records")
                     if runtime.shared is not None:
-                        tasks.start_soon(runtime.shared.run, self._snapshot, name="hotdeploy metrics")
+                        tasks.start_soon(
+                            runtime.shared.run,
+                            self._snapshot,
+                            self._engine.until_quiet,
+                            name="hotdeploy metrics",
+                        )
                     if self.watch is not None:
                         folder = WatchFolder(
                             self.watch, self._deploy_dropped, lock_path=self.home / "watch.lock"

@@ -147,6 +147,7 @@ class Engine:
         # Operations under way in this process (deployments from their call to their answer, a
         # bake's wait aside; a follower's part in another worker's): see `operation`.
         self._operations = 0
+        self._quiet: anyio.Event | None = None  # set when the last operation ends
         self.collector = Collector(lambda: not self._operations and not self._preparing())
         self._collecting_in: anyio.abc.TaskGroup | None = None  # the runtime its task runs in
 
@@ -999,6 +1000,17 @@ class Engine:
         finally:
             self._operation_began()
 
+    async def until_quiet(self, patience: float) -> None:
+        """Until no operation runs here, or `patience` seconds passed. Background chores (the
+        periodic look, heartbeats, the records' and metrics' writers) wait here before their
+        thread hops: under load every hop waits for the GIL behind the busy event loop, and
+        one beside an operation's makes that operation's hops wait longer."""
+        with anyio.move_on_after(patience):
+            while self._operations:
+                if self._quiet is None:
+                    self._quiet = anyio.Event()
+                await self._quiet.wait()
+
     def _operation_began(self) -> None:
         self._operations += 1
         switch_interval.enter()
@@ -1008,6 +1020,9 @@ class Engine:
         self._operations -= 1
         if not self._operations:
             self.collector.poke()
+            quiet, self._quiet = self._quiet, None
+            if quiet is not None:
+                quiet.set()
 
     def _preparing(self) -> bool:
         """Whether a version is being loaded, started or checked, up to its switch: the part of

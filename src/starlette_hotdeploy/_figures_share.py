@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -84,10 +84,17 @@ class SharedFigures:
             found.append((snapshot, age <= LIVE_FOR and not snapshot.get("stopped", False)))
         return found
 
-    async def run(self, take: Callable[[], dict[str, Any] | None]) -> None:
-        """Write this worker's snapshot (taken on the event loop) every `INTERVAL` seconds."""
+    async def run(
+        self,
+        take: Callable[[], dict[str, Any] | None],
+        quiet: Callable[[float], Awaitable[None]] | None = None,
+    ) -> None:
+        """Write this worker's snapshot (taken on the event loop) every `INTERVAL` seconds; with
+        `quiet`, once it returns (see Engine.until_quiet), at most `INTERVAL` later."""
         warned = False
         while True:
+            if quiet is not None:
+                await quiet(INTERVAL)
             snapshot = take()
             try:
                 if snapshot is not None:

@@ -42,6 +42,9 @@ RESTORE_CONCURRENCY = 8
 FULL_LOOK_INTERVAL = 30.0
 # The periodic heartbeat recomputes what this worker serves every this many beats.
 SERVING_REFRESH_BEATS = 5
+# How long a heartbeat or a periodic look waits at most for an operation here to end (seconds;
+# see Engine.until_quiet): well within the liveness of 5 heartbeats.
+CHORES_PATIENCE = 1.0
 
 _Fingerprint = tuple[int, tuple[tuple[str, str], ...]]
 _Look = tuple[_Fingerprint, set[str], list[Operation], dict[str, Desired]]
@@ -68,6 +71,9 @@ class Follower:
         # that started before it may not show it, yet it is under way (see converge)
         self._begun: dict[str, int] = {}
         self._notice_seq = 0
+        # operations a converge found ended while their preparation (on a notice) still ran:
+        # the end of that preparation makes the loop look again, to let go of what it made
+        self._look_after: set[str] = set()
         self._voted: set[tuple[str, Vote]] = set()  # (operation id, vote) this worker cast
         # ...of which the store never got these (it failed): (detail, serving) to cast again
         self._unsent: dict[tuple[str, Vote], tuple[str | None, dict[str, str] | None]] = {}
@@ -107,6 +113,7 @@ class Follower:
                 # a converge); the periodic beat repeats the last map, recomputed only now and
                 # then (with 1000 packages, computing it is most of an idle worker's CPU).
                 fresh = self.cluster.serving is None or beats % SERVING_REFRESH_BEATS == 0
+                await self.engine.until_quiet(CHORES_PATIENCE)
                 await self.cluster.heartbeat(self.engine.serving() if fresh else None)
                 await self.report_canaries()
                 beats += 1
@@ -153,6 +160,8 @@ class Follower:
                     # Before the look: a wake-up during it is not lost. Those that only
                     # announced votes are for the coordinator: they change nothing to look for.
                     seen = cluster.wakeup.changes
+                    if not woken:  # the periodic look lets an operation here finish first
+                        await self.engine.until_quiet(CHORES_PATIENCE)
                     # Woken up, this worker has a part in an operation (see Engine.operation);
                     # the periodic look is not one.
                     with self.engine.operation() if woken else contextlib.nullcontext():
@@ -288,7 +297,13 @@ class Follower:
                 await self._prepare_for(operation)
         unfinished = {operation.id for operation in operations if operation.coordinator in live}
         unfinished.update(self._begun)
-        for op_id in [op_id for op_id in self._prepared if op_id not in unfinished]:
+        # A preparation on a notice may still run beside this converge: what it makes is let go
+        # of once it is done (it then makes the loop look again).
+        self._look_after.update(op_id for op_id in self._preparing if op_id not in unfinished)
+        unfinished.update(self._preparing)
+        for op_id in [
+            op_id for op_id in self._prepared.keys() | self._moves.keys() if op_id not in unfinished
+        ]:
             # Aborted (or finished without this worker): what was prepared for it goes (unless
             # a commit's notice switched to it meanwhile, see switch_noticed).
             await self.engine.discard_moves(self._moves.pop(op_id, []))
@@ -472,6 +487,9 @@ class Follower:
         finally:
             self._preparing.pop(operation.id, None)
             done.set()
+            if operation.id in self._look_after:
+                self._look_after.discard(operation.id)
+                self.cluster.wakeup.poke()
 
     async def _prepare_claimed(self, operation: Operation) -> None:
         assert operation.version is not None

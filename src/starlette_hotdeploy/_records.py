@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -24,6 +24,9 @@ from ._worker_figures import WorkerFigures
 
 logger = logging.getLogger("starlette_hotdeploy")
 
+# How long the background writer waits at most for a deployment here to end (seconds).
+QUIET_PATIENCE = 1.0
+
 
 class RecordLog:
     def __init__(self, events: EventHub, history_size: int, tidy: Callable[[str], str] = shorten) -> None:
@@ -35,6 +38,8 @@ class RecordLog:
         self._dirty: dict[str, Deployment] = {}
         self._wake = anyio.Event()
         self.figures: WorkerFigures | None = None  # set: metrics are on (outcomes, durations)
+        # Set: awaited (with its patience, seconds) before each background write (see run).
+        self.quiet: Callable[[float], Awaitable[None]] | None = None
 
     def open(self, store: Store, worker: str) -> None:
         self._store = store
@@ -111,9 +116,12 @@ class RecordLog:
         return write
 
     async def run(self) -> None:
-        """The background writer: steps reach the store within moments, in batches."""
+        """The background writer: steps reach the store within moments, in batches (while a
+        deployment runs here, once it ends or a second passed: its own hops go first)."""
         while True:
             await self._wake.wait()
+            if self.quiet is not None:
+                await self.quiet(QUIET_PATIENCE)
             self._wake = anyio.Event()
             try:
                 await self.flush()

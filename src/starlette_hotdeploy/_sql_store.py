@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -378,7 +378,7 @@ class SQLStore:
 
     # -- cluster operations -----------------------------------------------------------------
 
-    def begin_operation(self, operation: Operation, live: set[str]) -> Operation | None:
+    def begin_operation(self, operation: Operation, live: Container[str]) -> Operation | None:
         if Phase(operation.phase) is not Phase.PREPARE:
             raise IllegalTransition(
                 f"operation {operation.id} must begin in phase {Phase.PREPARE}, not {operation.phase}",

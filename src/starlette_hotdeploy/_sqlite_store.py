@@ -19,6 +19,7 @@ from typing import Any
 
 from . import _switch_interval as switch_interval
 from ._errors import HotDeployError
+from ._files import write_all
 from ._operation import OperationKind
 from ._sql_store import COMMITTED_PHASES, SQLStore, sql_in
 
@@ -238,13 +239,15 @@ class SQLiteStore(SQLStore):
         if not path.exists():
             directory.mkdir(parents=True, exist_ok=True)
             temporary = directory / f".{path.name}.{os.getpid()}.tmp"
-            with open(temporary, "wb") as out:
-                out.write(data)
-                out.flush()
+            with open(temporary, "wb", buffering=0) as out:  # unbuffered: fewer system calls
+                write_all(out, data)
                 os.fsync(out.fileno())
             os.replace(temporary, path)
             _fsync_directory(directory)
-        with self._transaction(durable=True) as db:
+        # Not durable on its own (no WAL flush): an archive matters once a version of it is
+        # desired, and the transaction that says so flushes the WAL, this row with it. A power
+        # loss before that may lose the row (the file stays: deployed again, it is indexed again).
+        with self._transaction() as db:
             self._index_archive(db, name, version, sha256, path)
         return path
 

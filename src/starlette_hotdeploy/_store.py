@@ -22,7 +22,7 @@ pass tests/test_store_conformance.py, and finishes a dead worker's records with 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -161,7 +161,7 @@ class Store(Protocol):
 
     # -- cluster operations -----------------------------------------------------------------
 
-    def begin_operation(self, operation: Operation, live: set[str]) -> Operation | None:
+    def begin_operation(self, operation: Operation, live: Container[str]) -> Operation | None:
         """Record it, or return the package's operation led by a live worker (a dead one's: abandoned)."""
 
     def abandon(self, operation: Operation) -> None:

@@ -4,15 +4,16 @@ Each worker binds a Unix datagram socket in a directory shared by the workers of
 of this host (`<home>/wake/<host>/<pid>-<random>.sock`, or, when that path would not fit a socket
 address, a private directory under /tmp named after the home and the host). A worker that wrote
 something the others wait for (an operation, a vote, a commit, a phase) sends a datagram to every
-other socket in that directory: non-blocking, from the worker thread that did the write. Most
-are one byte; a vote's and a commit's say what was written (see _notices), so the worker woken
-can act on it without looking in the store first. A socket nobody listens on any more (a killed
+other socket in that directory: non-blocking, from the worker thread that did the write. Some
+are one byte; an operation's begin, a vote and a commit say what was written (see _notices), so
+the worker woken can act on it without looking in the store first. A socket nobody listens on any more (a killed
 worker's) answers ECONNREFUSED and is removed; the host is in the path because another host's
 sockets (a home on a shared file system) answer that too.
 
 The receiving side is one task (`run`, under anyio, so asyncio and trio alike) that drains the
-socket, hands each notice to `on_message` (on the event loop), and bumps a counter;
-`wait(seen, timeout)` returns once the counter moved past `seen`, or after `timeout`. Nothing
+socket, hands each notice to `on_message` (on the event loop), and bumps two counters: `count`,
+and `changes` unless `on_message` called every datagram of the burst news only for a waiter (a
+vote); `wait(seen, timeout)` returns once the counter moved past `seen`, or after `timeout`. Nothing
 depends on a datagram arriving: the callers also look on a slow timer, so a lost one only
 delays. Where there is no AF_UNIX (Windows) or the loop cannot watch a socket, `open` or `run`
 fails, `listening` stays False and the callers poll.
@@ -155,7 +156,9 @@ class Wakeup:
         if directory is None or self._sender is None:
             return 0
         if len(message) > MAX_MESSAGE:
-            message = WAKE  # it would arrive cut: a plain wake-up (the worker looks instead)
+            # It would arrive cut: a plain wake-up (the worker looks in the store instead).
+            logger.debug("a %d-byte notice goes as a plain wake-up", len(message))
+            message = WAKE
         try:
             entries = [e for e in os.scandir(directory) if e.name != self.name and e.name.endswith(SUFFIX)]
         except OSError:
@@ -199,7 +202,7 @@ class Wakeup:
         self.listening = True
         task_status.started()
         try:
-            while True:
+            while self._receiver is receiver:  # closed meanwhile (its fd is gone): stop
                 await anyio.wait_readable(receiver)
                 got = changed = False
                 while True:
