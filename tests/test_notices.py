@@ -10,7 +10,7 @@ on). Every wait is bounded; events order the steps.
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Container, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -298,6 +298,30 @@ async def test_a_begin_reads_the_live_workers_to_end_a_dead_ones_operation_or_de
         other = await two.begin_operation(second)  # the live one's: under way
         assert other is not None
         assert other.id == "op-1"
+
+
+class ListingStore(SQLiteStore):
+    """A store of an application's that lists the live workers it is given, first thing."""
+
+    def __init__(self, home: Path) -> None:
+        super().__init__(home)
+        self.seen: list[list[str]] = []
+
+    def begin_operation(self, operation: Operation, live: Container[str]) -> Operation | None:
+        self.seen.append(sorted(live))  # type: ignore[call-overload]
+        return super().begin_operation(operation, live)
+
+
+async def test_a_store_that_lists_the_live_workers_gets_them(short_home: Path) -> None:
+    store = ListingStore(short_home)
+    cluster = Cluster(store)
+    try:
+        await cluster.heartbeat({})
+        operation = cluster.new_operation("op-1", "greeter", OperationKind.ACTIVATE, "2.0", "0" * 64)
+        assert await cluster.begin_operation(operation) is None
+    finally:
+        cluster.wakeup.close()
+    assert store.seen == [[cluster.worker_id]]  # asked again, with them read
 
 
 async def test_the_coordinators_own_prepared_vote_is_written_with_the_commit(short_home: Path) -> None:

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -494,9 +494,16 @@ class _LiveNeeded(Exception):
 
 
 class _NotRead:
-    """The live workers, not read yet: a store that needs them gets `_LiveNeeded`."""
+    """The live workers, not read yet: a store that needs them (a worker looked up, or the
+    workers listed: a store of the application's may do either) gets `_LiveNeeded`."""
 
     def __contains__(self, worker: object) -> bool:
+        raise _LiveNeeded
+
+    def __iter__(self) -> Iterator[str]:
+        raise _LiveNeeded
+
+    def __len__(self) -> int:
         raise _LiveNeeded
 
 

@@ -162,7 +162,9 @@ class Store(Protocol):
     # -- cluster operations -----------------------------------------------------------------
 
     def begin_operation(self, operation: Operation, live: Container[str]) -> Operation | None:
-        """Record it, or return the package's operation led by a live worker (a dead one's: abandoned)."""
+        """Record it, or return the package's operation led by a live worker (a dead one's: abandoned).
+        `live` may raise when first used (it is read only then): let it propagate, the call is
+        made again with the live workers read."""
 
     def abandon(self, operation: Operation) -> None:
         """End a dead coordinator's operation: ABORT before its commit, DONE after; finish its
