@@ -40,7 +40,7 @@ from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
 
 from ._errors import StoreError
-from ._notices import Notices, begin_message, commit_message, vote_message
+from ._notices import Notices, begin_message, commit_message, keep_room, vote_message
 from ._operation import Member, Operation, OperationKind, Phase, Vote
 from ._store import Notifying, Store, Worker
 from ._wakeup import WAKE, Wakeup
@@ -274,7 +274,7 @@ class Cluster:
         changes = self.wakeup.changes
         other = await anyio.to_thread.run_sync(run)
         if other is None:
-            Notices.make_room(self._began)
+            keep_room(self._began)
             self._began[operation.id] = (live, changes)
         return other
 
@@ -298,7 +298,7 @@ class Cluster:
         """This worker's vote, counted by `await_votes` now and written with the commit (in its
         thread hop): no other worker waits for the coordinator's own PREPARED vote, so it need
         not cost a hop of its own on the way to the commit."""
-        Notices.make_room(self._with_commit)
+        keep_room(self._with_commit)
         self._with_commit[op_id] = vote
         self.notices.note(op_id, self.worker_id, vote)
 

@@ -18,10 +18,10 @@ def replace_file(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def write_all(out: io.RawIOBase, data: bytes | bytearray | memoryview) -> None:
+def write_all(out: io.FileIO, data: bytes | bytearray | memoryview) -> None:
     """All of `data` to an unbuffered file (`open(..., buffering=0)`: no system calls to set up
     a buffer; in a worker thread under load, each one waits to get the GIL back), whose raw
     writes may each take part of it."""
     view = memoryview(data)
     while view:
-        view = view[out.write(view) or 0 :]
+        view = view[out.write(view) :]

@@ -46,8 +46,15 @@ def begin_message(operation: Operation) -> bytes:
     return json.dumps(["begin", operation.id, operation.to_json()]).encode()
 
 
+def keep_room(table: dict[str, Any]) -> None:
+    """Room for one more operation in a table by operation id: the oldest go."""
+    while len(table) >= KEEP_OPERATIONS:
+        del table[next(iter(table))]  # the oldest
+
+
 class Notices:
-    """The votes and commits that this worker's wake-ups announced (on the event loop)."""
+    """What this worker's wake-ups announced (on the event loop): the votes, with this worker's
+    own, and the commits; an operation begun is handed on at once (`on_begin`)."""
 
     def __init__(self) -> None:
         self._votes: dict[str, dict[str, Vote]] = {}  # operation id -> worker -> latest vote
@@ -84,7 +91,7 @@ class Notices:
             return False
         if kind == "begin":
             return self.on_begin is None or not self.on_begin(operation)
-        self.make_room(self._commits)
+        keep_room(self._commits)
         self._commits[op_id] = generation
         if self.on_commit is not None:
             self.on_commit(op_id)
@@ -93,7 +100,7 @@ class Notices:
     def note(self, op_id: str, worker: str, vote: Vote) -> None:
         """A vote known on the loop: one a wake-up announced, or this worker's own."""
         if op_id not in self._votes:
-            self.make_room(self._votes)
+            keep_room(self._votes)
         self._votes.setdefault(op_id, {})[worker] = vote
 
     def votes(self, op_id: str) -> dict[str, Vote]:
@@ -103,9 +110,3 @@ class Notices:
     def commit(self, op_id: str) -> int | None:
         """The generation of the operation's commit, if a wake-up announced it."""
         return self._commits.get(op_id)
-
-    @staticmethod
-    def make_room(table: dict[str, Any]) -> None:
-        """Room for one more operation in a table by operation id: the oldest go."""
-        while len(table) >= KEEP_OPERATIONS:
-            del table[next(iter(table))]  # the oldest

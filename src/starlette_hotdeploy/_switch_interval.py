@@ -10,8 +10,9 @@ deployment's store writes took 20-100 ms each; with 0.5 ms, mostly under 5 ms.
 
 So while at least one operation runs (`Engine.operation`: a deployment's steps, a follower's
 part in another worker's) or a SQLite transaction does (`SQLiteStore`), the interval is 0.5 ms
-(`operation_switch_interval`); it goes back to what it was when the last one ends. The event loop then hands the GIL to a waiting thread every 0.5 ms
-instead of every 5: more switches, for the time of a deployment only. An interval that is
+(`operation_switch_interval`); it goes back to what it was when the last one ends. The event
+loop then hands the GIL to a waiting thread every 0.5 ms instead of every 5: more switches,
+for the time of a deployment only. An interval that is
 already as short (set by the application) is left alone, and one changed meanwhile is not
 undone. `$HOTDEPLOY_SWITCH_INTERVAL=0` turns this off.
 """
