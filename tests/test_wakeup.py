@@ -54,6 +54,18 @@ async def listening(*wakeups: Wakeup) -> AsyncIterator[None]:
                 wakeup.close()
 
 
+def told_to(wakeup: Wakeup) -> list[bytes]:
+    """The notices `wakeup` reads from now on (each one a change), in order."""
+    told: list[bytes] = []
+
+    def on_message(data: bytes) -> bool:
+        told.append(data)
+        return True
+
+    wakeup.on_message = on_message
+    return told
+
+
 # -- Wakeup ---------------------------------------------------------------------------------------
 
 
@@ -102,15 +114,31 @@ async def test_a_wake_up_that_is_only_news_is_no_change(short_home: Path) -> Non
     assert told == [b"news", b"a change"]
 
 
+async def test_a_notice_behind_a_plain_wake_up_is_still_read(short_home: Path) -> None:
+    # Both wait in the socket before the receiver runs: one read takes them both. A begin's
+    # notice behind a plain wake-up was once dropped unread (the follower then looked instead).
+    one, two = Wakeup(short_home), Wakeup(short_home)
+    told = told_to(two)
+    assert one.open()
+    assert two.open()
+    try:
+        assert await anyio.to_thread.run_sync(one.notify) == 1
+        assert await anyio.to_thread.run_sync(one.notify, b"a notice") == 1
+        async with anyio.create_task_group() as tasks:
+            seen = two.count
+            await tasks.start(two.run)
+            with anyio.fail_after(5):
+                assert await two.wait(seen, 10)
+            tasks.cancel_scope.cancel()
+    finally:
+        one.close()
+        two.close()
+    assert told == [b"a notice"]
+
+
 async def test_a_message_too_long_to_arrive_whole_goes_as_a_plain_wake_up(short_home: Path) -> None:
     one, two = Wakeup(short_home), Wakeup(short_home)
-    told: list[bytes] = []
-
-    def on_message(data: bytes) -> bool:
-        told.append(data)
-        return True
-
-    two.on_message = on_message
+    told = told_to(two)
     async with listening(one, two):
         changes = two.changes
         await anyio.to_thread.run_sync(one.notify, b"x" * (MAX_MESSAGE + 1))

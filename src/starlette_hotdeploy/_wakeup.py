@@ -211,7 +211,9 @@ class Wakeup:
                     except OSError:  # BlockingIOError: drained
                         break
                     got = True
-                    changed = changed or self._is_change(data)
+                    # Every datagram is read, even after a change: a notice behind a plain
+                    # wake-up still says what it says (a begin, a commit).
+                    changed = self._is_change(data) or changed
                 if got:
                     self._bump(changed)
         except (OSError, NotImplementedError, anyio.ClosedResourceError, anyio.BusyResourceError) as exc:
