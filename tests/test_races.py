@@ -28,6 +28,7 @@ import testkit
 from conftest import running_on
 from packages import write_package
 from starlette_hotdeploy import Deployer, IllegalTransition, PackageVersion, VersionState, hookimpl
+from starlette_hotdeploy._deployment import Action, Deployment, Outcome
 from starlette_hotdeploy._mounts import Mount
 from starlette_hotdeploy._operation import Operation
 from starlette_hotdeploy._sqlite_store import SQLiteStore
@@ -172,6 +173,43 @@ async def test_a_rollback_after_the_retirement_decided_loads_the_version_again(
         assert traffic.failures == []
         assert [await answer(client) for _ in range(20)] == ["1.0"] * 20
         assert [v.state for v in instances(deployer, "1.0")] == [VersionState.ACTIVE]
+
+
+async def test_a_hold_before_the_retirement_task_first_ran_leaves_the_version_alone(
+    tmp_path: Path, sources: Path
+) -> None:
+    # A third order, inside the engine: `retire` starts the retirement's task, and a switch
+    # back holds the version before that task ever ran (nothing awaited in between: a thread
+    # hop that did not yield). The task must leave the version alone; it once began a step on
+    # the record the hold had finished, and its AssertionError ended the deployer's runtime.
+    async with running(tmp_path) as (deployer, _, client):
+        await deployer.deploy(write_package(sources, version="1.0"))
+        one = deployer.package("greeter").active
+        assert one is not None
+        with anyio.fail_after(30):  # a guard against a hang, not a wait
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.get, "/greeter/hold?key=slow")  # keeps 1.0 draining
+                await testkit.event("slow:entered").wait()
+                await deployer.deploy(write_package(sources, version="2.0"))
+                engine = deployer._engine
+                package = engine.get("greeter")
+                assert package is not None
+                assert engine.hold(one)  # held, as a rollback would: its retirement withdrawn
+                record = Deployment(Action.ROLLBACK, "greeter", "1.0", "2.0")
+                record.decide(Outcome.SUCCEEDED)  # as the coordinator's, before it retires
+                engine.retire(package, one, record)
+                assert engine.hold(one)  # before the task `retire` started first ran
+                await yield_rounds()
+                assert record.finished_at is not None
+                assert [step.name for step in record.steps] == ["drain 1.0"]  # as withdraw ends it
+                assert one.state is VersionState.DRAINING
+                assert one.app is not None
+                engine.release(package, one)  # not switched to after all: retired again
+                rolled_back = await deployer.rollback("greeter")  # the runtime still works
+                testkit.event("slow").set()
+        assert rolled_back.outcome == "succeeded"
+        assert deployer.package("greeter").active is one
+        assert [await answer(client) for _ in range(5)] == ["1.0"] * 5
 
 
 async def answer(client: httpx.AsyncClient) -> str:

@@ -852,6 +852,10 @@ class Engine:
         idle = False
         drain_started = time.perf_counter()
         with retirement.scope:
+            if retirement.withdrawn:
+                # Held for a switch back before this task first ran (its record is finished):
+                # a withdrawn scope ends only at an await, and none came yet.
+                return
             if delay > 0:
                 await anyio.sleep(delay)  # a following worker keeps it warm for the bake
             if record is not None:
