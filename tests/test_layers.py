@@ -24,6 +24,7 @@ BASE = {
     "_canary_plan",
     "_dependency_order",
     "_switch_interval",
+    "_thread_hop",
 }
 REQUEST_PATH = {
     "_dispatch",

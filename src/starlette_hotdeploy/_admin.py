@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 from packaging.version import InvalidVersion, Version
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
@@ -35,6 +34,7 @@ from ._openapi import openapi_document
 from ._problems import problem, problem_for
 from ._scope import route_path
 from ._signing import MAX_SIGNATURE_BYTES, SIGNATURE_HEADER
+from ._thread_hop import thread_hop
 from ._types import ASGIApp, Receive, Scope, Send
 from ._ui import UI_PATH, ui_routes
 
@@ -210,12 +210,12 @@ class AdminAPI:
         return JSONResponse(openapi_document(self.prefix, self.max_upload_bytes))
 
     async def list_packages(self, request: Request) -> Response:
-        packages = await anyio.to_thread.run_sync(self.deployer.status)
+        packages = await thread_hop(self.deployer.status)
         return JSONResponse({"packages": [p.to_dict() for p in packages]})
 
     async def cluster(self, request: Request) -> Response:
         try:
-            view = await anyio.to_thread.run_sync(self.deployer.cluster)
+            view = await thread_hop(self.deployer.cluster)
         except HotDeployError as exc:
             return problem_for(exc)
         return JSONResponse(view)
@@ -228,14 +228,14 @@ class AdminAPI:
 
         encode, content_type = choose_encoder(request.headers.get("accept", ""))
         # In a worker thread: it reads the other workers' files.
-        body = await anyio.to_thread.run_sync(encode, collector)
+        body = await thread_hop(encode, collector)
         return Response(body, media_type=content_type)
 
     async def get_package(self, request: Request) -> Response:
         try:
             name = package_name(request)
             # In a worker thread: it reads the other workers' heartbeats from the store.
-            found = await anyio.to_thread.run_sync(self.deployer.status, name)
+            found = await thread_hop(self.deployer.status, name)
         except BadQuery as exc:
             return problem(400, "invalid package name", str(exc))
         except HotDeployError as exc:
@@ -385,14 +385,14 @@ class AdminAPI:
             return problem(400, "invalid query", f"package {package[:80]!r} is not a package name")
         if not 0 <= limit <= MAX_HISTORY_LIMIT:
             return problem(400, "invalid query", f"limit must be between 0 and {MAX_HISTORY_LIMIT}")
-        records = await anyio.to_thread.run_sync(self.deployer.deployments, limit, package)
+        records = await thread_hop(self.deployer.deployments, limit, package)
         return JSONResponse({"deployments": [r.to_dict() for r in records]})
 
     async def get_deployment(self, request: Request) -> Response:
         deployment_id = request.path_params["id"]
         if not _ID.fullmatch(deployment_id):
             return problem(404, "unknown deployment", f"no deployment with id {deployment_id[:80]!r}")
-        record = await anyio.to_thread.run_sync(self.deployer.find_deployment, deployment_id)
+        record = await thread_hop(self.deployer.find_deployment, deployment_id)
         if record is None:
             return problem(404, "unknown deployment", f"no deployment with id {deployment_id!r}")
         return JSONResponse(record.to_dict())
@@ -406,7 +406,7 @@ class AdminAPI:
 
         async def traffic() -> dict[str, Any]:
             # In a worker thread: it reads the other workers' metrics files.
-            figures = await anyio.to_thread.run_sync(deployer.traffic)
+            figures = await thread_hop(deployer.traffic)
             return {"type": "traffic", "at": time.time(), **figures}
 
         return StreamingResponse(

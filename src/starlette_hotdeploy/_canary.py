@@ -23,13 +23,13 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
-import anyio.to_thread
 
 from ._canary_analysis import StepFigures, Verdict, analyze
 from ._canary_plan import FULL, CanaryPlan
 from ._deployment import Deployment, Outcome
 from ._errors import CanaryRefused, DeploymentError
 from ._operation import Operation
+from ._thread_hop import thread_hop
 from ._version import VersionState
 
 if TYPE_CHECKING:
@@ -296,7 +296,7 @@ class CanaryRun:
                         continue
             return reports
 
-        reports = await anyio.to_thread.run_sync(look)
+        reports = await thread_hop(look)
         reports.append(figures_report(self.stable, self.canary))
         return StepFigures.from_reports(reports)
 

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-import anyio.to_thread
 from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
 
@@ -43,6 +42,7 @@ from ._errors import StoreError
 from ._notices import Notices, begin_message, commit_message, keep_room, vote_message
 from ._operation import Member, Operation, OperationKind, Phase, Vote
 from ._store import Notifying, Store, Worker
+from ._thread_hop import thread_hop
 from ._wakeup import WAKE, Wakeup
 
 T = TypeVar("T")
@@ -174,7 +174,7 @@ class Cluster:
                 self.wakeup.notify(notice(result))
             return result
 
-        return await anyio.to_thread.run_sync(run)
+        return await thread_hop(run)
 
     def workers(self) -> list[Worker]:
         """Workers with a recent heartbeat; on this host, also a process that still exists (a
@@ -187,7 +187,7 @@ class Cluster:
         return ids | {self.worker_id}
 
     async def live(self) -> set[str]:
-        return await anyio.to_thread.run_sync(self._live_ids)
+        return await thread_hop(self._live_ids)
 
     def _may_be_alive(self, worker: Worker) -> bool:
         host, _, rest = worker.id.partition(":")
@@ -212,7 +212,7 @@ class Cluster:
     async def heartbeat(self, serving: dict[str, str] | None) -> None:
         """Refresh this worker's heartbeat and what it serves (None: what it last wrote)."""
         beat = self._beat(serving)
-        await anyio.to_thread.run_sync(beat)
+        await thread_hop(beat)
 
     def _beat(self, serving: dict[str, str] | None) -> Callable[[], None]:
         """The blocking heartbeat of a map computed now (on the loop). Maps are numbered when
@@ -272,7 +272,7 @@ class Cluster:
             return other
 
         changes = self.wakeup.changes
-        other = await anyio.to_thread.run_sync(run)
+        other = await thread_hop(run)
         if other is None:
             keep_room(self._began)
             self._began[operation.id] = (live, changes)
@@ -432,7 +432,7 @@ class Cluster:
             else:
                 expect_notices = False
                 try:
-                    looked = live, votes = await anyio.to_thread.run_sync(look)
+                    looked = live, votes = await thread_hop(look)
                 except StoreError:
                     # A database restarting: the votes are still there when it is back (and the
                     # voters send theirs again), so look again until the deadline.

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import anyio
-import anyio.to_thread
 
 from ._archive import Source, Unpacked, read_source, unpack
 from ._canary import CanaryRun, CanaryState, with_command
@@ -57,6 +56,7 @@ from ._package import Package
 from ._records import RecordLog
 from ._requirements import check_change, in_dependency_order
 from ._store import Store, StoredArchive
+from ._thread_hop import thread_hop
 from ._version import PackageVersion, VersionState
 
 logger = logging.getLogger("starlette_hotdeploy")
@@ -127,9 +127,7 @@ class Coordinator:
             with self._claim(manifest.name, record):
                 package = engine.get(manifest.name)
                 if package is None:
-                    package = await anyio.to_thread.run_sync(
-                        engine.new_package, manifest.name, manifest.mount
-                    )
+                    package = await thread_hop(engine.new_package, manifest.name, manifest.mount)
                 current = package.active
                 if current is not None and manifest.parsed_version < current.manifest.parsed_version:
                     record.downgrade = True
@@ -199,7 +197,7 @@ class Coordinator:
                     claims.enter_context(self._claim(upload.manifest.name, record))
                     package = self.engine.get(upload.manifest.name)
                     if package is None:
-                        package = await anyio.to_thread.run_sync(
+                        package = await thread_hop(
                             self.engine.new_package, upload.manifest.name, upload.manifest.mount
                         )
                     packages.append(package)
@@ -261,7 +259,7 @@ class Coordinator:
                 # write (its hop would wait for this one's connection, or hold it up).
                 accept = self.records.writer(record) if save_record else None
                 try:
-                    await anyio.to_thread.run_sync(arrive, accept, loaded, self._host_routes(options))
+                    await thread_hop(arrive, accept, loaded, self._host_routes(options))
                 finally:
                     unpacked, record.signer = arrival.unpacked, arrival.signer
                     if unpacked is not None:
@@ -296,14 +294,14 @@ class Coordinator:
         """A deployment that failed before its commit leaves neither archive nor unpacked copy
         behind (unless that archive was active once: then it stays available)."""
         if saved:
-            await anyio.to_thread.run_sync(self.store.discard_archive, name, version, sha256)
-        if await anyio.to_thread.run_sync(self.store.archive, name, version, sha256) is not None:
+            await thread_hop(self.store.discard_archive, name, version, sha256)
+        if await thread_hop(self.store.archive, name, version, sha256) is not None:
             return  # it was active once: it stays available
         package = self.engine.get(name)
         if package is not None and any(v.sha256 == sha256 for v in package.loaded):
             return
         directory = self.engine.home / "packages" / name / f"{version}-{sha256[:12]}"
-        await anyio.to_thread.run_sync(_remove_tree, directory)
+        await thread_hop(_remove_tree, directory)
 
     async def rollback(self, name: str) -> Deployment:
         package = self.engine.package(name)
@@ -420,7 +418,7 @@ class Coordinator:
 
     async def _refresh_available(self, package: Package) -> None:
         """Another worker may have stored versions this one has not seen."""
-        stored = await anyio.to_thread.run_sync(self.store.archives, package.name)
+        stored = await thread_hop(self.store.archives, package.name)
         self.engine.note_available(package, [(a.version, a.sha256) for a in stored])
 
     async def _check_requirements(self, record: Deployment, *manifests: Manifest) -> None:
@@ -846,7 +844,7 @@ class Coordinator:
         if run is not None:
             run.command(command, "the admin API")
             return {**run.state.status(), "requested": command}
-        desired = (await anyio.to_thread.run_sync(self.store.desired)).get(name)
+        desired = (await thread_hop(self.store.desired)).get(name)
         if desired is None or desired.canary is None:
             self.engine.package(name)  # UnknownPackage first
             raise CanaryRefused(f"no canary of {name} is running", package=name, step="canary")
@@ -956,14 +954,14 @@ class Coordinator:
 
     async def _prune(self, package: Package) -> None:
         protect = set(package.lineage_pairs()[-2:])
-        removed = await anyio.to_thread.run_sync(self.store.prune, package.name, self.keep_versions, protect)
+        removed = await thread_hop(self.store.prune, package.name, self.keep_versions, protect)
         for archive in removed:
             self.engine.drop_available(package, archive.version, archive.sha256)
             if package.loaded_version(archive.version) is None:
                 directory = (
                     self.engine.home / "packages" / package.name / f"{archive.version}-{archive.sha256[:12]}"
                 )
-                await anyio.to_thread.run_sync(_remove_tree, directory)
+                await thread_hop(_remove_tree, directory)
 
 
 def canary_plan(

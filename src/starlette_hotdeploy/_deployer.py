@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-import anyio.to_thread
 import pluggy
 
 from ._archive import ArchiveLimits, Source
@@ -42,6 +41,7 @@ from ._signing import TrustedKeys
 from ._status import PackageStatus
 from ._store import Store
 from ._store_url import open_store, store_url_from_env
+from ._thread_hop import thread_hop
 from ._watch import WatchFolder
 from ._worker_figures import WorkerFigures
 
@@ -273,15 +273,11 @@ class Deployer:
         async with self._runtime_failures_logged(), anyio.create_task_group() as task_group:
             self._stopped = False
             try:
-                store = await anyio.to_thread.run_sync(self._open_store)
+                store = await thread_hop(self._open_store)
                 if self._trusted_key_specs:
-                    self._engine.trusted_keys = await anyio.to_thread.run_sync(
-                        TrustedKeys.load, self._trusted_key_specs
-                    )
+                    self._engine.trusted_keys = await thread_hop(TrustedKeys.load, self._trusted_key_specs)
                 if self._entry_points:
-                    await anyio.to_thread.run_sync(
-                        self.plugins.load_setuptools_entrypoints, ENTRY_POINT_GROUP
-                    )
+                    await thread_hop(self.plugins.load_setuptools_entrypoints, ENTRY_POINT_GROUP)
                 self._engine.open(task_group, store)
                 cluster = Cluster(store, timeout=self._cluster_timeout)
                 follower = Follower(self._engine, cluster, store, bake_time=self.bake_time)
@@ -301,10 +297,10 @@ class Deployer:
                 )
                 if self._figures is not None:
                     self._runtime.shared = SharedFigures(self.home / "metrics", cluster.worker_id)
-                await anyio.to_thread.run_sync(self._engine.clean_staging)
+                await thread_hop(self._engine.clean_staging)
                 await cluster.join()
                 live = await cluster.live()
-                await anyio.to_thread.run_sync(store.finish_orphaned_records, live)
+                await thread_hop(store.finish_orphaned_records, live)
                 yield self
             finally:
                 with anyio.CancelScope(shield=True):
@@ -377,7 +373,7 @@ class Deployer:
         await self._records.flush()
         snapshot = self._snapshot()
         if runtime.shared is not None and snapshot is not None:
-            await anyio.to_thread.run_sync(runtime.shared.stopped, snapshot)
+            await thread_hop(runtime.shared.stopped, snapshot)
         await runtime.cluster.leave()
 
     # -- queries ----------------------------------------------------------------------------

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-import anyio.to_thread
 import pluggy
 
 from . import _switch_interval as switch_interval
+from . import _thread_hop
 from ._archive import ArchiveLimits, Unpacked, clean_staging, unpack
 from ._cleaners import Collector, Unloaded, release
 from ._dependency_order import requirements_first as dependency_order
@@ -58,6 +58,7 @@ from ._package import Package
 from ._probe import ProbeCrashed, probe
 from ._split import Split
 from ._store import Desired, Store
+from ._thread_hop import thread_hop
 from ._types import ASGIApp
 from ._version import PackageVersion, VersionState
 from ._worker_figures import WorkerFigures
@@ -353,7 +354,7 @@ class Engine:
         stage = [f"importing {manifest.app_module!r}"]  # what the thread is doing, for the timeout
         try:
             with anyio.fail_after(timeout):
-                app, plugins = await anyio.to_thread.run_sync(
+                app, plugins = await thread_hop(
                     _import_version, version, stage, abandon_on_cancel=True, limiter=threads
                 )
         except TimeoutError:
@@ -403,7 +404,7 @@ class Engine:
             )
 
     async def unpack_stored(self, name: str, version: str, sha256: str) -> Unpacked:
-        return await anyio.to_thread.run_sync(self._unpack_stored, name, version, sha256)
+        return await thread_hop(self._unpack_stored, name, version, sha256)
 
     def _unpack_stored(self, name: str, version: str, sha256: str) -> Unpacked:
         """Blocking: a stored archive, unpacked (one thread hop for the look-up and the unpack).
@@ -449,7 +450,7 @@ class Engine:
                     found = known if known is not None else self.new_package(name, unpacked.manifest.mount)
                     return unpacked, found
 
-                unpacked, found = await anyio.to_thread.run_sync(fetch, limiter=threads)  # one thread hop
+                unpacked, found = await thread_hop(fetch, limiter=threads)  # one thread hop
                 package = found
                 if before_load is not None:
                     await before_load(unpacked.manifest)
@@ -1018,8 +1019,10 @@ class Engine:
     def _operation_began(self) -> None:
         self._operations += 1
         switch_interval.enter()
+        _thread_hop.operation_began()
 
     def _operation_ended(self) -> None:
+        _thread_hop.operation_ended()
         switch_interval.leave()
         self._operations -= 1
         if not self._operations:

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.to_thread
 
 from ._files import replace_file
+from ._thread_hop import thread_hop
 
 logger = logging.getLogger("starlette_hotdeploy.metrics")
 
@@ -98,7 +98,7 @@ class SharedFigures:
             snapshot = take()
             try:
                 if snapshot is not None:
-                    await anyio.to_thread.run_sync(self.write, snapshot)
+                    await thread_hop(self.write, snapshot)
                 warned = False
             except OSError as exc:
                 if not warned:  # once, not every second

@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
-import anyio.to_thread
 
 from ._canary import figures_report
 from ._cluster import Cluster
@@ -30,6 +29,7 @@ from ._operation import Operation, OperationKind, Phase, Vote
 from ._package import Package
 from ._restore_order import RestoreOrder
 from ._store import Desired, Store
+from ._thread_hop import thread_hop
 from ._version import PackageVersion, VersionState
 
 logger = logging.getLogger("starlette_hotdeploy")
@@ -125,7 +125,7 @@ class Follower:
                         self.store.prune_operations(3600.0)
                         self.store.finish_orphaned_records(live)
 
-                    await anyio.to_thread.run_sync(housekeeping)
+                    await thread_hop(housekeeping)
             except Exception:
                 logger.exception("heartbeat failed")
             await anyio.sleep(self.cluster.heartbeat_interval)
@@ -254,7 +254,7 @@ class Follower:
         `force`, only if the store changed since the last complete converge."""
         force = force or self._fingerprint is None or bool(self._prepared) or bool(self._unsent)
         started = self._notice_seq
-        look = await anyio.to_thread.run_sync(self._look, force)
+        look = await thread_hop(self._look, force)
         # Noticed begun since the look started: under way, although the look may not show them.
         self._begun = {op_id: seq for op_id, seq in self._begun.items() if seq > started}
         if look is None:
@@ -514,7 +514,7 @@ class Follower:
                     operation.package, operation.version, operation.sha256
                 )
                 if package is None:
-                    package = await anyio.to_thread.run_sync(
+                    package = await thread_hop(
                         self.engine.new_package, operation.package, unpacked.manifest.mount
                     )
                 version = unpacked.new_version()
@@ -570,9 +570,7 @@ class Follower:
                         continue
                 unpacked = await engine.unpack_stored(member.package, member.version, member.sha256)
                 if package is None:
-                    package = await anyio.to_thread.run_sync(
-                        engine.new_package, member.package, unpacked.manifest.mount
-                    )
+                    package = await thread_hop(engine.new_package, member.package, unpacked.manifest.mount)
                 version = unpacked.new_version()
                 await engine.prepare_bound(package, version, moving)
                 moves.append(Move(package, package.active, version))

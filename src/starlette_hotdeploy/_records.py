@@ -13,13 +13,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-import anyio.to_thread
 
 from . import _oplog
 from ._deployment import Action, Deployment, Step
 from ._detail import shorten
 from ._events import EventHub
 from ._store import Store
+from ._thread_hop import thread_hop
 from ._worker_figures import WorkerFigures
 
 logger = logging.getLogger("starlette_hotdeploy")
@@ -100,7 +100,7 @@ class RecordLog:
         self._dirty.clear()
         if write is not _nothing:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(write)
+                await thread_hop(write)
 
     def _write_of(self, records: list[Deployment]) -> Callable[[], None]:
         """The blocking write of `records` as they are now."""

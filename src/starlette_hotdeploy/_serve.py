@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -19,6 +18,7 @@ from starlette.routing import Route
 
 from ._deployer import Deployer
 from ._dispatch import HotDeployMiddleware
+from ._thread_hop import thread_hop
 
 HOME_ENV = "HOTDEPLOY_HOME"
 
@@ -35,7 +35,7 @@ def create_host_app(
     async def index(request: Request) -> JSONResponse:
         packages = [
             {"name": p.name, "mount": p.mount, "version": p.active_version}
-            for p in await anyio.to_thread.run_sync(deployer.status)
+            for p in await thread_hop(deployer.status)
         ]
         return JSONResponse({"service": "starlette-hotdeploy package host", "packages": packages})
 
