@@ -7,7 +7,9 @@ through them. How much faster that is under load is the benchmarks' to say
 from __future__ import annotations
 
 import contextvars
+import gc
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,6 +66,21 @@ async def test_a_hop_is_a_checkpoint_even_when_the_call_ends_at_once(operation: 
         tasks.start_soon(other)
         await thread_hop(int)
         assert ran == ["other"]
+
+
+async def test_a_hop_keeps_nothing_of_its_call_once_it_returned(operation: None) -> None:
+    # A retired version's app went through hops (its import's result): a pool thread that kept
+    # its last call while waiting for the next one kept that version alive.
+    class Thing:
+        pass
+
+    made = await thread_hop(Thing)
+    passed = Thing()
+    assert await thread_hop(id, passed) == id(passed)
+    refs = [weakref.ref(made), weakref.ref(passed)]
+    del made, passed
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
 
 
 @pytest.mark.parametrize("error", [ValueError("bad"), TimeoutError("the function's own")])

@@ -122,6 +122,9 @@ class _Pool:
                         return
                 continue  # claimed by a submit whose call is on its way
             call()
+            # Nothing of it stays with this thread while it waits: the call's result or
+            # arguments may be a version's app, which must be collectable once retired.
+            del call
             with self._lock:
                 self._idle += 1
 
