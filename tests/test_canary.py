@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from conftest import host_app
+from conftest import host_app, running_on
 from packages import write_package, zip_directory
 from starlette_hotdeploy import (
     CanaryRefused,
@@ -30,6 +31,8 @@ from starlette_hotdeploy import (
 )
 from starlette_hotdeploy._canary_plan import parse_steps
 from starlette_hotdeploy._errors import CanaryError
+from starlette_hotdeploy._sqlite_store import SQLiteStore
+from starlette_hotdeploy._store import STALE_UPLOAD_AFTER, StoredArchive
 from starlette_hotdeploy._types import Message
 
 pytestmark = pytest.mark.anyio
@@ -353,6 +356,52 @@ async def test_promote_all_and_abort_by_hand_and_one_canary_at_a_time(
     assert second.outcome == "aborted"
     assert "aborted by the admin API" in (second.error or "")
     assert deployer.status()[0].active_version == "1.1"
+
+
+class PruneGate(SQLiteStore):
+    """The SQLite store, with a gate the test closes on `prune` (a worker thread): the last
+    store write of a promotion, after its record is decided."""
+
+    def __init__(self, home: Path) -> None:
+        super().__init__(home)
+        self.closed = False
+        self.reached, self.opened = threading.Event(), threading.Event()
+
+    def prune(
+        self, name: str, keep: int, protect: set[tuple[str, str]], *, stale_after: float = STALE_UPLOAD_AFTER
+    ) -> list[StoredArchive]:
+        if self.closed:
+            self.closed = False
+            self.reached.set()
+            if not self.opened.wait(timeout=30):  # a guard against a hang, not a wait
+                raise TimeoutError("the test never opened the gate")
+        return super().prune(name, keep, protect, stale_after=stale_after)
+
+
+async def test_a_deploy_right_after_a_promotion_is_decided_waits_for_its_run_to_end(
+    tmp_path: Path, sources: Path
+) -> None:
+    # A client that deploys as soon as the canary's record says `succeeded` was refused ("a
+    # canary of shop 1.1 is running") while the run still pruned and let go of the package.
+    async with running_on(tmp_path, PruneGate) as (deployer, store, _):
+        record = await canary_of(deployer, sources, "5%, 50%")
+        store.closed = True
+        await deployer.promote_canary("shop", all_steps=True)
+        with anyio.fail_after(10):  # a guard against a hang, not a wait
+            await anyio.to_thread.run_sync(store.reached.wait)  # decided, still pruning
+            assert record.outcome == "succeeded"
+            deployed: list[Any] = []
+
+            async def deploy() -> None:
+                deployed.append(await deployer.deploy(package(sources, "1.2")))
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(deploy)
+                await anyio.wait_all_tasks_blocked()
+                assert deployed == []  # waiting for the run, not refused
+                store.opened.set()
+        assert deployed[0].outcome == "succeeded"
+        assert deployer.status()[0].active_version == "1.2"
 
 
 class FailingAnalysis:

@@ -124,6 +124,7 @@ class Coordinator:
         manifest = unpacked.manifest
         record.package, record.to_version, record.sha256 = manifest.name, manifest.version, unpacked.sha256
         try:
+            await self._after_concluded_canary(manifest.name)
             with self._claim(manifest.name, record):
                 package = engine.get(manifest.name)
                 if package is None:
@@ -191,6 +192,7 @@ class Coordinator:
                 first.manifest.version,
                 first.sha256,
             )
+            await self._after_concluded_canary(*(u.manifest.name for u in changed or uploads[:1]))
             with ExitStack() as claims:
                 packages: list[Package] = []
                 for upload in changed or uploads[:1]:
@@ -339,6 +341,7 @@ class Coordinator:
             )
         active = package.active
         record = self.records.new(Action.UNDEPLOY, name, from_version=active.version if active else None)
+        await self._after_concluded_canary(name)
         with self._claim(name, record), anyio.CancelScope(shield=True):
             operation = self.cluster.new_operation(record.id, name, OperationKind.REMOVE)
             await self._begin(operation, record)
@@ -353,6 +356,15 @@ class Coordinator:
         return record
 
     # -- the pipeline -----------------------------------------------------------------------
+
+    async def _after_concluded_canary(self, *names: str) -> None:
+        """A canary of one of `names` whose end is decided (promoted or aborted: its run still
+        saves, retires, prunes and lets go of the package): wait for that run to finish. A
+        client that deploys as soon as it sees the canary's record decided is not refused."""
+        for name in names:
+            run = self.canaries.get(name)
+            if run is not None and run.record.decided:
+                await run.finished()
 
     @contextmanager
     def _claim(self, name: str, record: Deployment) -> Iterator[None]:
@@ -388,6 +400,7 @@ class Coordinator:
     async def _activate(self, package: Package, target: str, record: Deployment) -> Deployment:
         current = package.active
         record.from_version = current.version if current is not None else None
+        await self._after_concluded_canary(package.name)
         with self.engine.operation(), self._claim(package.name, record):
             warm = package.loaded_version(target)
             if warm is not None and warm is current:
