@@ -339,9 +339,9 @@ class Coordinator:
             raise PackageInUse(
                 f"cannot remove {name}: required by {', '.join(dependants)}", package=name, step="undeploy"
             )
+        await self._after_concluded_canary(name)
         active = package.active
         record = self.records.new(Action.UNDEPLOY, name, from_version=active.version if active else None)
-        await self._after_concluded_canary(name)
         with self._claim(name, record), anyio.CancelScope(shield=True):
             operation = self.cluster.new_operation(record.id, name, OperationKind.REMOVE)
             await self._begin(operation, record)

@@ -987,8 +987,8 @@ class Engine:
         event loop for as long as it scans the heap) waits until none runs, and starts as soon
         as the last one ends. Back-to-back deployments then pay for it between two of them,
         not inside one (an upload's unpack, a commit, a converge). Meanwhile the GIL switch
-        interval is short, so that its thread hops are not starved by a busy event loop
-        (see _switch_interval)."""
+        interval is short, and the loop waits for the thread hops in turns, so that they are
+        not starved by a busy event loop (see _switch_interval, _thread_hop)."""
         self._operation_began()
         try:
             yield
